@@ -1,0 +1,208 @@
+"""Attach adaptors to a model, merge them back, and name what was added."""
+
+from __future__ import annotations
+
+import copy
+from fnmatch import fnmatchcase
+
+import torch
+from torch import Tensor, nn
+
+from floral.adapters.layers import (
+    NORM_TYPES,
+    AdaptedConv2d,
+    AdaptedEmbedding,
+    AdaptedLayer,
+    AdaptedLinear,
+    AdaptedNorm,
+    factor_sizes,
+)
+from floral.adapters.rank import resolve_rank
+from floral.adapters.router import Router, refresh_router_hook
+from floral.adapters.spec import AdapterSpec
+from floral.errors import ConfigError
+
+__all__ = [
+    "attach",
+    "merge",
+    "adaptor_parameter_names",
+    "router_parameter_names",
+    "mixture_weights",
+    "adapted_layers",
+]
+
+ROUTER_ATTRIBUTE = "floral_router"
+
+_TYPES_BY_NAME: dict[str, tuple[type[nn.Module], ...]] = {
+    "linear": (nn.Linear,),
+    "conv2d": (nn.Conv2d,),
+    "embedding": (nn.Embedding,),
+    "norm": NORM_TYPES,
+}
+
+
+def attach(model: nn.Module, spec: AdapterSpec) -> nn.Module:
+    """Give `model` (in place) C adaptors on every layer `spec` selects; returns `model`.
+
+    Each selected layer is replaced by its adapted wrapper, which keeps the layer as `.base`
+    (`fc.weight` becomes `fc.base.weight`). With C > 1 the model gets a `floral_router`
+    (a Router) and a forward pre-hook that draws pi once per forward. Layers are matched by
+    exact type (subclasses may have their own forward), so e.g. the output projection of
+    nn.MultiheadAttention is left alone. Outputs are unchanged until the adaptors are trained.
+    """
+    spec.validate()
+    if hasattr(model, ROUTER_ATTRIBUTE) or adapted_layers(model):
+        raise ConfigError("attach: the model already has adaptors attached")
+    targets = _select_layers(model, spec)
+    if not targets:
+        raise ConfigError(
+            f"layer_types = {list(spec.layer_types)!r}, include = {list(spec.include)!r}, "
+            f"exclude = {list(spec.exclude)!r}: no layer of the model is selected"
+        )
+    wrappers = {
+        id(module): _adapt(names[0], module, spec, index)
+        for index, (names, module) in enumerate(targets)
+    }
+    router = None
+    if spec.num_adaptors > 1:
+        router = Router(spec.num_adaptors, spec.router, num_layers=len(targets))
+        reference = _reference_tensor(targets[0][1])
+        if reference is not None:
+            router.to(reference)
+    for names, module in targets:
+        wrapper = wrappers[id(module)]
+        wrapper.bind_router(router)
+        for name in names:
+            _set_submodule(model, name, wrapper)
+    if router is not None:
+        setattr(model, ROUTER_ATTRIBUTE, router)
+        model.register_forward_pre_hook(refresh_router_hook)
+    return model
+
+
+def merge(model: nn.Module, router_weights: Tensor | None = None) -> nn.Module:
+    """A new plain model: every adapted layer folded back into its own layer type.
+
+    pi is the eval-mode pi (no noise) of each layer, or `router_weights` of shape (C,) or
+    (L, C) if given. The copy has no router and no hook; its outputs equal the adapted
+    model's for that pi.
+    """
+    layers = adapted_layers(model)
+    if not layers:
+        raise ConfigError("merge: the model has no adaptors attached")
+    merged = copy.deepcopy(model)
+    # Every name of every adapted layer, taken before any is replaced.
+    paths = [(n, m) for n, m in merged.named_modules(remove_duplicate=False) if n]
+    folded: dict[int, nn.Module] = {}
+    for name, module in paths:
+        if isinstance(module, AdaptedLayer):
+            if id(module) not in folded:
+                folded[id(module)] = module.fold(_merge_weights(module, router_weights))
+            _set_submodule(merged, name, folded[id(module)])
+    _detach_router(merged)
+    return merged
+
+
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    """Qualified name -> adapted layer, each layer once (under its first name)."""
+    return {
+        name: module for name, module in model.named_modules() if isinstance(module, AdaptedLayer)
+    }
+
+
+def adaptor_parameter_names(model: nn.Module) -> list[str]:
+    """Names (as in model.named_parameters()) of all adaptor tensors, each (C, ...)."""
+    return list(_adaptor_parameters(model))
+
+
+def router_parameter_names(model: nn.Module) -> list[str]:
+    """Names (as in model.named_parameters()) of the router logits; empty when C == 1."""
+    router_ids = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) in router_ids]
+
+
+def mixture_weights(model: nn.Module) -> dict[str, Tensor]:
+    """Adaptor parameter name -> the pi (C,) its layer uses in eval mode, detached."""
+    return {name: layer.eval_mixture() for name, layer in _adaptor_parameters(model).items()}
+
+
+def _adaptor_parameters(model: nn.Module) -> dict[str, AdaptedLayer]:
+    """Adaptor parameter name -> its layer, in named_parameters() order."""
+    owner: dict[int, AdaptedLayer] = {}
+    for layer in adapted_layers(model).values():
+        for parameter in layer.adaptor_parameters().values():
+            owner[id(parameter)] = layer
+    return {name: owner[id(p)] for name, p in model.named_parameters() if id(p) in owner}
+
+
+def _select_layers(model: nn.Module, spec: AdapterSpec) -> list[tuple[list[str], nn.Module]]:
+    """Selected layers with every name they go by (a shared layer is adapted once)."""
+    wanted = tuple(t for name in spec.layer_types for t in _TYPES_BY_NAME[name])
+    selected: dict[int, tuple[list[str], nn.Module]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or type(module) not in wanted:
+            continue
+        if id(module) in selected:
+            selected[id(module)][0].append(name)
+        elif _name_selected(name, spec):
+            selected[id(module)] = ([name], module)
+    return list(selected.values())
+
+
+def _name_selected(name: str, spec: AdapterSpec) -> bool:
+    if spec.include and not any(fnmatchcase(name, p) for p in spec.include):
+        return False
+    return not any(fnmatchcase(name, p) for p in spec.exclude)
+
+
+def _adapt(name: str, module: nn.Module, spec: AdapterSpec, index: int) -> AdaptedLayer:
+    count, alpha = spec.num_adaptors, spec.alpha
+    if isinstance(module, NORM_TYPES):
+        return AdaptedNorm(module, count, alpha, layer_index=index)
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise ConfigError(
+            f"layer {name!r}: conv2d with groups={module.groups} cannot be adapted "
+            "(only groups=1); exclude it"
+        )
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        raise ConfigError(f"layer {name!r}: an embedding with max_norm cannot be adapted")
+    d_in, d_out = factor_sizes(module, spec.conv_form)
+    rank = resolve_rank(spec.rank, d_in, d_out, spec.min_rank)
+    if isinstance(module, nn.Linear):
+        return AdaptedLinear(module, count, rank, alpha, spec.bias, layer_index=index)
+    if isinstance(module, nn.Conv2d):
+        return AdaptedConv2d(module, count, rank, alpha, spec.bias, spec.conv_form, index)
+    return AdaptedEmbedding(module, count, rank, alpha, layer_index=index)
+
+
+def _merge_weights(layer: AdaptedLayer, router_weights: Tensor | None) -> Tensor:
+    if router_weights is None:
+        return layer.eval_mixture()
+    reference = next(iter(layer.adaptor_parameters().values()))
+    weights = torch.as_tensor(router_weights).to(reference)
+    count = layer.num_adaptors
+    if weights.dim() == 2 and weights.shape[1] == count and layer.layer_index < weights.shape[0]:
+        return weights[layer.layer_index]
+    if tuple(weights.shape) != (count,):
+        raise ConfigError(
+            f"router_weights of shape {tuple(weights.shape)}: expected ({count},) or (L, {count})"
+        )
+    return weights
+
+
+def _detach_router(model: nn.Module) -> None:
+    if hasattr(model, ROUTER_ATTRIBUTE):
+        delattr(model, ROUTER_ATTRIBUTE)
+    hooks = model._forward_pre_hooks
+    for key in [k for k, hook in hooks.items() if hook is refresh_router_hook]:
+        del hooks[key]
+
+
+def _reference_tensor(module: nn.Module) -> Tensor | None:
+    parameter = next(iter(module.parameters()), None)
+    return parameter if parameter is not None else next(iter(module.buffers()), None)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)

@@ -1,0 +1,152 @@
+"""The router: a client's private logits over the C adaptors, and the mixture weights pi."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from floral.adapters.spec import RouterSpec
+from floral.errors import ConfigError
+
+__all__ = ["Router", "refresh_router_hook"]
+
+
+class Router(nn.Module):
+    """Mixture weights pi = softmax((logits + U[0, noise)) / temperature) over C adaptors.
+
+    `logits` has shape (C,), or (L, C) with one row per adapted layer when the spec asks for a
+    per-layer router; it starts at zero (uniform pi). The noise is drawn from torch's global
+    RNG in training mode only. After `fix(weights)` pi is exactly `weights` (oracle mode); the
+    fixed weights live in the `fixed` buffer, so they travel with the state_dict.
+
+    pi is drawn once per forward of the model the router is attached to (`refresh`, called by a
+    forward pre-hook), so every layer of one forward sees the same noisy pi. A layer called on
+    its own gets a fresh pi whenever the logits, the mode or the grad mode changed since.
+    """
+
+    logits: nn.Parameter
+    fixed: Tensor
+
+    def __init__(
+        self, num_adaptors: int, spec: RouterSpec | None = None, num_layers: int = 1
+    ) -> None:
+        super().__init__()
+        spec = spec if spec is not None else RouterSpec()
+        spec.validate()
+        if num_adaptors < 2:
+            raise ConfigError(f"num_adaptors = {num_adaptors}: a router needs at least 2")
+        self.num_adaptors = num_adaptors
+        self.temperature = float(spec.temperature)
+        self.noise = float(spec.noise)
+        shape = (num_layers, num_adaptors) if spec.per_layer else (num_adaptors,)
+        self.logits = nn.Parameter(torch.zeros(shape))
+        self.register_buffer("fixed", torch.empty(0))
+        self._clear_cache()
+
+    @property
+    def per_layer(self) -> bool:
+        return self.logits.dim() == 2
+
+    def fix(self, weights: Tensor) -> None:
+        """Oracle mode: from now on pi is exactly `weights`, of shape (C,) or, per layer, (L, C)."""
+        weights = torch.as_tensor(weights)
+        if tuple(weights.shape) not in {(self.num_adaptors,), tuple(self.logits.shape)}:
+            raise ConfigError(
+                f"router weights of shape {tuple(weights.shape)}: expected "
+                f"({self.num_adaptors},) or {tuple(self.logits.shape)}"
+            )
+        self.fixed = weights.detach().to(self.logits).clone()
+        self._clear_cache()
+
+    def unfix(self) -> None:
+        """Back to learned weights."""
+        self.fixed = torch.empty(0, device=self.logits.device, dtype=self.logits.dtype)
+        self._clear_cache()
+
+    def refresh(self) -> Tensor:
+        """Draw this forward's pi (noisy in training mode) and return it."""
+        pi = self._compute(noisy=self.training)
+        self._pi = pi
+        self._rows = pi.unbind(0) if pi.dim() == 2 else None
+        self._stamp = self._current_stamp()
+        return pi
+
+    def weights(self, layer_index: int = 0) -> Tensor:
+        """The pi (C,) that layer `layer_index` uses in the current forward."""
+        if self._pi is None or self._stamp != self._current_stamp():
+            self.refresh()
+        return self._pi if self._rows is None else self._rows[layer_index]
+
+    def forward(self, x: Any) -> Any:
+        """Identity. The router acts through `weights`; this only lets a router that sits in an
+        nn.Sequential root (attach adds it as the last child) pass the output through."""
+        return x
+
+    def eval_weights(self) -> Tensor:
+        """pi without noise, detached: (C,), or (L, C) for a per-layer router."""
+        with torch.no_grad():
+            return self._compute(noisy=False).detach().clone()
+
+    def _compute(self, noisy: bool) -> Tensor:
+        if self.fixed.numel() > 0:
+            return self.fixed
+        logits = self.logits
+        if noisy and self.noise > 0:
+            logits = torch.add(logits, torch.rand_like(logits), alpha=self.noise)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=-1)
+
+    def _current_stamp(self) -> tuple[int, int, int, bool, bool]:
+        # id() too: under torch.func.functional_call the logits are another tensor.
+        return (
+            id(self.logits),
+            self.logits._version,
+            self.fixed._version,
+            self.training,
+            torch.is_grad_enabled(),
+        )
+
+    def _clear_cache(self) -> None:
+        self._pi: Tensor | None = None
+        self._rows: tuple[Tensor, ...] | None = None
+        self._stamp: tuple[int, int, int, bool, bool] | None = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Router:
+        self._clear_cache()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # `fixed` is empty until the router is fixed, so its shape follows the incoming state.
+        incoming = state_dict.get(prefix + "fixed")
+        if isinstance(incoming, Tensor) and incoming.shape != self.fixed.shape:
+            self.fixed = torch.empty(
+                incoming.shape, device=self.fixed.device, dtype=self.fixed.dtype
+            )
+        self._clear_cache()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The cached pi may hang on an autograd graph, which cannot be copied.
+        state = super().__getstate__()
+        state.update(_pi=None, _rows=None, _stamp=None)
+        return state
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_adaptors={self.num_adaptors}, per_layer={self.per_layer}, "
+            f"temperature={self.temperature}, noise={self.noise}"
+        )
+
+
+def refresh_router_hook(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of an attached model: one fresh pi per forward of the whole model.
+
+    A plain function that finds the router on the module, so a deep copy of the model (whose
+    hook dict is copied by reference) refreshes its own router.
+    """
+    module.floral_router.refresh()

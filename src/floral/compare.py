@@ -1,0 +1,190 @@
+"""Several methods on the same task, over several seeds, on all cores.
+
+Each (method, seed) is an ordinary experiment with its own results folder; a run whose
+`summary.json` already exists for the same config is not run again.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import queue
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from floral.config import parse_value, tomllib
+from floral.errors import ConfigError
+from floral.experiment import ExperimentConfig, RunSummary, resolve_config, run_experiment
+
+__all__ = ["MethodSpec", "RunSpec", "parse_method_specs", "plan_runs", "run_all"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """`floral:rank=0.1:router_lr=0.5` -> name "floral", options {rank: 0.1, router_lr: 0.5}."""
+
+    label: str
+    name: str
+    options: tuple[tuple[str, Any], ...]
+
+    @property
+    def folder(self) -> str:
+        return self.label.replace(":", "_").replace("/", "_")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: MethodSpec
+    seed: int
+    config: ExperimentConfig
+    out_dir: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.method.label} seed {self.seed}"
+
+
+def parse_method_specs(text: str) -> list[MethodSpec]:
+    specs = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, *pairs = item.split(":")
+        options = []
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise ConfigError(f"--methods {item!r}: expected name:key=value, got {pair!r}")
+            options.append((key, parse_value(value)))
+        specs.append(MethodSpec(item, name, tuple(options)))
+    if not specs:
+        raise ConfigError("--methods: give at least one method, e.g. floral,fedavg")
+    return specs
+
+
+def plan_runs(
+    base: dict[str, Any],
+    methods: Sequence[MethodSpec],
+    seeds: Sequence[int],
+    out: Path,
+    overrides: Sequence[str] = (),
+) -> list[RunSpec]:
+    """Resolve (and so check) every run's config before any of them starts."""
+    runs = []
+    base_method = base.get("method", {})
+    for spec in methods:
+        same = isinstance(base_method, dict) and base_method.get("name") == spec.name
+        method = {**(base_method if same else {}), "name": spec.name, **dict(spec.options)}
+        for seed in seeds:
+            config = resolve_config({**base, "method": method, "seed": seed}, overrides)
+            runs.append(RunSpec(spec, seed, config, out / spec.folder / f"seed{seed}"))
+    return runs
+
+
+def load_base(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such experiment file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    data.setdefault("name", path.stem)
+    return data
+
+
+def finished_summary(run: RunSpec) -> RunSummary | None:
+    """The summary of an identical finished run in the run's folder, if there is one."""
+    summary_path, config_path = run.out_dir / "summary.json", run.out_dir / "config.toml"
+    if not (summary_path.exists() and config_path.exists()):
+        return None
+    saved = tomllib.loads(config_path.read_text())
+    current = json.loads(json.dumps(run.config.to_dict()))
+    saved.get("output", {}).pop("dir", None)
+    current.get("output", {}).pop("dir", None)
+    if saved != current:
+        return None
+    return _load_summary(run.out_dir)
+
+
+def _load_summary(out_dir: Path) -> RunSummary:
+    import csv
+
+    data = json.loads((out_dir / "summary.json").read_text())
+    with open(out_dir / "metrics.csv") as f:
+        history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return RunSummary(**data, history=history)
+
+
+Progress = Callable[[str, int, int, dict[str, float]], None]
+
+
+def run_all(
+    runs: Sequence[RunSpec], jobs: int = 1, on_progress: Progress | None = None
+) -> dict[str, RunSummary]:
+    """Run every spec (skipping finished ones), `jobs` at a time; summaries by run key."""
+    results: dict[str, RunSummary] = {}
+    todo = []
+    for run in runs:
+        done = finished_summary(run)
+        if done is not None:
+            results[run.key] = done
+            if on_progress:
+                on_progress(run.key, done.rounds, done.rounds, done.history[-1])
+        else:
+            todo.append(run)
+    if jobs <= 1 or len(todo) <= 1:
+        for run in todo:
+            results[run.key] = _run_one(run, on_progress)
+        return results
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        events = manager.Queue()
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_single_thread) as pool:
+            futures: dict[Future, RunSpec] = {
+                pool.submit(_run_in_worker, run, events): run for run in todo
+            }
+            pending = set(futures)
+            while pending:
+                done_set, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(events, on_progress)
+                for future in done_set:
+                    results[futures[future].key] = future.result()
+            _drain(events, on_progress)
+    return results
+
+
+def _run_one(run: RunSpec, on_progress: Progress | None) -> RunSummary:
+    total = run.config.train.rounds
+
+    def report(result, latest):  # noqa: ANN001
+        if on_progress:
+            on_progress(run.key, result.round, total, latest)
+
+    return run_experiment(run.config, run.out_dir, resume="auto", on_round=report)
+
+
+def _run_in_worker(run: RunSpec, events: Any) -> RunSummary:
+    def forward(key: str, done: int, total: int, latest: dict[str, float]) -> None:
+        events.put((key, done, total, latest))
+
+    return _run_one(run, forward)
+
+
+def _drain(events: Any, on_progress: Progress | None) -> None:
+    while True:
+        try:
+            event = events.get_nowait()
+        except queue.Empty:
+            return
+        if on_progress:
+            on_progress(*event)
+
+
+def _single_thread() -> None:
+    # Parallel runs each take one core; intra-op threads would fight over the same cores.
+    torch.set_num_threads(1)

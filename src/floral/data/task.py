@@ -1,0 +1,232 @@
+"""Federated tasks: each client's train and test tensors, built from a `[task]` table and a seed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from floral.data.partition import clients_of_cluster, cluster_of, keep_fraction, partition
+from floral.data.shifts import SHIFTS, rotate, rotation_angle, shift_labels
+from floral.data.sources import IMAGE_SOURCES, ImageData, load_source
+from floral.data.synthetic import INPUT_DIM, SYNTHETIC_DATASETS, generate_clients
+from floral.errors import ConfigError
+
+__all__ = ["DATASETS", "TaskConfig", "ClientData", "FederatedTask", "build_task"]
+
+DATASETS: tuple[str, ...] = (*SYNTHETIC_DATASETS, *IMAGE_SOURCES)
+
+# Known before loading, so that a bad label-set setting fails before any file is read.
+_NUM_CLASSES = {name: 10 for name in IMAGE_SOURCES} | {"cifar100": 100}
+
+
+@dataclass
+class TaskConfig:
+    """The `[task]` table of an experiment."""
+
+    dataset: str = "mnist5k"
+    shift: str = "label-shift"  # none | rotate | label-shift | label-set
+    num_clients: int = 300
+    num_clusters: int = 4
+    data_fraction: float = 1.0  # keep this fraction of each client's training data ...
+    min_samples: int = 10  # ... but at least this many
+    test_fraction: float = 0.2  # for sources with no test split (mnist5k, digits) and synthetic
+    samples_per_client: int = 0  # synthetic only; 0 = the paper's value
+    data_dir: str = ""  # folder of IDX / CIFAR binary files; "" = the source's default
+
+
+@dataclass
+class ClientData:
+    client_id: int
+    cluster: int
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+    @property
+    def num_train(self) -> int:
+        return len(self.y_train)
+
+
+@dataclass
+class FederatedTask:
+    name: str
+    kind: str  # "classification" | "regression"
+    input_shape: tuple[int, ...]  # per sample, e.g. (1, 28, 28) or (10,)
+    num_outputs: int  # classes, or regression output dimension
+    num_clusters: int
+    clients: list[ClientData]
+    # Generating parameters of synthetic tasks (W, b, u, v, W_out); empty for real data.
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+def build_task(cfg: TaskConfig, seed: int) -> FederatedTask:
+    """Every client's data for `cfg`; the same seed gives the same task."""
+    _validate(cfg)
+    if cfg.dataset in SYNTHETIC_DATASETS:
+        return _build_synthetic(cfg, seed)
+    return _build_image_task(cfg, seed)
+
+
+def _validate(cfg: TaskConfig) -> None:
+    _choose("task.dataset", cfg.dataset, DATASETS)
+    _choose("task.shift", cfg.shift, SHIFTS)
+    _check(cfg.num_clients >= 1, "task.num_clients", f"must be at least 1, got {cfg.num_clients}")
+    _check(
+        cfg.num_clusters >= 1, "task.num_clusters", f"must be at least 1, got {cfg.num_clusters}"
+    )
+    _check(
+        cfg.num_clusters <= cfg.num_clients,
+        "task.num_clusters",
+        f"{cfg.num_clusters} clusters need at least as many clients (task.num_clients ="
+        f" {cfg.num_clients})",
+    )
+    for key in ("data_fraction", "test_fraction"):
+        value = getattr(cfg, key)
+        _check(0.0 < value <= 1.0, f"task.{key}", f"must be in (0, 1], got {value}")
+    for key in ("min_samples", "samples_per_client"):
+        value = getattr(cfg, key)
+        _check(value >= 0, f"task.{key}", f"must be 0 or more, got {value}")
+    if cfg.dataset in SYNTHETIC_DATASETS:
+        _check(
+            cfg.shift == "none",
+            "task.shift",
+            f"'{cfg.shift}' needs labelled images; {cfg.dataset} is a regression task whose"
+            " clusters differ by construction (use 'none')",
+        )
+    elif cfg.shift == "label-set":
+        num_classes = _NUM_CLASSES[cfg.dataset]
+        _check(
+            cfg.num_clusters <= num_classes,
+            "task.num_clusters",
+            f"label-set needs at most one cluster per class ({num_classes} in {cfg.dataset}),"
+            f" got {cfg.num_clusters}",
+        )
+
+
+def _choose(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"unknown '{value}' (choose from {', '.join(choices)})")
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _build_image_task(cfg: TaskConfig, seed: int) -> FederatedTask:
+    source = load_source(cfg.dataset, cfg.data_dir, cfg.test_fraction)
+    rng = np.random.default_rng(seed)
+    by_label_set = cfg.shift == "label-set"
+    num_clients, num_clusters = cfg.num_clients, cfg.num_clusters
+    full_shares = partition(source.y_train, num_clients, num_clusters, rng, by_label_set)
+    test_shares = partition(source.y_test, num_clients, num_clusters, rng, by_label_set)
+    train_shares = [keep_fraction(s, cfg.data_fraction, cfg.min_samples) for s in full_shares]
+    _check_training_data(cfg, [len(s) for s in full_shares], [len(s) for s in train_shares])
+
+    clients: list[ClientData | None] = [None] * num_clients
+    for cluster in range(num_clusters):
+        members = clients_of_cluster(cluster, num_clients, num_clusters)
+        train = _cluster_tensors(source, "train", [train_shares[k] for k in members], cfg, cluster)
+        test = _cluster_tensors(source, "test", [test_shares[k] for k in members], cfg, cluster)
+        for k, (x_train, y_train), (x_test, y_test) in zip(members, train, test, strict=True):
+            clients[k] = ClientData(k, cluster, x_train, y_train, x_test, y_test)
+    return FederatedTask(
+        name=cfg.dataset,
+        kind="classification",
+        input_shape=source.image_shape,
+        num_outputs=source.num_classes,
+        num_clusters=num_clusters,
+        clients=clients,  # type: ignore[arg-type]  # every slot is filled above
+    )
+
+
+def _cluster_tensors(
+    source: ImageData, split: str, shares: list[np.ndarray], cfg: TaskConfig, cluster: int
+) -> list[tuple[Tensor, Tensor]]:
+    """The shifted, normalized (x, y) of each client of one cluster, built in one batch."""
+    pixels, labels = getattr(source, f"x_{split}"), getattr(source, f"y_{split}")
+    index = np.concatenate(shares)
+    x = torch.from_numpy(pixels[index]).float().div_(source.max_value)
+    y = torch.from_numpy(labels[index])
+    if cfg.shift == "rotate":
+        x = rotate(x, rotation_angle(cluster, cfg.num_clusters))
+    elif cfg.shift == "label-shift":
+        y = shift_labels(y, cluster, source.num_classes)
+    mean = torch.tensor(source.mean).view(1, -1, 1, 1)
+    std = torch.tensor(source.std).view(1, -1, 1, 1)
+    x = x.sub_(mean).div_(std)
+    sizes = [len(s) for s in shares]
+    x = x.contiguous()
+    return [
+        (_own_copy(xs), _own_copy(ys))
+        for xs, ys in zip(x.split(sizes), y.split(sizes), strict=True)
+    ]
+
+
+def _own_copy(part: Tensor) -> Tensor:
+    """A copy with its own storage: a view would drag the whole cluster along when serialized.
+
+    Copied by numpy because `Tensor.clone` starts its thread pool on every call, which costs
+    more than the copy itself for hundreds of client-sized tensors.
+    """
+    return torch.from_numpy(part.numpy().copy())
+
+
+def _check_training_data(cfg: TaskConfig, shared: list[int], kept: list[int]) -> None:
+    for client_id, (before, after) in enumerate(zip(shared, kept, strict=True)):
+        if before == 0:
+            raise ConfigError(
+                f"task.num_clients: client {client_id} gets no training samples"
+                f" ({sum(shared)} in total for {cfg.num_clients} clients"
+                f"{' with label-set' if cfg.shift == 'label-set' else ''}); use fewer clients"
+            )
+        if after == 0:
+            raise ConfigError(
+                f"task.data_fraction: {cfg.data_fraction} leaves client {client_id} no training"
+                f" samples (it has {before}); raise it or task.min_samples"
+            )
+
+
+def _build_synthetic(cfg: TaskConfig, seed: int) -> FederatedTask:
+    params, data = generate_clients(
+        cfg.dataset, cfg.num_clients, cfg.num_clusters, cfg.samples_per_client, seed
+    )
+    num_samples = len(data[0][0])
+    num_test = math.floor(num_samples * cfg.test_fraction + 0.5)
+    _check(
+        num_test < num_samples,
+        "task.test_fraction",
+        f"{cfg.test_fraction} leaves no training samples of {num_samples} per client",
+    )
+    train_pool = np.arange(num_samples - num_test)
+    num_train = len(keep_fraction(train_pool, cfg.data_fraction, cfg.min_samples))
+    _check(
+        num_train > 0,
+        "task.data_fraction",
+        f"{cfg.data_fraction} leaves no training samples; raise it or task.min_samples",
+    )
+    clients = []
+    for client_id, (x, y) in enumerate(data):
+        clients.append(
+            ClientData(
+                client_id=client_id,
+                cluster=cluster_of(client_id, cfg.num_clusters),
+                x_train=x[:num_train].clone(),
+                y_train=y[:num_train].clone(),
+                x_test=x[num_samples - num_test :].clone(),
+                y_test=y[num_samples - num_test :].clone(),
+            )
+        )
+    return FederatedTask(
+        name=cfg.dataset,
+        kind="regression",
+        input_shape=(INPUT_DIM,),
+        num_outputs=SYNTHETIC_DATASETS[cfg.dataset].num_outputs,
+        num_clusters=cfg.num_clusters,
+        clients=clients,
+        extras=params,
+    )

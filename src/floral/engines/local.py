@@ -1,0 +1,219 @@
+"""The in-process engine: clients run one after another on one shared scratch model.
+
+It knows nothing of any particular method: it asks the method for roles, runs its client step
+on each sampled client, keeps each client's private state in a per-client store, and hands the
+uploads to the method's server update. Randomness comes only from (seed, round, client), so a
+run resumed from a checkpoint ends with exactly the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from floral.data import ClientData, FederatedTask
+from floral.errors import ConfigError
+from floral.methods.base import Method, split_roles
+from floral.train.evaluate import EvalResult, evaluate
+from floral.train.loop import TrainConfig
+from floral.train.optim import build_server_optimizer
+from floral.train.state import StateSlots, TensorDict, payload_bytes
+
+__all__ = [
+    "EngineConfig",
+    "LocalEngine",
+    "RoundResult",
+    "client_seed",
+    "metric_name",
+    "sample_clients",
+]
+
+
+@dataclass
+class EngineConfig:
+    """The `[engine]` table."""
+
+    name: str = "local"  # local | flower
+    eval_every: int = 10  # evaluate every N rounds (and after the last)
+    eval_clients: str = "all"  # all | sampled
+    checkpoint_every: int = 0  # 0 = only the final state
+
+
+@dataclass
+class RoundResult:
+    round: int
+    seconds: float
+    bytes_down: int
+    bytes_up: int
+    clients: list[int]
+    train_loss: float
+    eval: dict[str, float] = field(default_factory=dict)  # empty on rounds without evaluation
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, fraction: float) -> list[int]:
+    """The clients of one round: a seeded draw without replacement, sorted."""
+    count = max(1, round(fraction * num_clients))
+    rng = np.random.default_rng([seed, round_, 0x5A])
+    return sorted(rng.choice(num_clients, size=count, replace=False).tolist())
+
+
+def client_seed(seed: int, round_: int, client: int) -> int:
+    """A 63-bit seed that depends only on (seed, round, client): splitmix64 over the three."""
+    mask = (1 << 64) - 1
+    z = seed & mask
+    for value in (round_, client):
+        z = (z ^ value) + 0x9E3779B97F4A7C15 & mask
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
+        z ^= z >> 31
+    return z >> 1
+
+
+class LocalEngine:
+    """Runs a method over a federated task in this process."""
+
+    def __init__(
+        self,
+        method: Method,
+        task: FederatedTask,
+        model: nn.Module,
+        train: TrainConfig,
+        config: EngineConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        config = config or EngineConfig()
+        if config.eval_clients not in ("all", "sampled"):
+            raise ConfigError(
+                f"engine.eval_clients: unknown {config.eval_clients!r} (choose from all, sampled)"
+            )
+        if not 0 < train.clients_per_round <= 1:
+            raise ConfigError(
+                f"train.clients_per_round: must be in (0, 1], got {train.clients_per_round}"
+            )
+        self.method, self.task, self.train, self.config, self.seed = (
+            method, task, train, config, seed
+        )
+        self.slots = StateSlots(model)
+        self.global_names, self.private_names = split_roles(method.roles(model))
+        self.global_state: TensorDict = self.slots.snapshot(self.global_names)
+        self.initial_private: TensorDict = self.slots.snapshot(self.private_names)
+        self.private: dict[int, TensorDict] = {}
+        self.server_optimizer = build_server_optimizer(train)
+        self.round = 0
+
+    @property
+    def model(self) -> nn.Module:
+        return self.slots.model
+
+    # -- one round ---------------------------------------------------------------------------
+    def run_round(self) -> RoundResult:
+        """Train the sampled clients, aggregate, and evaluate when it is time."""
+        self.round += 1
+        start = time.perf_counter()
+        clients = sample_clients(
+            self.seed, self.round, len(self.task.clients), self.train.clients_per_round
+        )
+        uploads, losses, bytes_up = [], [], 0
+        down = payload_bytes(self.global_state)
+        for k in clients:
+            update = self.method.client_step(
+                self.slots,
+                self.global_state,
+                self.private_state(k),
+                self.task.clients[k],
+                self.train,
+                self.task.kind,
+                client_seed(self.seed, self.round, k),
+            )
+            self.private[k] = update.private
+            uploads.append(update.upload)
+            losses.append(update.metrics.get("train_loss", float("nan")))
+            bytes_up += payload_bytes(update.upload)
+        self.global_state = self.method.server_update(
+            self.global_state, uploads, self.server_optimizer
+        )
+        seconds = time.perf_counter() - start
+        result = RoundResult(
+            self.round, seconds, down * len(clients), bytes_up, clients, float(np.mean(losses))
+        )
+        if self.is_eval_round(self.round):
+            targets = clients if self.config.eval_clients == "sampled" else None
+            result.eval = self.evaluate(targets)
+        return result
+
+    def is_eval_round(self, round_: int) -> bool:
+        return round_ % self.config.eval_every == 0 or round_ == self.train.rounds
+
+    def private_state(self, k: int) -> TensorDict:
+        state = self.private.get(k)
+        if state is None:
+            state = self.method.init_private(self.initial_private, self.task.clients[k])
+        return state
+
+    # -- evaluation --------------------------------------------------------------------------
+    def client_model(self, k: int) -> nn.Module:
+        """The scratch model loaded with client k's personalized state."""
+        self.slots.load(self.global_state)
+        self.slots.load(self.private_state(k))
+        return self.model
+
+    def evaluate(self, clients: Sequence[int] | None = None) -> dict[str, float]:
+        """Test metrics summed over clients: overall and per cluster."""
+        ids = range(len(self.task.clients)) if clients is None else clients
+        per_client = {}
+        for k in ids:
+            data = self.task.clients[k]
+            model = self.client_model(k)
+            per_client[k] = evaluate(
+                model, data.x_test, data.y_test, self.task.kind, self.train.eval_batch_size
+            )
+        return summarize(per_client, self.task.clients, self.task.kind)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> TensorDict:
+        """Everything a resumed run needs, as one flat dict of tensors."""
+        state = {f"global/{k}": v for k, v in self.global_state.items()}
+        state.update({f"server/{k}": v for k, v in self.server_optimizer.state_dict().items()})
+        for client, tensors in self.private.items():
+            state.update({f"private/{client}/{k}": v for k, v in tensors.items()})
+        state["engine/round"] = torch.tensor(self.round)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.global_state = {k[7:]: v.clone() for k, v in state.items() if k.startswith("global/")}
+        self.server_optimizer.load_state_dict(
+            {k[7:]: v for k, v in state.items() if k.startswith("server/")}
+        )
+        self.private = {}
+        for key, value in state.items():
+            if key.startswith("private/"):
+                _, client, name = key.split("/", 2)
+                self.private.setdefault(int(client), {})[name] = value.clone()
+        self.round = int(state["engine/round"])
+
+
+def summarize(
+    results: Mapping[int, EvalResult], clients: Sequence[ClientData], kind: str
+) -> dict[str, float]:
+    """Weighted metrics over clients, overall and per cluster: accuracy (%) or MSE, and loss."""
+    groups: dict[str, list[EvalResult]] = {"": list(results.values())}
+    for k, result in results.items():
+        groups.setdefault(f"_cluster{clients[k].cluster}", []).append(result)
+    name = metric_name(kind)
+    metrics: dict[str, float] = {}
+    for suffix, items in sorted(groups.items()):
+        count = sum(r.count for r in items)
+        score = sum(r.score_sum for r in items) / max(count, 1)
+        metrics[name + suffix] = 100.0 * score if kind == "classification" else score
+        metrics["loss" + suffix] = sum(r.loss_sum for r in items) / max(count, 1)
+    return metrics
+
+
+def metric_name(kind: str) -> str:
+    """The headline metric: test accuracy (%) for classification, test MSE for regression."""
+    return "accuracy" if kind == "classification" else "mse"

@@ -1,0 +1,325 @@
+"""An experiment: a TOML file in, a results folder out.
+
+    name = "mnist5k-label-shift"
+    seed = 0
+    [task]    dataset, shift, clients, clusters       (floral.data.TaskConfig)
+    [model]   name, hidden                            (floral.models.ModelConfig)
+    [method]  name, then that method's own options    (floral.methods)
+    [train]   rounds, sampling, local SGD, server     (floral.train.TrainConfig)
+    [engine]  name, evaluation, checkpoints           (floral.engines.EngineConfig)
+    [output]  dir
+
+The results folder holds the resolved `config.toml`, `metrics.csv` (one row per evaluated
+round), `summary.json` and the final state (`state.safetensors`); `checkpoint/` lets an
+interrupted run resume and end with exactly the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import torch
+from safetensors.torch import load_file, save_file
+
+from floral.config import from_dict, parse_value, set_dotted, to_dict, tomllib
+from floral.data import FederatedTask, TaskConfig, build_task
+from floral.engines.local import EngineConfig, LocalEngine, RoundResult, metric_name
+from floral.errors import ConfigError
+from floral.methods import Method, get_method
+from floral.models import ModelConfig, build_model
+from floral.train.loop import TrainConfig
+
+__all__ = [
+    "ExperimentConfig",
+    "OutputConfig",
+    "RunSummary",
+    "build_engine",
+    "load_config",
+    "resolve_config",
+    "run_experiment",
+]
+
+TABLES = ("task", "model", "method", "train", "engine", "output")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = ""  # "" = results/<name>
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    description: str = ""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "floral"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+    def build_method(self) -> Method:
+        options = {k: v for k, v in self.method.items() if k != "name"}
+        return get_method(self.method_name, options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read an experiment file, apply `key=value` overrides, and check everything."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such experiment file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    data.setdefault("name", path.stem)
+    return resolve_config(data, overrides)
+
+
+def resolve_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """An `ExperimentConfig` from nested dicts; every key and type checked, method included."""
+    data = json.loads(json.dumps(data))  # a private deep copy
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        set_dotted(data, key.strip(), parse_value(value.strip()))
+    method = data.get("method", {"name": "floral"})
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        raise ConfigError("method.name: required, e.g. name = \"floral\"")
+    config = from_dict(ExperimentConfig, {**data, "method": {}}, "")
+    config.method = dict(method)
+    config.build_method()  # checks the method's name and options now, before any work
+    check_values(config)
+    return config
+
+
+def check_values(config: ExperimentConfig) -> None:
+    """Value checks that do not need the data (the data checks its own when loaded)."""
+    positive = {
+        "train.rounds": config.train.rounds,
+        "train.local_epochs": config.train.local_epochs,
+        "train.batch_size": config.train.batch_size,
+        "engine.eval_every": config.engine.eval_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if not 0 < config.train.clients_per_round <= 1:
+        raise ConfigError(
+            f"train.clients_per_round: must be in (0, 1], got {config.train.clients_per_round}"
+        )
+    if config.train.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
+    if config.engine.name not in ("local", "flower"):
+        raise ConfigError(
+            f"engine.name: unknown {config.engine.name!r} (choose from local, flower)"
+        )
+    if config.engine.name == "flower":
+        raise ConfigError("engine.name: 'flower' is not available in this version; use 'local'")
+    if config.engine.checkpoint_every < 0:
+        raise ConfigError(
+            f"engine.checkpoint_every: must be 0 or more, got {config.engine.checkpoint_every}"
+        )
+
+
+def build_engine(config: ExperimentConfig) -> tuple[LocalEngine, FederatedTask]:
+    """Data, model and method from a config, seeded so that the same config gives the same run."""
+    task = build_task(config.task, config.seed)
+    method = config.build_method()
+    torch.manual_seed(config.seed)
+    model = method.build_model(build_model(config.model, task), task)
+    engine = LocalEngine(method, task, model, config.train, config.engine, config.seed)
+    return engine, task
+
+
+@dataclass
+class RunSummary:
+    name: str
+    method: str
+    seed: int
+    rounds: int
+    metric: str  # accuracy | mse
+    final: dict[str, float]
+    seconds: float  # training and evaluation, excluding data loading
+    seconds_per_round: float  # training only
+    bytes_down: int
+    bytes_up: int
+    out_dir: str
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data.pop("history")
+        return data
+
+
+ProgressFn = Callable[[RoundResult, dict[str, float]], None]
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool | str = False,
+    on_round: ProgressFn | None = None,
+) -> RunSummary:
+    """Run an experiment to the end, writing the results folder as it goes.
+
+    `resume=True` continues from the folder's checkpoint (an error if its config differs);
+    `resume="auto"` continues only from a checkpoint of the same config, else starts afresh.
+    """
+    out = Path(out_dir or config.output.dir or Path("results") / config.name)
+    engine, task = build_engine(config)  # bad data settings stop here, before any output
+    out.mkdir(parents=True, exist_ok=True)
+    metric = metric_name(task.kind)
+    tracker = _Tracker(out, metric)
+    if resume and _can_resume(config, out, strict=resume is True):
+        tracker.restore(engine)
+    else:
+        _write_config(config, out)
+        tracker.record_initial(engine)
+    checkpoint_every = config.engine.checkpoint_every
+    try:
+        while engine.round < config.train.rounds:
+            result = engine.run_round()
+            tracker.add(result)
+            if on_round is not None:
+                on_round(result, tracker.latest)
+            if checkpoint_every and engine.round % checkpoint_every == 0:
+                tracker.checkpoint(engine)
+    except KeyboardInterrupt:
+        tracker.checkpoint(engine)
+        raise
+    save_file(_contiguous(engine.state_dict()), out / "state.safetensors")
+    summary = tracker.summary(config, engine)
+    (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    return summary
+
+
+class _Tracker:
+    """Metrics rows, running totals and checkpoints of one run."""
+
+    def __init__(self, out: Path, metric: str) -> None:
+        self.out, self.metric = out, metric
+        self.rows: list[dict[str, float]] = []
+        self.totals = {"bytes_down": 0, "bytes_up": 0, "train_seconds": 0.0, "seconds": 0.0}
+        self.latest: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def record_initial(self, engine: LocalEngine) -> None:
+        self._add_row(0, engine.evaluate(), float("nan"))
+
+    def add(self, result: RoundResult) -> None:
+        self.totals["bytes_down"] += result.bytes_down
+        self.totals["bytes_up"] += result.bytes_up
+        self.totals["train_seconds"] += result.seconds
+        if result.eval:
+            self._add_row(result.round, result.eval, result.train_loss)
+
+    def _add_row(self, round_: int, metrics: dict[str, float], train_loss: float) -> None:
+        now = time.perf_counter()
+        self.totals["seconds"] += now - self._clock
+        self._clock = now
+        row = {"round": round_, **metrics, "train_loss": train_loss}
+        row.update({k: self.totals[k] for k in ("bytes_down", "bytes_up")})
+        row["seconds"] = round(self.totals["seconds"], 3)
+        self.rows.append(row)
+        self.latest = row
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        columns = list(self.rows[0])
+        with open(self.out / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def checkpoint(self, engine: LocalEngine) -> None:
+        folder = self.out / "checkpoint"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / "state.safetensors.tmp"
+        save_file(_contiguous(engine.state_dict()), tmp)
+        progress = {"round": engine.round, "rows": self.rows, "totals": self.totals}
+        (folder / "progress.json.tmp").write_text(json.dumps(progress))
+        os.replace(tmp, folder / "state.safetensors")
+        os.replace(folder / "progress.json.tmp", folder / "progress.json")
+
+    def restore(self, engine: LocalEngine) -> None:
+        folder = self.out / "checkpoint"
+        engine.load_state_dict(load_file(folder / "state.safetensors"))
+        progress = json.loads((folder / "progress.json").read_text())
+        self.rows = [r for r in progress["rows"] if r["round"] <= engine.round]
+        self.totals = progress["totals"]
+        self.latest = self.rows[-1] if self.rows else {}
+        self._clock = time.perf_counter()
+
+    def summary(self, config: ExperimentConfig, engine: LocalEngine) -> RunSummary:
+        final = {k: v for k, v in self.latest.items() if k not in ("round", "seconds")}
+        return RunSummary(
+            name=config.name,
+            method=config.method_name,
+            seed=config.seed,
+            rounds=engine.round,
+            metric=self.metric,
+            final=final,
+            seconds=round(self.totals["seconds"], 3),
+            seconds_per_round=round(self.totals["train_seconds"] / max(engine.round, 1), 5),
+            bytes_down=int(self.totals["bytes_down"]),
+            bytes_up=int(self.totals["bytes_up"]),
+            out_dir=str(self.out),
+            history=self.rows,
+        )
+
+
+# Settings that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = {("train", "rounds"), ("engine", "checkpoint_every"), ("output", "dir")}
+
+
+def _can_resume(config: ExperimentConfig, out: Path, strict: bool) -> bool:
+    if not (out / "checkpoint" / "progress.json").exists():
+        return False
+    try:
+        _check_same_experiment(config, out)
+    except ConfigError:
+        if strict:
+            raise
+        return False
+    return True
+
+
+def _check_same_experiment(config: ExperimentConfig, out: Path) -> None:
+    saved = tomllib.loads((out / "config.toml").read_text())
+    current = config.to_dict()
+    for table in TABLES:
+        for key in set(saved.get(table, {})) | set(current.get(table, {})):
+            if (table, key) in _RESUMABLE_CHANGES:
+                continue
+            if saved.get(table, {}).get(key) != current.get(table, {}).get(key):
+                raise ConfigError(f"{table}.{key}: differs from the checkpoint's config in {out}")
+    if saved.get("seed") != current["seed"]:
+        raise ConfigError(f"seed: differs from the checkpoint's config in {out}")
+
+
+def _write_config(config: ExperimentConfig, out: Path) -> None:
+    (out / "config.toml").write_text(tomli_w.dumps(config.to_dict()))
+
+
+def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in state.items()}

@@ -1,0 +1,92 @@
+"""Federated methods, registered by name.
+
+    >>> from floral.methods import get_method
+    >>> method = get_method("floral", {"rank": 0.1})
+
+A registry entry is a method class plus preset options, so variants such as `floral-oracle`
+are the same code with different settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from floral.config import from_dict
+from floral.errors import ConfigError
+from floral.methods.base import WEIGHT_SUFFIX, ClientUpdate, Method, Role, weighted_mean_delta
+from floral.methods.ensemble import Ensemble
+from floral.methods.fedavg import FedAvg
+from floral.methods.floral import Floral
+from floral.methods.local import LocalOnly
+from floral.methods.local_adaptor import LocalAdaptor
+
+__all__ = [
+    "WEIGHT_SUFFIX",
+    "ClientUpdate",
+    "Method",
+    "MethodEntry",
+    "Role",
+    "get_method",
+    "method_names",
+    "register",
+    "registry",
+    "weighted_mean_delta",
+]
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    cls: type[Method]
+    description: str
+    preset: Mapping[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, MethodEntry] = {}
+
+
+def register(
+    name: str, cls: type[Method], description: str | None = None, **preset: Any
+) -> None:
+    """Make `cls` (with `preset` options) available under `name`."""
+    _REGISTRY[name] = MethodEntry(name, cls, description or cls.description, dict(preset))
+
+
+def registry() -> dict[str, MethodEntry]:
+    return dict(_REGISTRY)
+
+
+def method_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
+    """Build a registered method; `options` override its preset and are type-checked."""
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise ConfigError(f"method.name: unknown {name!r} (choose from {', '.join(_REGISTRY)})")
+    merged = {**entry.preset, **(options or {})}
+    method = entry.cls(from_dict(entry.cls.Options, merged, "method"))
+    method.name = name  # type: ignore[misc]  # the registered name, e.g. "floral-oracle"
+    return method
+
+
+register("fedavg", FedAvg)
+register("local", LocalOnly)
+register("floral", Floral)
+register(
+    "floral-oracle",
+    Floral,
+    "FLoRAL with the router fixed one-hot on each client's true cluster.",
+    router="oracle",
+)
+register("local-adaptor", LocalAdaptor)
+register("ensemble", Ensemble)
+register(
+    "ensemble-oracle",
+    Ensemble,
+    "C full models, each client fixed on the model of its true cluster.",
+    router="oracle",
+)

@@ -1,0 +1,70 @@
+"""Options shared by the methods that attach LoRA adaptors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from floral.adapters import AdapterSpec, RouterSpec, adaptor_parameter_names
+from floral.errors import ConfigError
+from floral.train.loop import TrainConfig
+
+__all__ = ["AdaptorOptions", "adapter_spec", "adaptor_param_groups"]
+
+
+@dataclass
+class AdaptorOptions:
+    rank: int | float = 0.01  # an int, or a fraction of the layer (DESIGN.md §1)
+    min_rank: int = 1
+    alpha: float = 1.0
+    bias: bool = True
+    layer_types: list[str] = field(default_factory=lambda: ["linear", "conv2d"])
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    conv_form: str = "separable"
+    precondition: bool = False  # (B^T B)^-1 / (A A^T)^-1 preconditioned factor gradients
+    precondition_eps: float = 1e-5
+
+
+def adapter_spec(
+    options: AdaptorOptions, num_adaptors: int, router: RouterSpec | None = None
+) -> AdapterSpec:
+    if isinstance(options.rank, float) and not 0 < options.rank <= 1:
+        raise ConfigError(f"method.rank: a fraction must be in (0, 1], got {options.rank}")
+    if isinstance(options.rank, int) and options.rank < 1:
+        raise ConfigError(f"method.rank: must be at least 1, got {options.rank}")
+    return AdapterSpec(
+        num_adaptors=num_adaptors,
+        rank=options.rank,
+        min_rank=options.min_rank,
+        alpha=options.alpha,
+        bias=options.bias,
+        layer_types=tuple(options.layer_types),
+        include=tuple(options.include),
+        exclude=tuple(options.exclude),
+        conv_form=options.conv_form,
+        router=router or RouterSpec(),
+    )
+
+
+def adaptor_param_groups(
+    model: nn.Module, config: TrainConfig, router_prefix: str = "floral_router."
+) -> list[dict]:
+    """SGD groups: base (lr), adaptors (adaptor_lr, defaulting to lr), router (router_lr)."""
+    adaptor_names = set(adaptor_parameter_names(model))
+    groups: dict[str, list[nn.Parameter]] = {"base": [], "adaptors": [], "router": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith(router_prefix):
+            groups["router"].append(param)
+        elif name in adaptor_names:
+            groups["adaptors"].append(param)
+        else:
+            groups["base"].append(param)
+    return [
+        {"params": groups["base"], "lr": config.lr},
+        {"params": groups["adaptors"], "lr": config.adaptor_lr or config.lr},
+        {"params": groups["router"], "lr": config.router_lr},
+    ]

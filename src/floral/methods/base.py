@@ -1,0 +1,228 @@
+"""The method contract: roles, a client step, and a server update.
+
+A method is a description, not a runner. It says which tensors are global (sent and
+aggregated), private (never leave the client) or frozen (never change), how a client trains,
+what it uploads and how the server combines uploads. Engines move the tensors.
+
+The default behaviour is FedAvg's: everything global, examples-weighted mean. Methods override
+the small hooks below (`build_model`, `roles`, `param_groups`, `upload_weights`, ...) and only
+replace `client_step` or `server_update` when their algorithm really differs.
+
+Uploads are *sums*: for every global tensor the client sends `w * (theta_k - theta)` and the
+weight `w` itself (under `name + WEIGHT_SUFFIX`). The server only adds uploads together and
+divides, so per-client quantities such as FLoRAL's router never leave the client and the
+protocol is compatible with secure aggregation.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from floral.data import ClientData, FederatedTask
+from floral.train.loop import TrainConfig, loss_function, seeded_cpu_rng, sgd, train_epochs
+from floral.train.optim import ServerOptimizer
+from floral.train.state import StateSlots, TensorDict
+
+__all__ = [
+    "WEIGHT_SUFFIX",
+    "ClientUpdate",
+    "Method",
+    "NoOptions",
+    "Role",
+    "split_roles",
+    "weighted_mean_delta",
+]
+
+WEIGHT_SUFFIX = "::weight"
+
+
+class Role(str, enum.Enum):
+    GLOBAL = "global"  # sent down, trained, sent up, aggregated
+    PRIVATE = "private"  # lives with one client only
+    FROZEN = "frozen"  # identical everywhere and never trained
+
+
+@dataclass
+class NoOptions:
+    """Methods without options of their own."""
+
+
+@dataclass
+class ClientUpdate:
+    """What one client step produces."""
+
+    upload: TensorDict  # exactly the tensors that cross the network
+    num_examples: int
+    private: TensorDict  # the client's new private state, kept by the engine
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Method:
+    """FedAvg behaviour; subclasses override the hooks that make them what they are."""
+
+    name: ClassVar[str] = "fedavg"
+    description: ClassVar[str] = "Federated averaging of the whole model, weighted by examples."
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    # -- the model ---------------------------------------------------------------------------
+    def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
+        """Turn the task's plain model into this method's model (attach adaptors, ...)."""
+        return model
+
+    def roles(self, model: nn.Module) -> dict[str, Role]:
+        """Role of every tensor in `model.state_dict()`."""
+        return {name: _default_role(t) for name, t in model.state_dict().items()}
+
+    def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:
+        """A client's private state before its first round, from the freshly built model's."""
+        return {k: v.clone() for k, v in initial.items()}
+
+    # -- the client step ---------------------------------------------------------------------
+    def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
+        """SGD parameter groups with their learning rates; trainable parameters only."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Called between backward and the optimizer step (gradient preconditioning, ...)."""
+
+    def upload_weights(self, model: nn.Module, global_names: Sequence[str], n: int) -> TensorDict:
+        """Aggregation weight of each global tensor, broadcastable to its shape."""
+        weight = torch.tensor(float(n))
+        return {name: weight for name in global_names}
+
+    def client_step(
+        self,
+        slots: StateSlots,
+        global_state: Mapping[str, torch.Tensor],
+        private_state: Mapping[str, torch.Tensor],
+        data: ClientData,
+        config: TrainConfig,
+        kind: str,
+        seed: int,
+    ) -> ClientUpdate:
+        """Train on one client's data: a pure function of its inputs (the model is scratch)."""
+        model = slots.model
+        slots.load(global_state)
+        slots.load(private_state)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = self.local_optimizer(slots, config)
+        with seeded_cpu_rng(seed):  # router noise, dropout
+            train_loss = train_epochs(
+                model,
+                optimizer,
+                data.x_train,
+                data.y_train,
+                loss_function(kind),
+                batch_size=config.batch_size,
+                epochs=config.local_epochs,
+                generator=generator,
+                after_backward=self._after_backward_hook(model),
+            )
+        n = data.num_train
+        weights = self.upload_weights(model, list(global_state), n)
+        upload = weighted_deltas(slots, global_state, weights)
+        private = slots.snapshot(private_state.keys())
+        return ClientUpdate(upload, n, private, {"train_loss": train_loss})
+
+    def local_optimizer(self, slots: StateSlots, config: TrainConfig) -> torch.optim.Optimizer:
+        """The client's SGD over `param_groups`, built once per model and reset for each step.
+
+        Resetting (no momentum buffers carried over) keeps each client step a pure function
+        of its inputs; reusing the object saves rebuilding groups for every client.
+        """
+        key = ("local_optimizer", id(self), id(config))
+        optimizer = slots.memo(key, lambda: sgd(self.param_groups(slots.model, config), config))
+        optimizer.state.clear()
+        return optimizer
+
+    def _after_backward_hook(self, model: nn.Module):  # noqa: ANN202
+        if type(self).after_backward is Method.after_backward:
+            return None  # nothing to call between backward and step
+        return lambda: self.after_backward(model)
+
+    # -- the server --------------------------------------------------------------------------
+    def server_update(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        uploads: Sequence[Mapping[str, torch.Tensor]],
+        optimizer: ServerOptimizer,
+    ) -> TensorDict:
+        """New global tensors from the round's uploads."""
+        if not uploads or not global_state:
+            return dict(global_state)
+        return optimizer.step(global_state, weighted_mean_delta(uploads))
+
+
+def _default_role(tensor: torch.Tensor) -> Role:
+    # Integer buffers (BatchNorm's num_batches_tracked) are counters, not weights to average.
+    return Role.GLOBAL if tensor.is_floating_point() else Role.PRIVATE
+
+
+def split_roles(roles: Mapping[str, Role]) -> tuple[list[str], list[str]]:
+    """(global names, private names) in a stable order."""
+    global_names = [n for n, r in roles.items() if r is Role.GLOBAL]
+    private_names = [n for n, r in roles.items() if r is Role.PRIVATE]
+    return global_names, private_names
+
+
+@torch.no_grad()
+def weighted_deltas(
+    slots: StateSlots, global_state: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
+) -> TensorDict:
+    """The upload: `w * (theta_k - theta)` and `w` for every global tensor."""
+    names = list(global_state)
+    if not names:
+        return {}
+    deltas = torch._foreach_sub(
+        [slots.tensors[n] for n in names], [global_state[n] for n in names]
+    )
+    torch._foreach_mul_(deltas, [weights[n] for n in names])
+    upload: TensorDict = {}
+    for name, delta in zip(names, deltas):
+        upload[name] = delta
+        upload[name + WEIGHT_SUFFIX] = weights[name]
+    return upload
+
+
+@torch.no_grad()
+def weighted_mean_delta(uploads: Sequence[Mapping[str, torch.Tensor]]) -> TensorDict:
+    """Sum the uploads, then divide each tensor by its summed weight.
+
+    Where a weight sums to zero (an adaptor no sampled client uses), the update is zero.
+    """
+    totals = sum_uploads(uploads)
+    delta: TensorDict = {}
+    for name, total in totals.items():
+        if name.endswith(WEIGHT_SUFFIX):
+            continue
+        weight = totals[name + WEIGHT_SUFFIX]
+        safe = torch.where(weight > 0, weight, torch.ones_like(weight))
+        delta[name] = torch.where(weight > 0, total / safe, torch.zeros_like(total))
+    return delta
+
+
+@torch.no_grad()
+def sum_uploads(uploads: Sequence[Mapping[str, torch.Tensor]]) -> TensorDict:
+    """Element-wise sum of uploads; all the server ever does with them (secure-aggregation safe)."""
+    names = list(uploads[0])
+    if any(upload.keys() != uploads[0].keys() for upload in uploads):
+        names = list(dict.fromkeys(n for upload in uploads for n in upload))
+    totals: dict[str, torch.Tensor] = {}
+    for upload in uploads:
+        present = [n for n in names if n in upload]
+        fresh = [n for n in present if n not in totals]
+        for n in fresh:
+            totals[n] = upload[n].clone()
+        rest = [n for n in present if n in totals and n not in fresh]
+        if rest:
+            torch._foreach_add_([totals[n] for n in rest], [upload[n] for n in rest])
+    return totals

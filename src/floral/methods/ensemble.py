@@ -1,0 +1,120 @@
+"""Ensemble: C full models mixed by a private per-client router (FLoRAL's baseline).
+
+The client's output is sum_c pi_c f_c(x); model c is averaged with weights n_k * pi_kc. With
+the oracle router each client uses only the model of its true cluster (clustered FL with
+known clusters).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from floral.adapters import Router, RouterSpec
+from floral.data import ClientData, FederatedTask
+from floral.errors import ConfigError
+from floral.methods.base import Method, Role
+from floral.methods.floral import ROUTER_PREFIX, oracle_weights
+from floral.train.loop import TrainConfig
+from floral.train.state import TensorDict
+
+__all__ = ["Ensemble", "EnsembleModel", "EnsembleOptions"]
+
+
+@dataclass
+class EnsembleOptions:
+    num_models: int = 0  # C; 0 means one per cluster of the task
+    router: str = "learned"  # learned | oracle
+    temperature: float = 1.0
+    noise: float = 1.0
+
+
+class EnsembleModel(nn.Module):
+    """C independently initialized copies of a model, outputs mixed by a router."""
+
+    def __init__(self, model: nn.Module, num_models: int, spec: RouterSpec) -> None:
+        super().__init__()
+        members = [model] + [copy.deepcopy(model) for _ in range(num_models - 1)]
+        for member in members[1:]:
+            for module in member.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        self.members = nn.ModuleList(members)
+        self.floral_router = Router(num_models, spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pi = self.floral_router.refresh()
+        fixed = self.floral_router.fixed.numel() > 0
+        out = None
+        for c, member in enumerate(self.members):
+            if fixed and pi[c] == 0:
+                continue  # an oracle client never needs the other clusters' models
+            term = pi[c] * member(x)
+            out = term if out is None else out + term
+        return out
+
+
+class Ensemble(Method):
+    name = "ensemble"
+    description = "C full models mixed by a private per-client router over their outputs."
+    Options = EnsembleOptions
+
+    def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
+        opts: EnsembleOptions = self.options
+        if opts.router not in ("learned", "oracle"):
+            raise ConfigError(
+                f"method.router: unknown {opts.router!r} (choose from learned, oracle)"
+            )
+        num_models = opts.num_models or task.num_clusters
+        if num_models < 2:
+            raise ConfigError(f"method.num_models: an ensemble needs at least 2, got {num_models}")
+        ensemble = EnsembleModel(model, num_models, RouterSpec(False, opts.temperature, opts.noise))
+        if self.oracle:
+            ensemble.floral_router.fix(torch.full((num_models,), 1.0 / num_models))
+            ensemble.floral_router.logits.requires_grad_(False)
+        return ensemble
+
+    @property
+    def oracle(self) -> bool:
+        return self.options.router == "oracle"
+
+    def roles(self, model: nn.Module) -> dict[str, Role]:
+        roles = super().roles(model)
+        private = ROUTER_PREFIX + ("fixed" if self.oracle else "logits")
+        for name in roles:
+            if name.startswith(ROUTER_PREFIX):
+                roles[name] = Role.PRIVATE if name == private else Role.FROZEN
+        return roles
+
+    def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:
+        private = super().init_private(initial, client)
+        if self.oracle:
+            fixed = private[ROUTER_PREFIX + "fixed"]
+            private[ROUTER_PREFIX + "fixed"] = oracle_weights(fixed, client.cluster)
+        return private
+
+    def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [
+            {"params": [p for n, p in named if not n.startswith(ROUTER_PREFIX)], "lr": config.lr},
+            {"params": [p for n, p in named if n.startswith(ROUTER_PREFIX)],
+             "lr": config.router_lr},
+        ]
+
+    def upload_weights(self, model: nn.Module, global_names: Sequence[str], n: int) -> TensorDict:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            pi = model.floral_router.refresh()
+            model.train(was_training)
+        weights = {}
+        for name in global_names:
+            # "members.<c>.<rest>": model c's tensors are weighted by n * pi_c.
+            parts = name.split(".")
+            member = int(parts[1]) if parts[0] == "members" else None
+            weights[name] = torch.tensor(float(n)) * (pi[member] if member is not None else 1.0)
+        return weights

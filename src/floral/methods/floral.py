@@ -1,0 +1,109 @@
+"""FLoRAL (Almansoori, Horváth, Takáč; arXiv 2410.03497).
+
+Every adapted layer carries C LoRA adaptors, shared by all clients; each client mixes them with
+a private router (one logit per adaptor). The base and the adaptors are global; adaptor c is
+averaged with weights n_k * pi_kc. The client uploads the pi-weighted sums and the weights, so
+the router itself never leaves the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from floral.adapters import RouterSpec, attach, mixture_weights, precondition_
+from floral.data import ClientData, FederatedTask
+from floral.errors import ConfigError
+from floral.methods.adaptor_options import AdaptorOptions, adapter_spec, adaptor_param_groups
+from floral.methods.base import Method, Role
+from floral.train.loop import TrainConfig
+from floral.train.state import TensorDict
+
+__all__ = ["Floral", "FloralOptions", "ROUTER_PREFIX", "oracle_weights"]
+
+ROUTER_PREFIX = "floral_router."
+
+
+@dataclass
+class FloralOptions(AdaptorOptions):
+    num_adaptors: int = 0  # C; 0 means one per cluster of the task
+    router: str = "learned"  # learned | oracle (fixed one-hot on the client's true cluster)
+    per_layer_router: bool = False
+    temperature: float = 1.0
+    noise: float = 1.0  # train-time router noise, uniform in [0, noise)
+    precondition: bool = True
+
+
+class Floral(Method):
+    name = "floral"
+    description = "C shared LoRA adaptors per layer mixed by a private per-client router."
+    Options = FloralOptions
+
+    def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
+        opts: FloralOptions = self.options
+        if opts.router not in ("learned", "oracle"):
+            raise ConfigError(
+                f"method.router: unknown {opts.router!r} (choose from learned, oracle)"
+            )
+        num_adaptors = opts.num_adaptors or task.num_clusters
+        if num_adaptors < 2:
+            raise ConfigError(f"method.num_adaptors: FLoRAL needs at least 2, got {num_adaptors}")
+        router = RouterSpec(opts.per_layer_router, opts.temperature, opts.noise)
+        attach(model, adapter_spec(opts, num_adaptors, router))
+        if self.oracle:
+            # Give the fixed buffer its full shape now; each client's one-hot is private state.
+            logits = model.floral_router.logits
+            model.floral_router.fix(torch.full_like(logits, 1.0 / logits.shape[-1]))
+            logits.requires_grad_(False)
+        return model
+
+    @property
+    def oracle(self) -> bool:
+        return self.options.router == "oracle"
+
+    def roles(self, model: nn.Module) -> dict[str, Role]:
+        roles = super().roles(model)
+        for name in roles:
+            if name.startswith(ROUTER_PREFIX):
+                learned_logits = name == ROUTER_PREFIX + "logits" and not self.oracle
+                fixed = name == ROUTER_PREFIX + "fixed" and self.oracle
+                roles[name] = Role.PRIVATE if learned_logits or fixed else Role.FROZEN
+        return roles
+
+    def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:
+        private = super().init_private(initial, client)
+        if self.oracle:
+            fixed = private[ROUTER_PREFIX + "fixed"]
+            private[ROUTER_PREFIX + "fixed"] = oracle_weights(fixed, client.cluster)
+        return private
+
+    def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
+        return adaptor_param_groups(model, config, ROUTER_PREFIX)
+
+    def after_backward(self, model: nn.Module) -> None:
+        if self.options.precondition:
+            precondition_(model, self.options.precondition_eps)
+
+    def upload_weights(self, model: nn.Module, global_names: Sequence[str], n: int) -> TensorDict:
+        weights = super().upload_weights(model, global_names, n)
+        global_set = set(global_names)
+        for name, pi in mixture_weights(model).items():
+            if name in global_set:
+                shape = (-1,) + (1,) * (weights_rank(model, name) - 1)
+                weights[name] = (n * pi).reshape(shape)
+        return weights
+
+
+def weights_rank(model: nn.Module, name: str) -> int:
+    return model.get_parameter(name).dim()
+
+
+def oracle_weights(like: torch.Tensor, cluster: int) -> torch.Tensor:
+    """One-hot on adaptor `cluster mod C`, in the shape of the router's fixed weights."""
+    num_adaptors = like.shape[-1]
+    one_hot = torch.zeros(num_adaptors, dtype=like.dtype)
+    one_hot[cluster % num_adaptors] = 1.0
+    return one_hot.expand_as(like).clone()

@@ -1,0 +1,42 @@
+"""Local adaptor: a global base model, one private LoRA adaptor per client (FLoRAL's baseline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from floral.adapters import adaptor_parameter_names, attach, precondition_
+from floral.data import FederatedTask
+from floral.methods.adaptor_options import AdaptorOptions, adapter_spec, adaptor_param_groups
+from floral.methods.base import Method, Role
+from floral.train.loop import TrainConfig
+
+__all__ = ["LocalAdaptor", "LocalAdaptorOptions"]
+
+
+@dataclass
+class LocalAdaptorOptions(AdaptorOptions):
+    precondition: bool = True
+
+
+class LocalAdaptor(Method):
+    name = "local-adaptor"
+    description = "Global base model; each client keeps its own private LoRA adaptor."
+    Options = LocalAdaptorOptions
+
+    def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
+        return attach(model, adapter_spec(self.options, num_adaptors=1))
+
+    def roles(self, model: nn.Module) -> dict[str, Role]:
+        roles = super().roles(model)
+        for name in adaptor_parameter_names(model):
+            roles[name] = Role.PRIVATE
+        return roles
+
+    def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
+        return adaptor_param_groups(model, config)
+
+    def after_backward(self, model: nn.Module) -> None:
+        if self.options.precondition:
+            precondition_(model, self.options.precondition_eps)

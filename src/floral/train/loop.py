@@ -1,0 +1,97 @@
+"""The local training loop: a reader can follow one SGD step from top to bottom."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["TrainConfig", "loss_function", "seeded_cpu_rng", "sgd", "train_epochs"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """The `[train]` table: rounds, client sampling, local SGD and the server optimizer."""
+
+    rounds: int = 100
+    clients_per_round: float = 0.1  # fraction of clients sampled each round, in (0, 1]
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1  # base model
+    adaptor_lr: float = 0.0  # adaptors; 0 means "same as lr"
+    router_lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    server_optimizer: str = "sgd"  # sgd | adam: applied to the mean update as a pseudo-gradient
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    server_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    server_eps: float = 1e-8
+    eval_batch_size: int = 2048
+
+
+def loss_function(kind: str) -> LossFn:
+    """Cross-entropy for classification, mean squared error for regression."""
+    if kind == "classification":
+        return nn.functional.cross_entropy
+    return nn.functional.mse_loss
+
+
+def train_epochs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    batch_size: int,
+    epochs: int,
+    generator: torch.Generator,
+    after_backward: Callable[[], None] | None = None,
+) -> float:
+    """Run `epochs` passes of minibatch SGD over (x, y) in a seeded order; return the mean loss."""
+    model.train()
+    n = len(x)
+    total, steps = torch.zeros(()), 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            batch = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[batch]), y[batch])
+            loss.backward()
+            if after_backward is not None:
+                after_backward()
+            optimizer.step()
+            total += loss.detach()  # no .item() per step: it would sync every step
+            steps += 1
+    return total.item() / max(steps, 1)
+
+
+def sgd(groups: Sequence[dict], config: TrainConfig) -> torch.optim.SGD:
+    """Plain SGD over parameter groups that each carry their own lr; empty groups are dropped."""
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(
+        groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+
+
+@contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator (router noise, dropout) for a block, then restore it.
+
+    Only the CPU generator: `torch.manual_seed` also queues seeds for every accelerator
+    backend, which costs more than a small client's whole local step.
+    """
+    generator = torch.default_generator
+    saved = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(saved)

@@ -1,0 +1,484 @@
+"""floral.adapters: the fused mixture against per-adaptor loops written here from the formulas."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from floral.adapters import (
+    AdapterSpec,
+    RouterSpec,
+    adaptor_parameter_names,
+    attach,
+    merge,
+    mixture_weights,
+    precondition_,
+    resolve_rank,
+    router_parameter_names,
+)
+from floral.errors import ConfigError
+
+NUM_ADAPTORS, RANK, ALPHA, TEMPERATURE = 3, 2, 0.7, 1.5
+TOLERANCE = {"rtol": 1e-9, "atol": 1e-10}
+
+
+def make_case(kind: str) -> tuple[nn.Module, torch.Tensor, AdapterSpec]:
+    """A one-layer model of the given kind, an input for it, and the spec that adapts it."""
+    spec = dict(
+        num_adaptors=NUM_ADAPTORS,
+        rank=RANK,
+        alpha=ALPHA,
+        router=RouterSpec(noise=0.0, temperature=TEMPERATURE),
+    )
+    if kind == "linear":
+        layer, x, types = nn.Linear(6, 5), torch.randn(4, 3, 6), ("linear",)
+    elif kind.startswith("conv2d"):
+        layer = nn.Conv2d(3, 4, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+        if kind.endswith("reflect"):
+            layer = nn.Conv2d(3, 4, (2, 4), padding="same", padding_mode="reflect")
+        x, types = torch.randn(2, 3, 9, 11), ("conv2d",)
+        spec["conv_form"] = "kxk-1x1" if "kxk" in kind else "separable"
+    elif kind == "embedding":
+        layer, types = nn.Embedding(10, 6, padding_idx=0), ("embedding",)
+        x = torch.tensor([[0, 3, 9, 3], [1, 2, 0, 7], [5, 5, 6, 8]])
+    elif kind == "batchnorm":
+        layer, x, types = nn.BatchNorm2d(4), torch.randn(5, 4, 3, 3), ("norm",)
+    elif kind == "batchnorm1d":
+        layer, x, types = nn.BatchNorm1d(4, affine=False), torch.randn(6, 4), ("norm",)
+    elif kind == "layernorm":
+        layer, x, types = nn.LayerNorm((4, 5)), torch.randn(3, 2, 4, 5), ("norm",)
+    elif kind == "groupnorm":
+        layer, x, types = nn.GroupNorm(2, 6), torch.randn(3, 6, 4, 4), ("norm",)
+    else:
+        raise ValueError(kind)
+    model = nn.Sequential(layer).double()
+    x = x.double() if x.is_floating_point() else x
+    return model, x, AdapterSpec(layer_types=types, **spec)
+
+
+KINDS = [
+    "linear",
+    "conv2d-separable",
+    "conv2d-kxk-1x1",
+    "conv2d-separable-reflect",
+    "embedding",
+    "batchnorm",
+    "batchnorm1d",
+    "layernorm",
+    "groupnorm",
+]
+
+
+def randomize_(model: nn.Module) -> None:
+    """Random nonzero adaptors, router logits and norm statistics."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in adaptor_parameter_names(model) or "router" in name:
+                parameter.normal_(0.0, 0.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.normal_()
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0)
+
+
+def normalized(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x-hat of a norm layer, from the textbook definitions."""
+    if isinstance(norm, nn.LayerNorm):
+        dims = tuple(range(-len(norm.normalized_shape), 0))
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+        return (x - mean) / torch.sqrt(var + norm.eps)
+    if isinstance(norm, nn.GroupNorm):
+        grouped = x.reshape(x.shape[0], norm.num_groups, -1)
+        mean = grouped.mean(-1, keepdim=True)
+        var = grouped.var(-1, unbiased=False, keepdim=True)
+        return ((grouped - mean) / torch.sqrt(var + norm.eps)).reshape(x.shape)
+    stats_shape = [1, -1] + [1] * (x.dim() - 2)
+    dims = [d for d in range(x.dim()) if d != 1]
+    if norm.training:
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    else:
+        mean, var = norm.running_mean, norm.running_var
+    return (x - mean.view(stats_shape)) / torch.sqrt(var.view(stats_shape) + norm.eps)
+
+
+def naive_mixture(layer: nn.Module, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """base(x) + alpha * sum_c pi_c * (adaptor c's own output), one adaptor at a time."""
+    base = layer.base
+    if hasattr(layer, "norm_weight_delta"):
+        x_hat = normalized(base, x)
+        channel_shape = [-1] + [1] * (x.dim() - 2) if not isinstance(base, nn.LayerNorm) else [-1]
+        weight = torch.ones(1, dtype=x.dtype) if base.weight is None else base.weight
+        bias = torch.zeros(1, dtype=x.dtype) if base.bias is None else base.bias
+
+        def affine(gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+            if isinstance(base, nn.LayerNorm):
+                return x_hat * gamma + beta
+            return x_hat * gamma.view(channel_shape) + beta.view(channel_shape)
+
+        out = affine(weight, bias)
+        for c in range(len(pi)):
+            delta = affine(layer.norm_weight_delta[c], layer.norm_bias_delta[c])
+            out = out + ALPHA * pi[c] * delta
+        return out
+    out = base(x)
+    for c in range(len(pi)):
+        a_c, b_c = layer.lora_A[c], layer.lora_B[c]  # A_c (r, ...), B_c^T (r, ...)
+        if isinstance(base, nn.Linear):
+            delta = F.linear(F.linear(x, a_c), b_c.t())
+        elif isinstance(base, nn.Embedding):
+            rows = a_c.t()[x]
+            # The padding token's column of A is frozen (zero), so it gets no gradient.
+            rows = torch.where((x == base.padding_idx)[..., None], rows.detach(), rows)
+            delta = rows @ b_c
+        else:
+            kernel = adaptor_kernel(a_c, b_c)
+            delta = reference_conv(base, x, kernel)
+        bias_c = layer.lora_bias[c] if getattr(layer, "lora_bias", None) is not None else 0.0
+        if isinstance(base, nn.Conv2d) and torch.is_tensor(bias_c):
+            bias_c = bias_c.view(-1, 1, 1)
+        out = out + ALPHA * pi[c] * (delta + bias_c)
+    return out
+
+
+def adaptor_kernel(a_c: torch.Tensor, b_c: torch.Tensor) -> torch.Tensor:
+    """One adaptor's full conv kernel (out, in, kh, kw), summing its r rank-one terms."""
+    kernel = 0.0
+    for j in range(a_c.shape[0]):
+        a_j, b_j = a_c[j], b_c[j]  # (in, 1, kw) & (out, kh, 1), or (in, kh, kw) & (out, 1, 1)
+        if a_j.shape[1] == 1:
+            kernel = kernel + b_j[:, None, :, :] * a_j[None, :, :, :]
+        else:
+            kernel = kernel + b_j[:, None, :, :] * a_j[None]
+    return kernel
+
+
+def reference_conv(conv: nn.Conv2d, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The base conv's geometry (stride, padding, padding mode) with another kernel."""
+    plain = copy.deepcopy(conv)
+    plain.bias = None
+    return plain._conv_forward(x, kernel, None)
+
+
+def softmax_pi(logits: torch.Tensor) -> torch.Tensor:
+    return torch.exp(logits / TEMPERATURE) / torch.exp(logits / TEMPERATURE).sum(-1, keepdim=True)
+
+
+# --- the mixture --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_mixture_equals_per_adaptor_loop_with_gradients(kind: str) -> None:
+    torch.manual_seed(0)
+    model, x, spec = make_case(kind)
+    attach(model, spec)
+    randomize_(model)
+    layer, router = model[0], model.floral_router
+    inputs = [x.requires_grad_()] if x.is_floating_point() else []
+    leaves = inputs + list(layer.adaptor_parameters().values()) + [router.logits]
+
+    fused = model(x)
+    expected = naive_mixture(layer, x, softmax_pi(router.logits))
+    torch.testing.assert_close(fused, expected, **TOLERANCE)
+
+    weights = torch.randn_like(fused)
+    grads = torch.autograd.grad((fused * weights).sum(), leaves)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), leaves)
+    assert all(g.abs().sum() > 0 for g in grads)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_attach_leaves_outputs_unchanged_at_init(kind: str, training: bool) -> None:
+    torch.manual_seed(1)
+    model, x, spec = make_case(kind)
+    spec.router = RouterSpec(noise=1.0)
+    plain = copy.deepcopy(model).train(training)
+    attach(model, spec).train(training)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    buffers = zip(model[0].base.named_buffers(), plain[0].buffers(), strict=True)
+    for (name, buffer), plain_buffer in buffers:
+        torch.testing.assert_close(buffer, plain_buffer, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_matches_adapted_model_in_eval(kind: str) -> None:
+    torch.manual_seed(2)
+    model, x, spec = make_case(kind)
+    spec.router = RouterSpec(noise=1.0, temperature=TEMPERATURE)
+    attach(model, spec)
+    randomize_(model)
+    model.eval()
+    merged = merge(model)
+    assert type(merged[0]) is type(model[0].base)
+    assert not hasattr(merged, "floral_router") and len(merged) == 1
+    assert not merged._forward_pre_hooks
+    torch.testing.assert_close(merged(x), model(x), **TOLERANCE)
+
+    one_hot = torch.eye(NUM_ADAPTORS, dtype=torch.float64)[1]
+    model.floral_router.fix(one_hot)
+    torch.testing.assert_close(merge(model, torch.eye(3)[1])(x), model(x), **TOLERANCE)
+
+
+def test_batchnorm_running_stats_update_once_per_forward() -> None:
+    torch.manual_seed(3)
+    model, x, spec = make_case("batchnorm")
+    plain = copy.deepcopy(model)
+    attach(model, spec)
+    randomize_(model)
+    with torch.no_grad():
+        plain[0].running_mean.copy_(model[0].base.running_mean)
+        plain[0].running_var.copy_(model[0].base.running_var)
+    model(x)
+    plain(x)
+    torch.testing.assert_close(model[0].base.running_mean, plain[0].running_mean, **TOLERANCE)
+    torch.testing.assert_close(model[0].base.running_var, plain[0].running_var, **TOLERANCE)
+    assert int(model[0].base.num_batches_tracked) == 1
+
+
+def test_conv_separable_merged_kernel_is_the_composition_of_the_two_convs() -> None:
+    torch.manual_seed(4)
+    model, x, spec = make_case("conv2d-separable")
+    attach(model, spec)
+    randomize_(model)
+    layer = model[0]
+    pi = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    expected = layer.base.weight.detach().clone()
+    for c in range(NUM_ADAPTORS):
+        for j in range(RANK):
+            for o in range(4):
+                for i in range(3):
+                    column = layer.lora_B[c, j, o, :, 0]  # (kh,)
+                    row = layer.lora_A[c, j, i, 0, :]  # (kw,)
+                    expected[o, i] += ALPHA * pi[c] * torch.outer(column, row).detach()
+    torch.testing.assert_close(merge(model, pi)[0].weight, expected, **TOLERANCE)
+
+
+# --- routers ------------------------------------------------------------------------------
+
+
+def two_layer_model(**spec_options: object) -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    options = dict(num_adaptors=NUM_ADAPTORS, rank=RANK, alpha=ALPHA)
+    options.update(spec_options)
+    attach(model, AdapterSpec(**options))
+    randomize_(model)
+    return model, torch.randn(4, 5, dtype=torch.float64)
+
+
+def naive_two_layer(model: nn.Module, x: torch.Tensor, pis: list[torch.Tensor]) -> torch.Tensor:
+    hidden = torch.relu(naive_mixture(model[0], x, pis[0]))
+    return naive_mixture(model[2], hidden, pis[1])
+
+
+def test_per_layer_router_gives_each_layer_its_row() -> None:
+    torch.manual_seed(5)
+    model, x = two_layer_model(router=RouterSpec(per_layer=True, temperature=TEMPERATURE))
+    logits = model.floral_router.logits
+    assert logits.shape == (2, NUM_ADAPTORS)
+    model.eval()
+    pis = [softmax_pi(logits[0]), softmax_pi(logits[1])]
+    torch.testing.assert_close(model(x), naive_two_layer(model, x, pis), **TOLERANCE)
+    weights = mixture_weights(model)
+    assert set(weights) == set(adaptor_parameter_names(model))
+    for name, pi in weights.items():
+        row = 0 if name.startswith("0.") else 1
+        torch.testing.assert_close(pi, pis[row].detach(), **TOLERANCE)
+        assert not pi.requires_grad
+
+
+def test_noise_is_drawn_once_per_forward_and_only_in_training() -> None:
+    torch.manual_seed(6)
+    noise = 0.8
+    model, x = two_layer_model(router=RouterSpec(noise=noise, temperature=TEMPERATURE))
+    logits = model.floral_router.logits
+
+    torch.manual_seed(123)
+    noisy = model(x)
+    torch.manual_seed(123)
+    drawn = softmax_pi(logits + torch.rand(NUM_ADAPTORS, dtype=torch.float64) * noise)
+    torch.testing.assert_close(noisy, naive_two_layer(model, x, [drawn, drawn]), **TOLERANCE)
+    assert not torch.allclose(drawn, softmax_pi(logits))
+
+    model.eval()
+    clean = softmax_pi(logits)
+    torch.testing.assert_close(model(x), naive_two_layer(model, x, [clean, clean]), **TOLERANCE)
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(model.floral_router.weights(), clean, **TOLERANCE)
+
+
+def test_oracle_router_is_exactly_the_fixed_weights_and_saved() -> None:
+    torch.manual_seed(7)
+    model, x = two_layer_model(router=RouterSpec(noise=5.0))
+    router = model.floral_router
+    one_hot = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    router.fix(one_hot)
+    model.train()
+    assert torch.equal(router.refresh(), one_hot)
+    torch.testing.assert_close(model(x), naive_two_layer(model, x, [one_hot, one_hot]),
+                               **TOLERANCE)
+    for pi in mixture_weights(model).values():
+        assert torch.equal(pi, one_hot)
+
+    fresh, _ = two_layer_model()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.floral_router.weights(), one_hot)
+    router.unfix()
+    assert not torch.equal(router.refresh(), one_hot)
+    with pytest.raises(ConfigError, match="router weights"):
+        router.fix(torch.ones(5))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d-separable", "batchnorm1d", "layernorm"])
+def test_single_adaptor_is_plain_lora_without_router(kind: str) -> None:
+    torch.manual_seed(8)
+    model, x, spec = make_case(kind)
+    spec.num_adaptors = 1
+    attach(model, spec)
+    randomize_(model)
+    assert not hasattr(model, "floral_router")
+    assert router_parameter_names(model) == []
+    ones = torch.ones(1, dtype=torch.float64)
+    torch.testing.assert_close(model(x), naive_mixture(model[0], x, ones), **TOLERANCE)
+    assert all(torch.equal(pi, ones) for pi in mixture_weights(model).values())
+    model.eval()
+    torch.testing.assert_close(merge(model)(x), model(x), **TOLERANCE)
+
+
+# --- attach and names ---------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.embed = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 2)
+        self.aux = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3))) + self.aux(self.embed.weight[:1])
+
+
+def adapted_names(model: nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[0] for name in adaptor_parameter_names(model)}
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, {"features.0", "head", "aux"}),
+        ({"layer_types": ("linear",)}, {"head", "aux"}),
+        ({"layer_types": ("norm", "embedding")}, {"features.1", "embed"}),
+        ({"include": ("features.*", "head")}, {"features.0", "head"}),
+        ({"exclude": ("a*",)}, {"features.0", "head"}),
+        ({"layer_types": ["linear", "conv2d", "norm"], "include": ["features.*"],
+          "exclude": ["*.1"]}, {"features.0"}),
+    ],
+)
+def test_include_exclude_select_layers(options: dict, expected: set[str]) -> None:
+    model = attach(Net(), AdapterSpec(num_adaptors=2, rank=1, **options))
+    assert adapted_names(model) == expected
+    for name in expected:
+        assert hasattr(model.get_submodule(name), "base")
+    assert router_parameter_names(model) == ["floral_router.logits"]
+    params = dict(model.named_parameters())
+    for name in adaptor_parameter_names(model):
+        assert params[name].shape[0] == 2
+
+
+def test_attach_errors_are_one_line_config_errors() -> None:
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ConfigError, match="'0'.*groups=2"):
+        attach(grouped, AdapterSpec())
+    with pytest.raises(ConfigError, match="no layer"):
+        attach(Net(), AdapterSpec(include=("nothing*",)))
+    adapted = attach(Net(), AdapterSpec(num_adaptors=2))
+    with pytest.raises(ConfigError, match="already"):
+        attach(adapted, AdapterSpec())
+    bad_specs = [
+        lambda: AdapterSpec(num_adaptors=0),
+        lambda: AdapterSpec(rank=0),
+        lambda: AdapterSpec(rank=1.5),
+        lambda: AdapterSpec(layer_types=("lstm",)),
+        lambda: AdapterSpec(conv_form="dense"),
+        lambda: RouterSpec(noise=-1.0),
+        lambda: RouterSpec(temperature=0.0),
+    ]
+    for build in bad_specs:
+        with pytest.raises(ConfigError) as error:
+            build()
+        assert "\n" not in str(error.value)
+
+
+def test_deepcopy_of_attached_model_keeps_its_own_router() -> None:
+    torch.manual_seed(9)
+    model, x = two_layer_model(router=RouterSpec(noise=1.0))
+    model(x)  # leaves a cached pi with an autograd graph behind
+    twin = copy.deepcopy(model)
+    assert twin[0].router is twin.floral_router is not model.floral_router
+    model.eval()
+    twin.eval()
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    with torch.no_grad():
+        twin.floral_router.logits.add_(torch.tensor([5.0, 0.0, 0.0], dtype=torch.float64))
+    reference = model(x)
+    assert not torch.allclose(twin(x), reference)
+    torch.testing.assert_close(model(x), reference, rtol=0, atol=0)
+
+
+# --- preconditioning and ranks ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d-separable", "conv2d-kxk-1x1", "embedding"])
+def test_precondition_matches_per_adaptor_inverses(kind: str) -> None:
+    torch.manual_seed(10)
+    model, x, spec = make_case(kind)
+    attach(model, spec)
+    randomize_(model)
+    model(x).square().sum().backward()
+    layer, eps = model[0], 1e-3
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    grad_a, grad_b = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+    bias_grad = layer.lora_bias.grad.clone() if layer.lora_bias is not None else None
+    precondition_(model, eps)
+    for c in range(NUM_ADAPTORS):
+        a_c = a[c].reshape(RANK, -1)  # A_c (r, d_in)
+        b_c = b[c].reshape(RANK, -1).t()  # B_c (d_out, r)
+        eye = torch.eye(RANK, dtype=a.dtype)
+        want_a = torch.linalg.inv(b_c.t() @ b_c + eps * eye) @ grad_a[c].reshape(RANK, -1)
+        want_b = grad_b[c].reshape(RANK, -1).t() @ torch.linalg.inv(a_c @ a_c.t() + eps * eye)
+        torch.testing.assert_close(layer.lora_A.grad[c].reshape(RANK, -1), want_a, **TOLERANCE)
+        torch.testing.assert_close(layer.lora_B.grad[c].reshape(RANK, -1), want_b.t(),
+                                   **TOLERANCE)
+    if bias_grad is not None:
+        assert torch.equal(layer.lora_bias.grad, bias_grad)
+
+
+def test_resolve_rank() -> None:
+    assert resolve_rank(4, 784, 200) == 4
+    assert resolve_rank(0.01, 784, 200) == 1
+    assert resolve_rank(0.1, 784, 200) == math.floor(0.1 * 784 * 200 / 984) == 15
+    assert resolve_rank(0.1, 20, 20) == 1  # 0.1 * 400 / 40 is exactly 1
+    assert resolve_rank(0.01, 200, 10) == 1
+    assert resolve_rank(0.01, 200, 10, min_rank=3) == 3
+    assert resolve_rank(0.5, 200, 10, min_rank=3) == 4
+    for bad in (0, -1, 0.0, 1.5, "2"):
+        with pytest.raises(ConfigError, match="rank"):
+            resolve_rank(bad, 10, 10)
+
+
+def test_conv_rank_counts_both_factor_widths() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 32, 5))
+    attach(model, AdapterSpec(rank=0.1, layer_types=("conv2d",)))
+    assert model[0].rank == math.floor(0.1 * 15 * 160 / 175)  # d_in = 3*5, d_out = 32*5
+    model = nn.Sequential(nn.Conv2d(3, 32, 5))
+    attach(model, AdapterSpec(rank=0.1, layer_types=("conv2d",), conv_form="kxk-1x1"))
+    assert model[0].rank == math.floor(0.1 * 75 * 32 / 107)  # d_in = 3*5*5, d_out = 32

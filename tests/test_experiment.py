@@ -1,0 +1,156 @@
+"""Experiments end to end: config errors, results folder, determinism, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from floral.cli import main
+from floral.experiment import load_config, run_experiment
+
+TINY = """
+name = "tiny"
+seed = 3
+[task]
+dataset = "synthetic-mlp"
+shift = "none"
+num_clients = 8
+num_clusters = 2
+samples_per_client = 40
+[model]
+name = "mlp"
+hidden = [8]
+[method]
+name = "floral"
+[train]
+rounds = 6
+clients_per_round = 0.5
+batch_size = 8
+lr = 0.05
+[engine]
+eval_every = 2
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _without_time(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lrr=0.1", "train.lrr: unknown key"),
+        ("train.rounds=ten", "train.rounds: expected an integer"),
+        ("train.batch_size=1.5", "train.batch_size: expected an integer"),
+        ("method.rank=fast", "method.rank"),
+        ("method.name=nope", "method.name: unknown 'nope'"),
+        ("task.shift=rotat", "task.shift"),
+        ("task.dataset=imagenet", "task.dataset"),
+        ("train.clients_per_round=0", "train.clients_per_round"),
+        ("colour=1", "colour: unknown key"),
+    ],
+)
+def test_bad_settings_stop_with_one_line_and_exit_2(tiny, tmp_path, capsys, override, needle):
+    code = main(["run", str(tiny), "--set", override, "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 2
+    line = _error_line(capsys)
+    assert needle in line
+    assert not (tmp_path / "o" / "metrics.csv").exists()  # stopped before any work
+
+
+def test_missing_dataset_says_how_to_get_it(tiny, tmp_path, capsys):
+    code = main(["run", str(tiny), "--quiet", "--out", str(tmp_path / "o"),
+                 "--set", "task.dataset=fashion-mnist", "--set", "task.shift=rotate",
+                 "--set", f"task.data_dir={tmp_path / 'empty'}"])
+    assert code == 2
+    line = _error_line(capsys)
+    assert "dataset-fashion-mnist" in line or "data_dir" in line
+
+
+def test_missing_file_and_bad_toml(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.toml")]) == 2
+    assert "no such experiment file" in _error_line(capsys)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nrounds = 1")
+    assert main(["run", str(bad)]) == 2
+    assert "not valid TOML" in _error_line(capsys)
+
+
+def test_results_folder_and_same_seed_same_numbers(tiny, tmp_path):
+    config = load_config(tiny)
+    first = run_experiment(config, tmp_path / "a")
+    second = run_experiment(config, tmp_path / "b")
+    for name in ("config.toml", "metrics.csv", "summary.json", "state.safetensors"):
+        assert (tmp_path / "a" / name).exists()
+    rows = _rows(tmp_path / "a" / "metrics.csv")
+    assert [int(r["round"]) for r in rows] == [0, 2, 4, 6]
+    assert _without_time(rows) == _without_time(_rows(tmp_path / "b" / "metrics.csv"))
+    assert first.final == second.final
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["rounds"] == 6 and summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    # The resolved config reloads to the same experiment.
+    assert load_config(tmp_path / "a" / "config.toml").to_dict() == config.to_dict()
+
+
+def test_resume_from_half_way_equals_uninterrupted(tiny, tmp_path):
+    full = load_config(tiny, ["engine.checkpoint_every=3"])
+    run_experiment(full, tmp_path / "full")
+    # Stop at round 3 as Ctrl-C would: the interrupted run checkpoints where it stands.
+    def interrupt(result, latest):
+        if result.round == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(full, tmp_path / "resumed", on_round=interrupt)
+    progress = json.loads((tmp_path / "resumed" / "checkpoint" / "progress.json").read_text())
+    assert progress["round"] == 3
+    assert main(["run", str(tiny), "--set", "engine.checkpoint_every=3", "--resume", "--quiet",
+                 "--out", str(tmp_path / "resumed")]) == 0
+    want = _without_time(_rows(tmp_path / "full" / "metrics.csv"))
+    got = _without_time(_rows(tmp_path / "resumed" / "metrics.csv"))
+    assert got == want
+    a = load_file(tmp_path / "full" / "state.safetensors")
+    b = load_file(tmp_path / "resumed" / "state.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_refuses_a_different_experiment(tiny, tmp_path, capsys):
+    config = load_config(tiny, ["engine.checkpoint_every=3"])
+    run_experiment(config, tmp_path / "o")
+    code = main(["run", str(tiny), "--set", "train.lr=0.5", "--resume", "--quiet",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "train.lr" in _error_line(capsys)
+
+
+def test_methods_command_lists_every_method(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fedavg", "local", "floral", "floral-oracle", "local-adaptor", "ensemble",
+                 "ensemble-oracle"):
+        assert any(line.split()[0] == name for line in out.splitlines()), name

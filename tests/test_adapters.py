@@ -35,8 +35,8 @@ def make_case(kind: str) -> tuple[nn.Module, torch.Tensor, AdapterSpec]:
         alpha=ALPHA,
         router=RouterSpec(noise=0.0, temperature=TEMPERATURE),
     )
-    if kind == "linear":
-        layer, x, types = nn.Linear(6, 5), torch.randn(4, 3, 6), ("linear",)
+    if kind.startswith("linear"):
+        layer, x, types = nn.Linear(6, 5, bias=kind == "linear"), torch.randn(4, 3, 6), ("linear",)
     elif kind.startswith("conv2d"):
         layer = nn.Conv2d(3, 4, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
         if kind.endswith("reflect"):
@@ -63,6 +63,7 @@ def make_case(kind: str) -> tuple[nn.Module, torch.Tensor, AdapterSpec]:
 
 KINDS = [
     "linear",
+    "linear-nobias",
     "conv2d-separable",
     "conv2d-kxk-1x1",
     "conv2d-separable-reflect",
@@ -220,6 +221,8 @@ def test_merge_matches_adapted_model_in_eval(kind: str) -> None:
     assert type(merged[0]) is type(model[0].base)
     assert not hasattr(merged, "floral_router") and len(merged) == 1
     assert not merged._forward_pre_hooks
+    assert all(p is not None for p in (merged[0].weight, getattr(merged[0], "bias", 0)))
+    assert getattr(merged[0], "affine", True) and getattr(merged[0], "elementwise_affine", True)
     torch.testing.assert_close(merged(x), model(x), **TOLERANCE)
 
     one_hot = torch.eye(NUM_ADAPTORS, dtype=torch.float64)[1]
@@ -336,7 +339,9 @@ def test_oracle_router_is_exactly_the_fixed_weights_and_saved() -> None:
         router.fix(torch.ones(5))
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d-separable", "batchnorm1d", "layernorm"])
+@pytest.mark.parametrize(
+    "kind", ["linear", "linear-nobias", "conv2d-separable", "batchnorm1d", "layernorm"]
+)
 def test_single_adaptor_is_plain_lora_without_router(kind: str) -> None:
     torch.manual_seed(8)
     model, x, spec = make_case(kind)
@@ -416,6 +421,30 @@ def test_attach_errors_are_one_line_config_errors() -> None:
         with pytest.raises(ConfigError) as error:
             build()
         assert "\n" not in str(error.value)
+
+
+def test_shared_layer_is_adapted_once_under_every_name() -> None:
+    shared = nn.Linear(4, 4)
+    model = attach(nn.Sequential(shared, nn.ReLU(), shared), AdapterSpec(num_adaptors=2))
+    assert model[0] is model[2] and model[0].base is shared
+    assert adaptor_parameter_names(model) == ["0.lora_A", "0.lora_B", "0.lora_bias"]
+    merged = merge(model)
+    assert merged[0] is merged[2] and type(merged[0]) is nn.Linear
+
+
+def test_embedding_padding_row_keeps_the_base_vector() -> None:
+    torch.manual_seed(11)
+    model, x, spec = make_case("embedding")
+    plain = copy.deepcopy(model)
+    attach(model, spec)
+    assert torch.equal(model[0].lora_A[..., 0], torch.zeros(NUM_ADAPTORS, RANK, dtype=torch.float64))
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    model(x).square().sum().backward()
+    assert torch.equal(model[0].lora_A.grad[..., 0], torch.zeros_like(model[0].lora_A[..., 0]))
+    padding = x == 0
+    torch.testing.assert_close(model(x)[padding], plain(x)[padding], rtol=0, atol=0)
+    assert not torch.allclose(model(x)[~padding], plain(x)[~padding])
 
 
 def test_deepcopy_of_attached_model_keeps_its_own_router() -> None:

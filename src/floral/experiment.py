@@ -7,6 +7,7 @@
     [method]  name, then that method's own options    (floral.methods)
     [train]   rounds, sampling, local SGD, server     (floral.train.TrainConfig)
     [engine]  name, evaluation, checkpoints           (floral.engines.EngineConfig)
+    [comm]    download and upload codecs              (floral.comm.CommConfig)
     [output]  dir
 
 The results folder holds the resolved `config.toml`, `metrics.csv` (one row per evaluated
@@ -29,6 +30,7 @@ import tomli_w
 import torch
 from safetensors.torch import load_file, save_file
 
+from floral.comm import CommConfig, build_codec
 from floral.config import from_dict, parse_value, set_dotted, to_dict, tomllib
 from floral.data import FederatedTask, TaskConfig, build_task
 from floral.engines.local import EngineConfig, LocalEngine, RoundResult, metric_name
@@ -47,7 +49,7 @@ __all__ = [
     "run_experiment",
 ]
 
-TABLES = ("task", "model", "method", "train", "engine", "output")
+TABLES = ("task", "model", "method", "train", "engine", "comm", "output")
 
 
 @dataclass
@@ -65,6 +67,7 @@ class ExperimentConfig:
     method: dict[str, Any] = field(default_factory=lambda: {"name": "floral"})
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     @property
@@ -133,6 +136,8 @@ def check_values(config: ExperimentConfig) -> None:
         )
     if config.engine.name == "flower":
         raise ConfigError("engine.name: 'flower' is not available in this version; use 'local'")
+    build_codec(config.comm.download, "comm.download")
+    build_codec(config.comm.upload, "comm.upload")
     if config.engine.checkpoint_every < 0:
         raise ConfigError(
             f"engine.checkpoint_every: must be 0 or more, got {config.engine.checkpoint_every}"
@@ -145,7 +150,9 @@ def build_engine(config: ExperimentConfig) -> tuple[LocalEngine, FederatedTask]:
     method = config.build_method()
     torch.manual_seed(config.seed)
     model = method.build_model(build_model(config.model, task), task)
-    engine = LocalEngine(method, task, model, config.train, config.engine, config.seed)
+    engine = LocalEngine(
+        method, task, model, config.train, config.engine, config.seed, config.comm
+    )
     return engine, task
 
 

@@ -9,20 +9,21 @@ run resumed from a checkpoint ends with exactly the numbers of an uninterrupted 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from floral.comm import Channel, CommConfig, build_codec
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
 from floral.methods.base import Method, split_roles
 from floral.train.evaluate import EvalResult, evaluate
 from floral.train.loop import TrainConfig
 from floral.train.optim import build_server_optimizer
-from floral.train.state import StateSlots, TensorDict, payload_bytes
+from floral.train.state import StateSlots, TensorDict
 
 __all__ = [
     "EngineConfig",
@@ -85,8 +86,12 @@ class LocalEngine:
         train: TrainConfig,
         config: EngineConfig | None = None,
         seed: int = 0,
+        comm: CommConfig | None = None,
     ) -> None:
         config = config or EngineConfig()
+        comm = comm or CommConfig()
+        self.down = Channel(build_codec(comm.download, "comm.download"))
+        self.up = Channel(build_codec(comm.upload, "comm.upload"))
         if config.eval_clients not in ("all", "sampled"):
             raise ConfigError(
                 f"engine.eval_clients: unknown {config.eval_clients!r} (choose from all, sampled)"
@@ -110,6 +115,15 @@ class LocalEngine:
     def model(self) -> nn.Module:
         return self.slots.model
 
+    def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
+        """Run rounds until `train.rounds`; returns what each round reported."""
+        results = []
+        while self.round < self.train.rounds:
+            results.append(self.run_round())
+            if on_round is not None:
+                on_round(results[-1])
+        return results
+
     # -- one round ---------------------------------------------------------------------------
     def run_round(self) -> RoundResult:
         """Train the sampled clients, aggregate, and evaluate when it is time."""
@@ -119,11 +133,12 @@ class LocalEngine:
             self.seed, self.round, len(self.task.clients), self.train.clients_per_round
         )
         uploads, losses, bytes_up = [], [], 0
-        down = payload_bytes(self.global_state)
+        # Every sampled client receives the same payload: encode once, count it per client.
+        client_view, down = self.down.send(self.global_state)
         for k in clients:
             update = self.method.client_step(
                 self.slots,
-                self.global_state,
+                client_view,
                 self.private_state(k),
                 self.task.clients[k],
                 self.train,
@@ -131,9 +146,10 @@ class LocalEngine:
                 client_seed(self.seed, self.round, k),
             )
             self.private[k] = update.private
-            uploads.append(update.upload)
+            received, sent = self.up.send(update.upload)
+            uploads.append(received)
             losses.append(update.metrics.get("train_loss", float("nan")))
-            bytes_up += payload_bytes(update.upload)
+            bytes_up += sent
         self.global_state = self.method.server_update(
             self.global_state, uploads, self.server_optimizer
         )

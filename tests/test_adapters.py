@@ -437,7 +437,8 @@ def test_embedding_padding_row_keeps_the_base_vector() -> None:
     model, x, spec = make_case("embedding")
     plain = copy.deepcopy(model)
     attach(model, spec)
-    assert torch.equal(model[0].lora_A[..., 0], torch.zeros(NUM_ADAPTORS, RANK, dtype=torch.float64))
+    zeros = torch.zeros(NUM_ADAPTORS, RANK, dtype=torch.float64)
+    assert torch.equal(model[0].lora_A[..., 0], zeros)
     with torch.no_grad():
         model[0].lora_B.normal_()
     model(x).square().sum().backward()

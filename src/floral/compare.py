@@ -27,7 +27,8 @@ __all__ = ["MethodSpec", "RunSpec", "parse_method_specs", "plan_runs", "run_all"
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """`floral:rank=0.1:router_lr=0.5` -> name "floral", options {rank: 0.1, router_lr: 0.5}."""
+    """`floral:rank=0.1:train.router_lr=0.5` -> name "floral", options {rank: 0.1} and the
+    override train.router_lr = 0.5 (a dotted key sets any setting of that run)."""
 
     label: str
     name: str
@@ -78,11 +79,20 @@ def plan_runs(
     base_method = base.get("method", {})
     for spec in methods:
         same = isinstance(base_method, dict) and base_method.get("name") == spec.name
-        method = {**(base_method if same else {}), "name": spec.name, **dict(spec.options)}
+        options = {k: v for k, v in spec.options if "." not in k}
+        settings = [f"{k}={_toml_literal(v)}" for k, v in spec.options if "." in k]
+        method = {**(base_method if same else {}), "name": spec.name, **options}
         for seed in seeds:
-            config = resolve_config({**base, "method": method, "seed": seed}, overrides)
+            data = {**base, "method": method, "seed": seed}
+            config = resolve_config(data, [*overrides, *settings])
             runs.append(RunSpec(spec, seed, config, out / spec.folder / f"seed{seed}"))
     return runs
+
+
+def _toml_literal(value: Any) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
 
 
 def load_base(path: str | os.PathLike) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,7 +112,7 @@ def print_comparison(rows: Sequence[ComparisonRow], title: str) -> None:
     table = Table(title=title)
     metric = rows[0]["metric"]
     for column in ("method", f"{metric} (mean ± std)", "seeds", "s/round", "MB up/round"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for r in rows:
         table.add_row(
             r["method"],
@@ -120,4 +121,5 @@ def print_comparison(rows: Sequence[ComparisonRow], title: str) -> None:
             f"{r['seconds_per_round']:.3f}",
             f"{r['mb_up_per_round']:.3f}",
         )
-    Console().print(table)
+    # Off a terminal (a log, a pipe) rich would squeeze the table into 80 columns.
+    Console(width=None if sys.stdout.isatty() else 120).print(table)

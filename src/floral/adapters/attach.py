@@ -46,7 +46,8 @@ def attach(model: nn.Module, spec: AdapterSpec) -> nn.Module:
 
     Each selected layer is replaced by its adapted wrapper, which keeps the layer as `.base`
     (`fc.weight` becomes `fc.base.weight`). With C > 1 the model gets a `floral_router`
-    (a Router) and a forward pre-hook that draws pi once per forward. Layers are matched by
+    (a Router; in an nn.Sequential it is the last child, and passes its input through) and
+    a forward pre-hook that draws pi once per forward. Layers are matched by
     exact type (subclasses may have their own forward), so e.g. the output projection of
     nn.MultiheadAttention is left alone. Outputs are unchanged until the adaptors are trained.
     """

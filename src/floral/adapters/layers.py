@@ -389,7 +389,7 @@ def _batch_norm(norm: nn.Module, x: Tensor, weight: Tensor, bias: Tensor) -> Ten
     norm._check_input_dim(x)
     momentum = 0.0 if norm.momentum is None else norm.momentum
     if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(2)
+        norm.num_batches_tracked.add_(1)
         # momentum None means a cumulative moving average.
         if norm.momentum is None:
             momentum = 1.0 / float(norm.num_batches_tracked)

@@ -12,7 +12,7 @@ The variants run interleaved, in a shuffled order per block, in the same process
 is the median (and the minimum) over timed blocks of steps. The same is printed for the first
 layer (784 -> 200) on its own.
 
-    python benchmarks/mixture_layer.py [--threads 1] [--blocks 21] [--steps 100]
+    python benchmarks/mixture_layer.py [--threads 1] [--blocks 21] [--steps 100] [--batch 32]
 """
 
 from __future__ import annotations
@@ -118,16 +118,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--blocks", type=int, default=21, help="timed blocks per variant")
     parser.add_argument("--steps", type=int, default=100, help="steps per timed block")
+    parser.add_argument("--batch", type=int, default=BATCH, help="examples per step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(
-        f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={BATCH}, "
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, "
         f"C={NUM_ADAPTORS}, rho={RHO}, median of {args.blocks} blocks x {args.steps} steps"
     )
 
-    x = torch.randn(BATCH, 784)
-    labels = torch.randint(0, 10, (BATCH,))
+    x = torch.randn(args.batch, 784)
+    labels = torch.randint(0, 10, (args.batch,))
     mlp = build_variants([nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 10)])
     ranks = [m.rank for m in mlp["fused"].modules() if hasattr(m, "rank")]
     samples = time_variants(mlp, x, lambda out: F.cross_entropy(out, labels), args.blocks,

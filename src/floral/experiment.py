@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tomli_w
 import torch
@@ -38,15 +38,19 @@ from floral.errors import ConfigError
 from floral.methods import Method, get_method
 from floral.models import ModelConfig, build_model
 from floral.train.loop import TrainConfig
+from floral.train.state import TensorDict
 
 __all__ = [
+    "Engine",
     "ExperimentConfig",
     "OutputConfig",
     "RunSummary",
     "build_engine",
+    "build_setup",
     "load_config",
     "resolve_config",
     "run_experiment",
+    "run_rounds",
 ]
 
 TABLES = ("task", "model", "method", "train", "engine", "comm", "output")
@@ -134,8 +138,6 @@ def check_values(config: ExperimentConfig) -> None:
         raise ConfigError(
             f"engine.name: unknown {config.engine.name!r} (choose from local, flower)"
         )
-    if config.engine.name == "flower":
-        raise ConfigError("engine.name: 'flower' is not available in this version; use 'local'")
     build_codec(config.comm.download, "comm.download")
     build_codec(config.comm.upload, "comm.upload")
     if config.engine.checkpoint_every < 0:
@@ -144,12 +146,21 @@ def check_values(config: ExperimentConfig) -> None:
         )
 
 
-def build_engine(config: ExperimentConfig) -> tuple[LocalEngine, FederatedTask]:
-    """Data, model and method from a config, seeded so that the same config gives the same run."""
+def build_setup(config: ExperimentConfig) -> tuple[Method, FederatedTask, torch.nn.Module]:
+    """Method, data and model from a config, seeded so that the same config gives the same ones.
+
+    Every engine builds from here: a Flower client rebuilds exactly the local engine's model.
+    """
     task = build_task(config.task, config.seed)
     method = config.build_method()
     torch.manual_seed(config.seed)
     model = method.build_model(build_model(config.model, task), task)
+    return method, task, model
+
+
+def build_engine(config: ExperimentConfig) -> tuple[LocalEngine, FederatedTask]:
+    """The in-process engine for a config."""
+    method, task, model = build_setup(config)
     engine = LocalEngine(
         method, task, model, config.train, config.engine, config.seed, config.comm
     )
@@ -180,6 +191,20 @@ class RunSummary:
 ProgressFn = Callable[[RoundResult, dict[str, float]], None]
 
 
+class Engine(Protocol):
+    """What `run_rounds` needs of an engine (the local one, or Flower's server side)."""
+
+    round: int
+
+    def run_round(self) -> RoundResult: ...
+
+    def evaluate(self, clients: Sequence[int] | None = None) -> dict[str, float]: ...
+
+    def state_dict(self) -> TensorDict: ...
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
+
+
 def run_experiment(
     config: ExperimentConfig,
     out_dir: str | os.PathLike | None = None,
@@ -193,9 +218,25 @@ def run_experiment(
     `resume="auto"` continues only from a checkpoint of the same config, else starts afresh.
     """
     out = Path(out_dir or config.output.dir or Path("results") / config.name)
+    if config.engine.name == "flower":
+        from floral.engines.flower import simulate  # optional dependency, imported on use
+
+        return simulate(config, out, resume=resume, on_round=on_round)
     engine, task = build_engine(config)  # bad data settings stop here, before any output
+    return run_rounds(engine, config, out, metric_name(task.kind), resume=resume, on_round=on_round)
+
+
+def run_rounds(
+    engine: Engine,
+    config: ExperimentConfig,
+    out: Path,
+    metric: str,
+    *,
+    resume: bool | str = False,
+    on_round: ProgressFn | None = None,
+) -> RunSummary:
+    """Drive an engine to `train.rounds`, writing the results folder as it goes."""
     out.mkdir(parents=True, exist_ok=True)
-    metric = metric_name(task.kind)
     tracker = _Tracker(out, metric)
     if resume and _can_resume(config, out, strict=resume is True):
         tracker.restore(engine)
@@ -230,7 +271,7 @@ class _Tracker:
         self.latest: dict[str, float] = {}
         self._clock = time.perf_counter()
 
-    def record_initial(self, engine: LocalEngine) -> None:
+    def record_initial(self, engine: Engine) -> None:
         self._add_row(0, engine.evaluate(), float("nan"))
 
     def add(self, result: RoundResult) -> None:
@@ -258,7 +299,7 @@ class _Tracker:
             writer.writeheader()
             writer.writerows(self.rows)
 
-    def checkpoint(self, engine: LocalEngine) -> None:
+    def checkpoint(self, engine: Engine) -> None:
         folder = self.out / "checkpoint"
         folder.mkdir(exist_ok=True)
         tmp = folder / "state.safetensors.tmp"
@@ -268,7 +309,7 @@ class _Tracker:
         os.replace(tmp, folder / "state.safetensors")
         os.replace(folder / "progress.json.tmp", folder / "progress.json")
 
-    def restore(self, engine: LocalEngine) -> None:
+    def restore(self, engine: Engine) -> None:
         folder = self.out / "checkpoint"
         engine.load_state_dict(load_file(folder / "state.safetensors"))
         progress = json.loads((folder / "progress.json").read_text())
@@ -277,7 +318,7 @@ class _Tracker:
         self.latest = self.rows[-1] if self.rows else {}
         self._clock = time.perf_counter()
 
-    def summary(self, config: ExperimentConfig, engine: LocalEngine) -> RunSummary:
+    def summary(self, config: ExperimentConfig, engine: Engine) -> RunSummary:
         final = {k: v for k, v in self.latest.items() if k not in ("round", "seconds")}
         return RunSummary(
             name=config.name,

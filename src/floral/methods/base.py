@@ -113,10 +113,26 @@ class Method:
         model = slots.model
         slots.load(global_state)
         slots.load(private_state)
+        train_loss = self.train_locally(slots, data, config, kind, seed)
+        n = data.num_train
+        weights = self.upload_weights(model, list(global_state), n)
+        upload = weighted_deltas(slots, global_state, weights)
+        private = slots.snapshot(private_state.keys())
+        return ClientUpdate(upload, n, private, {"train_loss": train_loss})
+
+    def train_locally(
+        self, slots: StateSlots, data: ClientData, config: TrainConfig, kind: str, seed: int
+    ) -> float:
+        """The local epochs of SGD on the model as loaded; returns the mean training loss.
+
+        Methods whose upload is not a delta of the global tensors (FLoRA sends its trained
+        factors) call this and build their upload themselves.
+        """
+        model = slots.model
         generator = torch.Generator().manual_seed(seed)
         optimizer = self.local_optimizer(slots, config)
         with seeded_cpu_rng(seed):  # router noise, dropout
-            train_loss = train_epochs(
+            return train_epochs(
                 model,
                 optimizer,
                 data.x_train,
@@ -127,11 +143,6 @@ class Method:
                 generator=generator,
                 after_backward=self._after_backward_hook(model),
             )
-        n = data.num_train
-        weights = self.upload_weights(model, list(global_state), n)
-        upload = weighted_deltas(slots, global_state, weights)
-        private = slots.snapshot(private_state.keys())
-        return ClientUpdate(upload, n, private, {"train_loss": train_loss})
 
     def local_optimizer(self, slots: StateSlots, config: TrainConfig) -> torch.optim.Optimizer:
         """The client's SGD over `param_groups`, built once per model and reset for each step.
@@ -205,6 +216,9 @@ def weighted_mean_delta(uploads: Sequence[Mapping[str, torch.Tensor]]) -> Tensor
         if name.endswith(WEIGHT_SUFFIX):
             continue
         weight = totals[name + WEIGHT_SUFFIX]
+        if weight.numel() == 1 and weight.item() > 0:
+            delta[name] = total.div_(weight)  # the common case: one positive scalar
+            continue
         safe = torch.where(weight > 0, weight, torch.ones_like(weight))
         delta[name] = torch.where(weight > 0, total / safe, torch.zeros_like(total))
     return delta

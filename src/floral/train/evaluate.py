@@ -23,7 +23,8 @@ class EvalResult:
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str, batch_size: int = 2048
 ) -> EvalResult:
-    model.eval()
+    if model.training:
+        model.eval()
     loss_sum = score_sum = 0.0
     for start in range(0, len(x), batch_size):
         out = model(x[start : start + batch_size])

@@ -55,9 +55,10 @@ def train_epochs(
     after_backward: Callable[[], None] | None = None,
 ) -> float:
     """Run `epochs` passes of minibatch SGD over (x, y) in a seeded order; return the mean loss."""
-    model.train()
+    if not model.training:  # train() walks every module: skip it when nothing would change
+        model.train()
     n = len(x)
-    total, steps = torch.zeros(()), 0
+    losses = []
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
@@ -68,9 +69,8 @@ def train_epochs(
             if after_backward is not None:
                 after_backward()
             optimizer.step()
-            total += loss.detach()  # no .item() per step: it would sync every step
-            steps += 1
-    return total.item() / max(steps, 1)
+            losses.append(loss.detach())  # no .item() per step: it would sync every step
+    return torch.stack(losses).mean().item() if losses else float("nan")
 
 
 def sgd(groups: Sequence[dict], config: TrainConfig) -> torch.optim.SGD:

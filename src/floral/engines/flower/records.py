@@ -1,0 +1,83 @@
+"""Named tensors <-> Flower records, and the names of the records floral's messages carry.
+
+Tensors travel as `ArrayRecord`s of NumPy-serialized `Array`s (never pickled). NumPy has no
+bfloat16, so such tensors travel as their raw little-endian bytes under a stype of our own.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from floral.train.state import TensorDict
+
+__all__ = [
+    "CONFIG",
+    "EVAL",
+    "GLOBAL",
+    "INITIAL",
+    "METRICS",
+    "NODE",
+    "PRIVATE",
+    "UPLOAD",
+    "from_record",
+    "to_record",
+]
+
+# Record names inside a message's content (and the node's `context.state`).
+CONFIG = "floral.config"  # server -> client: the experiment (TOML) and the round
+GLOBAL = "floral.global"  # server -> client: the global tensors (encoded on train rounds)
+NODE = "floral.node"  # client -> server, on query: partition, cluster, data size, digest
+INITIAL = "floral.initial"  # client -> server, on request: the initial global tensors
+UPLOAD = "floral.upload"  # client -> server: the encoded upload
+METRICS = "floral.metrics"  # client -> server: train loss and number of examples
+EVAL = "floral.eval"  # client -> server: test sums (loss, score, count)
+PRIVATE = "floral.private"  # context.state only: the client's private tensors, never sent
+
+_RAW_STYPE = "floral.raw-le"
+_RAW_DTYPES = {"bfloat16": torch.bfloat16}
+
+
+def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    record = ArrayRecord()
+    for name, tensor in tensors.items():
+        record[name] = _to_array(tensor)
+    return record
+
+
+def from_record(record: ArrayRecord) -> TensorDict:
+    """Tensors from a record; a malformed array raises ValueError naming it."""
+    tensors: TensorDict = {}
+    for name in record:
+        try:
+            tensors[name] = _from_array(record[name])
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise ValueError(f"array {name!r} cannot be read ({error})") from None
+    return tensors
+
+
+def _to_array(tensor: torch.Tensor) -> Array:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        raw = tensor.reshape(-1).view(torch.int16).numpy().astype("<i2").tobytes()
+        return Array(dtype="bfloat16", shape=tuple(tensor.shape), stype=_RAW_STYPE, data=raw)
+    return Array(tensor.numpy())
+
+
+def _from_array(array: Array) -> torch.Tensor:
+    if array.stype == _RAW_STYPE:
+        dtype = _RAW_DTYPES.get(array.dtype)
+        if dtype is None:
+            raise ValueError(f"unknown raw dtype {array.dtype!r}")
+        raw = np.frombuffer(array.data, dtype="<i2")
+        if raw.size != int(np.prod(array.shape, dtype=np.int64)):
+            raise ValueError(f"{raw.size} values for shape {tuple(array.shape)}")
+        if sys.byteorder != "little":  # pragma: no cover
+            raw = raw.astype("=i2")
+        return torch.from_numpy(raw.copy()).view(dtype).reshape(tuple(array.shape))
+    values = array.numpy()  # np.load with allow_pickle=False: object arrays are refused
+    return torch.from_numpy(np.ascontiguousarray(values))

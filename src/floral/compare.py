@@ -19,10 +19,24 @@ from typing import Any
 import torch
 
 from floral.config import parse_value, tomllib
-from floral.errors import ConfigError
-from floral.experiment import ExperimentConfig, RunSummary, resolve_config, run_experiment
+from floral.errors import ConfigError, FloralError
+from floral.experiment import (
+    ExperimentConfig,
+    RunSummary,
+    read_experiment,
+    resolve_config,
+    run_experiment,
+)
 
-__all__ = ["MethodSpec", "RunSpec", "parse_method_specs", "plan_runs", "run_all"]
+__all__ = [
+    "MethodSpec",
+    "RunSpec",
+    "finished_summary",
+    "load_base",
+    "parse_method_specs",
+    "plan_runs",
+    "run_all",
+]
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,8 @@ class RunSpec:
 
     @property
     def key(self) -> str:
-        return f"{self.method.label} seed {self.seed}"
+        """Unique within a sweep over several tasks, and what the progress view shows."""
+        return f"{self.config.name} · {self.method.label} seed {self.seed}"
 
 
 def parse_method_specs(text: str) -> list[MethodSpec]:
@@ -96,15 +111,7 @@ def _toml_literal(value: Any) -> str:
 
 
 def load_base(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such experiment file") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML ({error})") from None
-    data.setdefault("name", path.stem)
-    return data
+    return read_experiment(path)
 
 
 def finished_summary(run: RunSpec) -> RunSummary | None:
@@ -112,13 +119,25 @@ def finished_summary(run: RunSpec) -> RunSummary | None:
     summary_path, config_path = run.out_dir / "summary.json", run.out_dir / "config.toml"
     if not (summary_path.exists() and config_path.exists()):
         return None
-    saved = tomllib.loads(config_path.read_text())
-    current = json.loads(json.dumps(run.config.to_dict()))
-    saved.get("output", {}).pop("dir", None)
-    current.get("output", {}).pop("dir", None)
-    if saved != current:
+    try:
+        # Resolved again, so settings added to floral since the run take their defaults.
+        saved = _results_settings(resolve_config(tomllib.loads(config_path.read_text())))
+    except (ConfigError, tomllib.TOMLDecodeError):
+        return None  # a config this version cannot read is not the same run
+    if saved != _results_settings(run.config):
         return None
     return _load_summary(run.out_dir)
+
+
+# Settings that do not change a run's numbers: where it is written, how often it checkpoints.
+_BOOKKEEPING = (("output", "dir"), ("engine", "checkpoint_every"))
+
+
+def _results_settings(config: ExperimentConfig) -> dict[str, Any]:
+    data = json.loads(json.dumps(config.to_dict()))
+    for table, key in _BOOKKEEPING:
+        data.get(table, {}).pop(key, None)
+    return data
 
 
 def _load_summary(out_dir: Path) -> RunSummary:
@@ -147,9 +166,14 @@ def run_all(
                 on_progress(run.key, done.rounds, done.rounds, done.history[-1])
         else:
             todo.append(run)
+    failures: dict[str, str] = {}
     if jobs <= 1 or len(todo) <= 1:
         for run in todo:
-            results[run.key] = _run_one(run, on_progress)
+            try:
+                results[run.key] = _run_one(run, on_progress)
+            except FloralError as error:
+                failures[run.key] = str(error)
+        _raise_failures(failures)
         return results
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
@@ -163,9 +187,27 @@ def run_all(
                 done_set, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 _drain(events, on_progress)
                 for future in done_set:
-                    results[futures[future].key] = future.result()
+                    _collect(futures[future], future, results, failures)
             _drain(events, on_progress)
+    _raise_failures(failures)
     return results
+
+
+def _collect(
+    run: RunSpec, future: Future, results: dict[str, RunSummary], failures: dict[str, str]
+) -> None:
+    # A user-facing error (missing data, say) fails its run, not the rest of the grid.
+    try:
+        results[run.key] = future.result()
+    except FloralError as error:
+        failures[run.key] = str(error)
+
+
+def _raise_failures(failures: dict[str, str]) -> None:
+    if failures:
+        key, message = next(iter(failures.items()))
+        others = f" ({len(failures) - 1} other run(s) failed too)" if len(failures) > 1 else ""
+        raise FloralError(f"{key}: {message}{others}")
 
 
 def _run_one(run: RunSpec, on_progress: Progress | None) -> RunSummary:

@@ -48,6 +48,7 @@ __all__ = [
     "build_engine",
     "build_setup",
     "load_config",
+    "read_experiment",
     "resolve_config",
     "run_experiment",
     "run_rounds",
@@ -88,6 +89,11 @@ class ExperimentConfig:
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read an experiment file, apply `key=value` overrides, and check everything."""
+    return resolve_config(read_experiment(path), overrides)
+
+
+def read_experiment(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw tables of an experiment file; `name` defaults to the file's stem."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -96,7 +102,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
     data.setdefault("name", path.stem)
-    return resolve_config(data, overrides)
+    return data
 
 
 def resolve_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:

@@ -8,7 +8,7 @@ known clusters).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,14 @@ from floral.adapters import Router, RouterSpec
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
 from floral.methods.base import Method, Role
-from floral.methods.floral import ROUTER_PREFIX, oracle_weights
+from floral.methods.floral import learned_weights
+from floral.methods.routing import (
+    ROUTER_PREFIX,
+    check_router_mode,
+    oracle_private,
+    prepare_oracle,
+    router_roles,
+)
 from floral.train.loop import TrainConfig
 from floral.train.state import TensorDict
 
@@ -65,17 +72,13 @@ class Ensemble(Method):
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: EnsembleOptions = self.options
-        if opts.router not in ("learned", "oracle"):
-            raise ConfigError(
-                f"method.router: unknown {opts.router!r} (choose from learned, oracle)"
-            )
+        check_router_mode(opts.router)
         num_models = opts.num_models or task.num_clusters
         if num_models < 2:
             raise ConfigError(f"method.num_models: an ensemble needs at least 2, got {num_models}")
         ensemble = EnsembleModel(model, num_models, RouterSpec(False, opts.temperature, opts.noise))
         if self.oracle:
-            ensemble.floral_router.fix(torch.full((num_models,), 1.0 / num_models))
-            ensemble.floral_router.logits.requires_grad_(False)
+            prepare_oracle(ensemble.floral_router)
         return ensemble
 
     @property
@@ -83,19 +86,14 @@ class Ensemble(Method):
         return self.options.router == "oracle"
 
     def roles(self, model: nn.Module) -> dict[str, Role]:
-        roles = super().roles(model)
-        private = ROUTER_PREFIX + ("fixed" if self.oracle else "logits")
-        for name in roles:
-            if name.startswith(ROUTER_PREFIX):
-                roles[name] = Role.PRIVATE if name == private else Role.FROZEN
-        return roles
+        return router_roles(super().roles(model), self.oracle)
 
     def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:
         private = super().init_private(initial, client)
-        if self.oracle:
-            fixed = private[ROUTER_PREFIX + "fixed"]
-            private[ROUTER_PREFIX + "fixed"] = oracle_weights(fixed, client.cluster)
-        return private
+        return oracle_private(private, client.cluster) if self.oracle else private
+
+    def router_weights(self, private: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        return None if self.oracle else learned_weights(private, self.options.temperature)
 
     def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

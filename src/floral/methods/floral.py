@@ -8,7 +8,7 @@ the router itself never leaves the client.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +19,17 @@ from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
 from floral.methods.adaptor_options import AdaptorOptions, adapter_spec, adaptor_param_groups
 from floral.methods.base import Method, Role
+from floral.methods.routing import (
+    ROUTER_PREFIX,
+    check_router_mode,
+    oracle_private,
+    prepare_oracle,
+    router_roles,
+)
 from floral.train.loop import TrainConfig
 from floral.train.state import TensorDict
 
-__all__ = ["Floral", "FloralOptions", "ROUTER_PREFIX", "oracle_weights"]
-
-ROUTER_PREFIX = "floral_router."
+__all__ = ["Floral", "FloralOptions", "learned_weights"]
 
 
 @dataclass
@@ -44,20 +49,14 @@ class Floral(Method):
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: FloralOptions = self.options
-        if opts.router not in ("learned", "oracle"):
-            raise ConfigError(
-                f"method.router: unknown {opts.router!r} (choose from learned, oracle)"
-            )
+        check_router_mode(opts.router)
         num_adaptors = opts.num_adaptors or task.num_clusters
         if num_adaptors < 2:
             raise ConfigError(f"method.num_adaptors: FLoRAL needs at least 2, got {num_adaptors}")
         router = RouterSpec(opts.per_layer_router, opts.temperature, opts.noise)
         attach(model, adapter_spec(opts, num_adaptors, router))
         if self.oracle:
-            # Give the fixed buffer its full shape now; each client's one-hot is private state.
-            logits = model.floral_router.logits
-            model.floral_router.fix(torch.full_like(logits, 1.0 / logits.shape[-1]))
-            logits.requires_grad_(False)
+            prepare_oracle(model.floral_router)
         return model
 
     @property
@@ -65,20 +64,14 @@ class Floral(Method):
         return self.options.router == "oracle"
 
     def roles(self, model: nn.Module) -> dict[str, Role]:
-        roles = super().roles(model)
-        for name in roles:
-            if name.startswith(ROUTER_PREFIX):
-                learned_logits = name == ROUTER_PREFIX + "logits" and not self.oracle
-                fixed = name == ROUTER_PREFIX + "fixed" and self.oracle
-                roles[name] = Role.PRIVATE if learned_logits or fixed else Role.FROZEN
-        return roles
+        return router_roles(super().roles(model), self.oracle)
 
     def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:
         private = super().init_private(initial, client)
-        if self.oracle:
-            fixed = private[ROUTER_PREFIX + "fixed"]
-            private[ROUTER_PREFIX + "fixed"] = oracle_weights(fixed, client.cluster)
-        return private
+        return oracle_private(private, client.cluster) if self.oracle else private
+
+    def router_weights(self, private: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        return None if self.oracle else learned_weights(private, self.options.temperature)
 
     def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
         return adaptor_param_groups(model, config, ROUTER_PREFIX)
@@ -101,9 +94,13 @@ def weights_rank(model: nn.Module, name: str) -> int:
     return model.get_parameter(name).dim()
 
 
-def oracle_weights(like: torch.Tensor, cluster: int) -> torch.Tensor:
-    """One-hot on adaptor `cluster mod C`, in the shape of the router's fixed weights."""
-    num_adaptors = like.shape[-1]
-    one_hot = torch.zeros(num_adaptors, dtype=like.dtype)
-    one_hot[cluster % num_adaptors] = 1.0
-    return one_hot.expand_as(like).clone()
+def learned_weights(
+    private: Mapping[str, torch.Tensor], temperature: float = 1.0
+) -> torch.Tensor | None:
+    """pi (C,) of a learned router's private logits, without noise; a per-layer router's rows
+    are averaged (one cluster per client, whatever the layer)."""
+    logits = private.get(ROUTER_PREFIX + "logits")
+    if logits is None:
+        return None
+    pi = torch.softmax(logits.detach() / temperature, dim=-1)
+    return pi.mean(dim=0) if pi.dim() == 2 else pi

@@ -154,3 +154,28 @@ def test_methods_command_lists_every_method(capsys):
     for name in ("fedavg", "local", "floral", "floral-oracle", "local-adaptor", "ensemble",
                  "ensemble-oracle"):
         assert any(line.split()[0] == name for line in out.splitlines()), name
+
+
+def test_bytes_are_counted_on_the_tensors_sent(tiny, tmp_path):
+    config = load_config(tiny, ["method.name=fedavg"])
+    summary = run_experiment(config, tmp_path / "o")
+    model_floats = 10 * 8 + 8 + 8 * 1 + 1  # MLP 10-8-1
+    clients_per_round = 4  # half of 8
+    rounds = 6
+    assert summary.bytes_down == rounds * clients_per_round * model_floats * 4
+    # Up: each client's weighted delta plus one float32 weight per tensor (4 tensors).
+    assert summary.bytes_up == rounds * clients_per_round * (model_floats + 4) * 4
+
+
+def test_evaluation_on_sampled_clients_only(tiny, tmp_path):
+    from floral.experiment import build_engine
+
+    config = load_config(tiny, ["engine.eval_clients=sampled"])
+    engine, task = build_engine(config)
+    result = engine.run_round()
+    assert result.eval == {} or len(result.clients) == 4
+    engine.config.eval_every = 1
+    result = engine.run_round()
+    expected = engine.evaluate(result.clients)
+    assert result.eval == expected
+    assert result.eval != engine.evaluate()  # all clients give other numbers

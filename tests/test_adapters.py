@@ -512,3 +512,20 @@ def test_conv_rank_counts_both_factor_widths() -> None:
     model = nn.Sequential(nn.Conv2d(3, 32, 5))
     attach(model, AdapterSpec(rank=0.1, layer_types=("conv2d",), conv_form="kxk-1x1"))
     assert model[0].rank == math.floor(0.1 * 75 * 32 / 107)  # d_in = 3*5*5, d_out = 32
+
+
+def test_precondition_rank_one_is_a_division_by_the_squared_norms() -> None:
+    torch.manual_seed(11)
+    model = attach(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)),
+                   AdapterSpec(num_adaptors=3, rank=1))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_B.normal_()
+    model(torch.randn(4, 6)).square().sum().backward()
+    layer, eps = model[0], 1e-3
+    a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    grad_a, grad_b = layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+    precondition_(model, eps)
+    for c in range(3):
+        torch.testing.assert_close(layer.lora_A.grad[c], grad_a[c] / (b[c].square().sum() + eps))
+        torch.testing.assert_close(layer.lora_B.grad[c], grad_b[c] / (a[c].square().sum() + eps))

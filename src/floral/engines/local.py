@@ -8,6 +8,7 @@ run resumed from a checkpoint ends with exactly the numbers of an uninterrupted 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,11 +19,13 @@ from torch import nn
 
 from floral.comm import Channel, CommConfig, build_codec
 from floral.data import ClientData, FederatedTask
+from floral.engines.batched import ClientJob, batched_client_steps
 from floral.errors import ConfigError
-from floral.methods.base import Method, split_roles
+from floral.methods.base import ClientUpdate, Method, split_roles
 from floral.train.evaluate import EvalResult, evaluate
 from floral.train.loop import TrainConfig
 from floral.train.optim import build_server_optimizer
+from floral.train.recovery import router_recovery
 from floral.train.state import StateSlots, TensorDict
 
 __all__ = [
@@ -43,6 +46,8 @@ class EngineConfig:
     eval_every: int = 10  # evaluate every N rounds (and after the last)
     eval_clients: str = "all"  # all | sampled
     checkpoint_every: int = 0  # 0 = only the final state
+    # Train up to N sampled clients of equal data size at once (vmap); 0 = one by one.
+    batch_clients: int = 0
 
 
 @dataclass
@@ -96,6 +101,8 @@ class LocalEngine:
             raise ConfigError(
                 f"engine.eval_clients: unknown {config.eval_clients!r} (choose from all, sampled)"
             )
+        if config.batch_clients < 0:
+            raise ConfigError(f"engine.batch_clients: must be >= 0, got {config.batch_clients}")
         if not 0 < train.clients_per_round <= 1:
             raise ConfigError(
                 f"train.clients_per_round: must be in (0, 1], got {train.clients_per_round}"
@@ -135,8 +142,9 @@ class LocalEngine:
         uploads, losses, bytes_up = [], [], 0
         # Every sampled client receives the same payload: encode once, count it per client.
         client_view, down = self.down.send(self.global_state)
+        batched = self.batched_steps(clients, client_view)
         for k in clients:
-            update = self.method.client_step(
+            update = batched.get(k) or self.method.client_step(
                 self.slots,
                 client_view,
                 self.private_state(k),
@@ -162,6 +170,23 @@ class LocalEngine:
             result.eval = self.evaluate(targets)
         return result
 
+    def batched_steps(
+        self, clients: Sequence[int], global_state: Mapping[str, torch.Tensor]
+    ) -> dict[int, ClientUpdate]:
+        """Updates of the clients that `engine.batch_clients` trains together (none when off);
+        the round runs the rest one by one."""
+        if self.config.batch_clients == 0:
+            return {}
+        jobs = [
+            ClientJob(k, self.task.clients[k], self.private_state(k),
+                      client_seed(self.seed, self.round, k))
+            for k in clients
+        ]
+        return batched_client_steps(
+            self.method, self.slots, global_state, jobs, self.train, self.task.kind,
+            self.config.batch_clients,
+        )
+
     def is_eval_round(self, round_: int) -> bool:
         return round_ % self.config.eval_every == 0 or round_ == self.train.rounds
 
@@ -179,7 +204,7 @@ class LocalEngine:
         return self.model
 
     def evaluate(self, clients: Sequence[int] | None = None) -> dict[str, float]:
-        """Test metrics summed over clients: overall and per cluster."""
+        """Test metrics summed over clients, overall and per cluster, and cluster recovery."""
         ids = range(len(self.task.clients)) if clients is None else clients
         per_client = {}
         for k in ids:
@@ -188,7 +213,23 @@ class LocalEngine:
             per_client[k] = evaluate(
                 model, data.x_test, data.y_test, self.task.kind, self.train.eval_batch_size
             )
-        return summarize(per_client, self.task.clients, self.task.kind)
+        metrics = summarize(per_client, self.task.clients, self.task.kind)
+        metrics.update(self.router_recovery())
+        return metrics
+
+    def router_recovery(self) -> dict[str, float]:
+        """ARI of every client's argmax pi against its true cluster (`router_ari`) and the mean
+        max pi (`router_confidence`); empty when the method learns no router.
+
+        Over all clients, whichever were evaluated: a partition is judged as a whole.
+        """
+        weights_of = self.method.router_weights
+        if weights_of(self.private_state(0)) is None:
+            return {}
+        num_clients = len(self.task.clients)
+        weights = torch.stack([weights_of(self.private_state(k)) for k in range(num_clients)])
+        clusters = torch.tensor([client.cluster for client in self.task.clients])
+        return router_recovery(weights, clusters)
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> TensorDict:
@@ -216,7 +257,8 @@ class LocalEngine:
 def summarize(
     results: Mapping[int, EvalResult], clients: Sequence[ClientData], kind: str
 ) -> dict[str, float]:
-    """Weighted metrics over clients, overall and per cluster: accuracy (%) or MSE, and loss."""
+    """Weighted metrics over clients, overall and per cluster: accuracy (%), MSE or perplexity
+    (of all test tokens together), and loss."""
     groups: dict[str, list[EvalResult]] = {"": list(results.values())}
     for k, result in results.items():
         groups.setdefault(f"_cluster{clients[k].cluster}", []).append(result)
@@ -225,11 +267,20 @@ def summarize(
     for suffix, items in sorted(groups.items()):
         count = sum(r.count for r in items)
         score = sum(r.score_sum for r in items) / max(count, 1)
-        metrics[name + suffix] = 100.0 * score if kind == "classification" else score
+        metrics[name + suffix] = _headline(score, kind)
         metrics["loss" + suffix] = sum(r.loss_sum for r in items) / max(count, 1)
     return metrics
 
 
 def metric_name(kind: str) -> str:
-    """The headline metric: test accuracy (%) for classification, test MSE for regression."""
-    return "accuracy" if kind == "classification" else "mse"
+    """The headline metric: test accuracy (%) for classification, test MSE for regression,
+    test perplexity for causal language models."""
+    return {"classification": "accuracy", "causal-lm": "perplexity"}.get(kind, "mse")
+
+
+def _headline(score: float, kind: str) -> float:
+    if kind == "classification":
+        return 100.0 * score
+    if kind == "causal-lm":
+        return math.exp(min(score, 700.0))  # exp overflows past ~709
+    return score

@@ -86,6 +86,14 @@ class Method:
         """A client's private state before its first round, from the freshly built model's."""
         return {k: v.clone() for k, v in initial.items()}
 
+    def router_weights(self, private: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """A client's learned mixture weights pi (C,) from its private state, or None.
+
+        None for methods without a learned router, and for oracle routers (told, not learned).
+        Engines score cluster recovery with it: each client's argmax pi against its cluster.
+        """
+        return None
+
     # -- the client step ---------------------------------------------------------------------
     def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
         """SGD parameter groups with their learning rates; trainable parameters only."""

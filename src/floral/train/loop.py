@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["TrainConfig", "loss_function", "seeded_cpu_rng", "sgd", "train_epochs"]
+__all__ = [
+    "TrainConfig",
+    "epoch_batches",
+    "loss_function",
+    "next_token_loss",
+    "seeded_cpu_rng",
+    "sgd",
+    "train_epochs",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -36,10 +44,19 @@ class TrainConfig:
 
 
 def loss_function(kind: str) -> LossFn:
-    """Cross-entropy for classification, mean squared error for regression."""
+    """Cross-entropy for classification, mean squared error for regression, next-token
+    cross-entropy for causal language models."""
     if kind == "classification":
         return nn.functional.cross_entropy
+    if kind == "causal-lm":
+        return next_token_loss
     return nn.functional.mse_loss
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every position: logits (..., vocab), targets (...) already
+    shifted by one token (the task stores the next tokens as y)."""
+    return nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
 
 def train_epochs(
@@ -60,9 +77,7 @@ def train_epochs(
     n = len(x)
     losses = []
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            batch = order[start : start + batch_size]
+        for batch in epoch_batches(n, batch_size, generator):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[batch]), y[batch])
             loss.backward()
@@ -71,6 +86,16 @@ def train_epochs(
             optimizer.step()
             losses.append(loss.detach())  # no .item() per step: it would sync every step
     return torch.stack(losses).mean().item() if losses else float("nan")
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """One epoch's minibatches of example indices: a seeded permutation cut in order.
+
+    The one place the batch order is drawn, so the batched engine (floral.engines.batched)
+    gives every client exactly the batches it gets here.
+    """
+    order = torch.randperm(n, generator=generator)
+    return order.split(batch_size) if n else ()  # split() of an empty order gives one batch
 
 
 def sgd(groups: Sequence[dict], config: TrainConfig) -> torch.optim.SGD:

@@ -1,0 +1,319 @@
+"""Batched client execution: the clients of a round that hold equally many training examples
+train together, as one computation over their tensors stacked on a leading client axis.
+
+Opt in with `[engine] batch_clients = N` (at most N clients per batch; 0, the default, is off).
+For one batch of K clients:
+
+- every global and private tensor is stacked to (K, ...), one row per client;
+- one SGD step takes each client's loss with `torch.func.vmap` over (tensors, batch x,
+  batch y) of `functional_call(model, ...)`, their gradients by autograd, then runs the
+  method's `after_backward(model)` under a second vmap with the model's tensors and their
+  `.grad` swapped for the client's row, so a hook written for one model (FLoRAL's
+  preconditioning) applies per client unchanged;
+- each client's minibatches come from its own generator through `epoch_batches`, exactly as in
+  `train_epochs`, so every client sees the batches it sees in the sequential engine;
+- torch's SGD, with the method's parameter groups (lr, momentum, weight decay, ...), steps the
+  stacked tensors: SGD acts element by element, so this is each client's own SGD;
+- then each client's row is loaded into the scratch model in turn, and its upload and private
+  state are built by the method's `upload_weights` and `weighted_deltas`, as in `client_step`.
+
+Clients it does not train are left to the engine's sequential step: all of them when the method
+replaces the default client step, training loop or optimizer, or when the model keeps running
+statistics (BatchNorm) or ties tensors; a batch whose first vmapped step fails (an operation
+without a batching rule, a hook that reads a tensor into Python) and, from then on, every batch.
+
+Numbers: batched matmuls add up in another order than one client's, so results match the
+sequential engine to float32 rounding, not bit for bit. Random draws (router noise, dropout)
+come from torch's CPU generator seeded with the batch's first client, with vmap's
+randomness="different": batched runs are repeatable, but draw other noise than sequential ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from floral.data import ClientData
+from floral.methods.base import ClientUpdate, Method, weighted_deltas
+from floral.train.loop import TrainConfig, epoch_batches, loss_function, seeded_cpu_rng
+from floral.train.state import StateSlots, TensorDict
+
+__all__ = ["ClientJob", "batchable", "batched_client_steps", "plan_batches"]
+
+# Hooks of the default client step: a method that replaces one of them trains differently.
+_DEFAULT_STEP = ("client_step", "train_locally", "local_optimizer")
+# Buffers that a forward in training mode rewrites (BatchNorm, InstanceNorm with tracking).
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+StepFn = Callable[[TensorDict, Tensor, Tensor], tuple[TensorDict, Tensor]]
+
+
+@dataclass
+class ClientJob:
+    """One sampled client of a round, as the engine hands it over."""
+
+    client: int
+    data: ClientData
+    private: TensorDict
+    seed: int
+
+
+def batched_client_steps(
+    method: Method,
+    slots: StateSlots,
+    global_state: Mapping[str, Tensor],
+    jobs: Sequence[ClientJob],
+    config: TrainConfig,
+    kind: str,
+    batch_clients: int,
+) -> dict[int, ClientUpdate]:
+    """Updates of the clients trained in batches; the caller runs the others one by one."""
+    if not batchable(method, slots.model):
+        return {}
+    updates: dict[int, ClientUpdate] = {}
+    for batch in plan_batches(jobs, batch_clients):
+        if len(batch) < 2 or batch[0].data.num_train == 0 or _disabled(slots, method):
+            continue  # one client gains nothing from vmap; no examples means no steps
+        done = _train_batch(method, slots, global_state, batch, config, kind)
+        if done is None:
+            slots.memo(("batched-off", id(method)), dict)["off"] = True
+            continue
+        updates.update(done)
+    return updates
+
+
+def batchable(method: Method, model: nn.Module) -> bool:
+    """Whether the method trains with the default client step and the model can be stacked."""
+    cls = type(method)
+    if any(getattr(cls, name) is not getattr(Method, name) for name in _DEFAULT_STEP):
+        return False
+    if any(name.rpartition(".")[2] in _RUNNING_STATS for name, _ in model.named_buffers()):
+        return False
+    # Tied tensors would come apart once stacked separately.
+    state = model.state_dict(keep_vars=True)
+    return len({id(t) for t in state.values()}) == len(state)
+
+
+def plan_batches(jobs: Sequence[ClientJob], limit: int) -> list[list[ClientJob]]:
+    """Jobs grouped by number of training examples, each group cut into near-equal batches of
+    at most `limit` (equal sizes mean equal step counts and batch shapes)."""
+    by_size: dict[int, list[ClientJob]] = {}
+    for job in jobs:
+        by_size.setdefault(job.data.num_train, []).append(job)
+    batches = []
+    for same in by_size.values():
+        size = -(-len(same) // -(-len(same) // limit))  # spread evenly over the fewest batches
+        batches += [same[i : i + size] for i in range(0, len(same), size)]
+    return batches
+
+
+def _disabled(slots: StateSlots, method: Method) -> bool:
+    return slots.memo(("batched-off", id(method)), dict).get("off", False)
+
+
+def _train_batch(
+    method: Method,
+    slots: StateSlots,
+    global_state: Mapping[str, Tensor],
+    batch: Sequence[ClientJob],
+    config: TrainConfig,
+    kind: str,
+) -> dict[int, ClientUpdate] | None:
+    """Train one batch of clients; None when it cannot run batched."""
+    optimizer = method.local_optimizer(slots, config)
+    private_names = list(batch[0].private)
+    if type(optimizer) is not torch.optim.SGD or any(
+        list(job.private) != private_names for job in batch
+    ):
+        return None
+    stacked = _stack(slots, global_state, batch)
+    groups = _stacked_groups(optimizer, slots, stacked)
+    if groups is None:
+        return None
+    trained = [name for group in groups for name in group["names"]]
+    for name in trained:
+        stacked[name].requires_grad_(True)
+    step = _vmapped_step(slots.model, loss_function(kind), trained, _hook(method, slots.model))
+    losses = _run_epochs(step, stacked, torch.optim.SGD(groups), batch, config)
+    if losses is None:
+        return None
+    return {
+        job.client: _client_update(method, slots, global_state, job, stacked, i, losses[i])
+        for i, job in enumerate(batch)
+    }
+
+
+@torch.no_grad()
+def _stack(
+    slots: StateSlots, global_state: Mapping[str, Tensor], batch: Sequence[ClientJob]
+) -> TensorDict:
+    """Every tensor a client step loads, as (K, ...) in the scratch model's dtype and device."""
+    stacked: TensorDict = {}
+    for name, value in global_state.items():
+        value = value.to(slots.tensors[name])
+        stacked[name] = value.expand(len(batch), *value.shape).clone()
+    for name in batch[0].private:
+        stacked[name] = torch.stack([job.private[name].to(slots.tensors[name]) for job in batch])
+    return stacked
+
+
+def _stacked_groups(
+    optimizer: torch.optim.Optimizer, slots: StateSlots, stacked: TensorDict
+) -> list[dict] | None:
+    """The method's SGD groups with the stacked tensors in place of the model's parameters;
+    None when it trains a tensor that is neither global nor private (no row to stack)."""
+    name_of = {id(t): name for name, t in slots.tensors.items()}
+    groups = []
+    for group in optimizer.param_groups:
+        names = [name_of.get(id(p)) for p in group["params"]]
+        if any(name not in stacked for name in names):
+            return None
+        settings = {k: v for k, v in group.items() if k != "params"}
+        groups.append({**settings, "params": [stacked[n] for n in names], "names": names})
+    return groups
+
+
+def _hook(method: Method, model: nn.Module) -> Callable[[], None] | None:
+    if type(method).after_backward is Method.after_backward:
+        return None  # nothing to run between backward and step
+    return lambda: method.after_backward(model)
+
+
+def _vmapped_step(
+    model: nn.Module, loss_fn: Callable, trained: Sequence[str], hook: Callable[[], None] | None
+) -> StepFn:
+    """(stacked tensors, x (K, b, ...), y (K, b, ...)) -> (gradients (K, ...), losses (K,)).
+
+    Plain autograd through a vmapped forward: client k's loss depends on its row only, so the
+    gradient of the summed losses is, row by row, each client's own gradient (and it costs
+    half of vmap over torch.func.grad on small models).
+    """
+    losses_of = vmap(
+        lambda tensors, x, y: loss_fn(functional_call(model, tensors, (x,)), y),
+        randomness="different",
+    )
+    tables = _tables(model, trained)
+    run_hook = None if hook is None else vmap(
+        lambda tensors, grads: _after_backward(tables, tensors, grads, hook),
+        randomness="different",
+    )
+
+    def step(stacked: TensorDict, x: Tensor, y: Tensor) -> tuple[TensorDict, Tensor]:
+        losses = losses_of(stacked, x, y)
+        leaves = [stacked[name] for name in trained]
+        found = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        # A tensor the loss does not use keeps no gradient, as in the sequential step.
+        grads = {name: g for name, g in zip(trained, found) if g is not None}
+        if run_hook is not None:
+            values = {name: value.detach() for name, value in stacked.items()}
+            grads = run_hook(values, grads)
+        return grads, losses.detach()
+
+    return step
+
+
+def _tables(model: nn.Module, names: Sequence[str]) -> list[tuple[str, dict, str]]:
+    """(name, the owning module's parameter dict, attribute) of each trained tensor."""
+    tables = []
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        tables.append((name, model.get_submodule(module_name)._parameters, attr))
+    return tables
+
+
+def _after_backward(
+    tables: Sequence[tuple[str, dict, str]],
+    tensors: TensorDict,
+    grads: TensorDict,
+    hook: Callable[[], None],
+) -> TensorDict:
+    """Run the hook on one client's view: its tensors in the model, its gradients as `.grad`."""
+    with _swapped(tables, tensors):
+        for name, grad in grads.items():
+            tensors[name].grad = grad
+        try:
+            hook()
+            # Read back, not reuse: a hook may assign a new `.grad` instead of editing in place.
+            grads = {name: tensors[name].grad for name in grads}
+        finally:
+            for name in grads:
+                tensors[name].grad = None
+    return grads
+
+
+@contextmanager
+def _swapped(tables: Sequence[tuple[str, dict, str]], tensors: TensorDict) -> Iterator[None]:
+    saved = [(table, attr, table[attr]) for _, table, attr in tables]
+    for name, table, attr in tables:
+        table[attr] = tensors[name]
+    try:
+        yield
+    finally:
+        for table, attr, value in saved:
+            table[attr] = value
+
+
+def _run_epochs(
+    step: StepFn,
+    stacked: TensorDict,
+    optimizer: torch.optim.SGD,
+    batch: Sequence[ClientJob],
+    config: TrainConfig,
+) -> Tensor | None:
+    """The local epochs of every client in the batch; mean loss per client (K,), or None when
+    the first step cannot be vmapped."""
+    x = torch.stack([job.data.x_train for job in batch])
+    y = torch.stack([job.data.y_train for job in batch])
+    rows = torch.arange(len(batch)).unsqueeze(1)
+    trained = {name: p for group in optimizer.param_groups for name, p in
+               zip(group["names"], group["params"])}
+    losses: list[Tensor] = []
+    with seeded_cpu_rng(batch[0].seed):
+        for index in _batch_indices(batch, config):
+            try:
+                grads, loss = step(stacked, x[rows, index], y[rows, index])
+            except Exception:
+                # The first step is the probe: an op without a batching rule, a hook that reads
+                # values into Python. The sequential step then runs these clients and raises
+                # any real error there. Later failures are real errors.
+                if losses:
+                    raise
+                return None
+            for name, tensor in trained.items():
+                tensor.grad = grads.get(name)  # None: SGD skips it, as torch's SGD would
+            optimizer.step()
+            losses.append(loss)
+    return torch.stack(losses).mean(0)
+
+
+def _batch_indices(batch: Sequence[ClientJob], config: TrainConfig) -> Iterator[Tensor]:
+    """(K, b) example indices per step: each client's own order, drawn as `train_epochs` does."""
+    generators = [torch.Generator().manual_seed(job.seed) for job in batch]
+    n = batch[0].data.num_train
+    for _ in range(config.local_epochs):
+        per_client = [epoch_batches(n, config.batch_size, g) for g in generators]
+        for pieces in zip(*per_client):
+            yield torch.stack(pieces)
+
+
+def _client_update(
+    method: Method,
+    slots: StateSlots,
+    global_state: Mapping[str, Tensor],
+    job: ClientJob,
+    stacked: TensorDict,
+    row: int,
+    loss: Tensor,
+) -> ClientUpdate:
+    """The tail of `Method.client_step` for one client, on its row loaded into the model."""
+    slots.load({name: value[row] for name, value in stacked.items()})
+    n = job.data.num_train
+    weights = method.upload_weights(slots.model, list(global_state), n)
+    upload = weighted_deltas(slots, global_state, weights)
+    private = slots.snapshot(job.private.keys())
+    return ClientUpdate(upload, n, private, {"train_loss": loss.item()})

@@ -14,7 +14,11 @@ from torch import Tensor
 
 __all__ = ["SHIFTS", "rotation_angle", "rotate", "rotate_bilinear", "shift_labels", "in_label_set"]
 
-SHIFTS: tuple[str, ...] = ("none", "rotate", "label-shift", "label-set")
+# The last two are label-skew partitions (floral.data.partition), not concept shifts: every
+# client reads labels the same way, but each holds its own mix of classes.
+SHIFTS: tuple[str, ...] = (
+    "none", "rotate", "label-shift", "label-set", "dirichlet", "classes-per-client"
+)
 
 
 def rotation_angle(cluster: int, num_clusters: int) -> float:

@@ -9,15 +9,34 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from floral.data.partition import clients_of_cluster, cluster_of, keep_fraction, partition
+from floral.data.partition import (
+    LABEL_SKEWS,
+    class_sets,
+    clients_of_cluster,
+    cluster_of,
+    dirichlet_proportions,
+    keep_fraction,
+    partition,
+    set_proportions,
+    split_by_proportions,
+)
 from floral.data.shifts import SHIFTS, rotate, rotation_angle, shift_labels
 from floral.data.sources import IMAGE_SOURCES, ImageData, load_source
 from floral.data.synthetic import INPUT_DIM, SYNTHETIC_DATASETS, generate_clients
+from floral.data.text import (
+    AUSTEN_NOVELS,
+    TEXT_DATASETS,
+    austen_novels,
+    client_blocks,
+    cluster_parts,
+    load_tokenizer,
+    trim_train,
+)
 from floral.errors import ConfigError
 
 __all__ = ["DATASETS", "TaskConfig", "ClientData", "FederatedTask", "build_task"]
 
-DATASETS: tuple[str, ...] = (*SYNTHETIC_DATASETS, *IMAGE_SOURCES)
+DATASETS: tuple[str, ...] = (*SYNTHETIC_DATASETS, *IMAGE_SOURCES, *TEXT_DATASETS)
 
 # Known before loading, so that a bad label-set setting fails before any file is read.
 _NUM_CLASSES = {name: 10 for name in IMAGE_SOURCES} | {"cifar100": 100}
@@ -28,14 +47,20 @@ class TaskConfig:
     """The `[task]` table of an experiment."""
 
     dataset: str = "mnist5k"
-    shift: str = "label-shift"  # none | rotate | label-shift | label-set
+    # none | rotate | label-shift | label-set | dirichlet | classes-per-client
+    shift: str = "label-shift"
     num_clients: int = 300
     num_clusters: int = 4
     data_fraction: float = 1.0  # keep this fraction of each client's training data ...
     min_samples: int = 10  # ... but at least this many
     test_fraction: float = 0.2  # for sources with no test split (mnist5k, digits) and synthetic
-    samples_per_client: int = 0  # synthetic only; 0 = the paper's value
+    # synthetic: samples (0 = the paper's value); austen: blocks, train + test (0 = all)
+    samples_per_client: int = 0
     data_dir: str = ""  # folder of IDX / CIFAR binary files; "" = the source's default
+    dirichlet_alpha: float = 0.5  # shift = "dirichlet": class shares per client ~ Dir(alpha)
+    classes_per_client: int = 2  # shift = "classes-per-client": distinct classes each client holds
+    block_size: int = 64  # austen: tokens per example (a causal-LM block)
+    tokenizer: str = "smollm2"  # austen: smollm2 | hf:<folder or .gguf> | bytes (UTF-8 bytes)
 
 
 @dataclass
@@ -55,9 +80,9 @@ class ClientData:
 @dataclass
 class FederatedTask:
     name: str
-    kind: str  # "classification" | "regression"
+    kind: str  # "classification" | "regression" | "causal-lm"
     input_shape: tuple[int, ...]  # per sample, e.g. (1, 28, 28) or (10,)
-    num_outputs: int  # classes, or regression output dimension
+    num_outputs: int  # classes, regression output dimension, or vocabulary size
     num_clusters: int
     clients: list[ClientData]
     # Generating parameters of synthetic tasks (W, b, u, v, W_out); empty for real data.
@@ -69,6 +94,8 @@ def build_task(cfg: TaskConfig, seed: int) -> FederatedTask:
     _validate(cfg)
     if cfg.dataset in SYNTHETIC_DATASETS:
         return _build_synthetic(cfg, seed)
+    if cfg.dataset in TEXT_DATASETS:
+        return _build_text_task(cfg)
     return _build_image_task(cfg, seed)
 
 
@@ -98,6 +125,10 @@ def _validate(cfg: TaskConfig) -> None:
             f"'{cfg.shift}' needs labelled images; {cfg.dataset} is a regression task whose"
             " clusters differ by construction (use 'none')",
         )
+    elif cfg.dataset in TEXT_DATASETS:
+        _validate_text(cfg)
+    elif cfg.shift in LABEL_SKEWS:
+        _validate_label_skew(cfg)
     elif cfg.shift == "label-set":
         num_classes = _NUM_CLASSES[cfg.dataset]
         _check(
@@ -106,6 +137,43 @@ def _validate(cfg: TaskConfig) -> None:
             f"label-set needs at most one cluster per class ({num_classes} in {cfg.dataset}),"
             f" got {cfg.num_clusters}",
         )
+
+
+def _validate_text(cfg: TaskConfig) -> None:
+    _check(
+        cfg.shift == "none",
+        "task.shift",
+        f"'{cfg.shift}' needs labelled images; in {cfg.dataset} cluster c reads novel c, a"
+        " shift by construction (use 'none')",
+    )
+    _check(
+        cfg.num_clusters <= len(AUSTEN_NOVELS),
+        "task.num_clusters",
+        f"austen has {len(AUSTEN_NOVELS)} novels, one per cluster; got {cfg.num_clusters}",
+    )
+    _check(cfg.block_size >= 1, "task.block_size", f"must be at least 1, got {cfg.block_size}")
+    _check(
+        cfg.samples_per_client != 1,
+        "task.samples_per_client",
+        "a client needs at least 2 blocks (one to train, one to test)",
+    )
+
+
+def _validate_label_skew(cfg: TaskConfig) -> None:
+    alpha = cfg.dirichlet_alpha
+    _check(
+        math.isfinite(alpha) and alpha > 0,
+        "task.dirichlet_alpha",
+        f"must be a finite number > 0, got {alpha}",
+    )
+    num_classes = _NUM_CLASSES[cfg.dataset]
+    per_client = cfg.classes_per_client
+    _check(
+        1 <= per_client <= num_classes,
+        "task.classes_per_client",
+        f"must be between 1 and {num_classes} ({cfg.dataset} has {num_classes} classes),"
+        f" got {per_client}",
+    )
 
 
 def _choose(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -120,10 +188,8 @@ def _check(condition: bool, key: str, message: str) -> None:
 def _build_image_task(cfg: TaskConfig, seed: int) -> FederatedTask:
     source = load_source(cfg.dataset, cfg.data_dir, cfg.test_fraction)
     rng = np.random.default_rng(seed)
-    by_label_set = cfg.shift == "label-set"
     num_clients, num_clusters = cfg.num_clients, cfg.num_clusters
-    full_shares = partition(source.y_train, num_clients, num_clusters, rng, by_label_set)
-    test_shares = partition(source.y_test, num_clients, num_clusters, rng, by_label_set)
+    full_shares, test_shares = _shares(cfg, source, rng)
     train_shares = [keep_fraction(s, cfg.data_fraction, cfg.min_samples) for s in full_shares]
     _check_training_data(cfg, [len(s) for s in full_shares], [len(s) for s in train_shares])
 
@@ -141,6 +207,48 @@ def _build_image_task(cfg: TaskConfig, seed: int) -> FederatedTask:
         num_outputs=source.num_classes,
         num_clusters=num_clusters,
         clients=clients,  # type: ignore[arg-type]  # every slot is filled above
+    )
+
+
+def _shares(
+    cfg: TaskConfig, source: ImageData, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each client's train and test indices; label skews give both splits the same proportions."""
+    if cfg.shift not in LABEL_SKEWS:
+        by_label_set = cfg.shift == "label-set"
+        args = (cfg.num_clients, cfg.num_clusters, rng, by_label_set)
+        return partition(source.y_train, *args), partition(source.y_test, *args)
+    if cfg.shift == "classes-per-client":
+        sets = class_sets(source.num_classes, cfg.num_clients, cfg.classes_per_client, rng)
+        proportions = set_proportions(sets, source.num_classes)
+    else:
+        proportions = _dirichlet_with_data(cfg, source, rng)
+    train = split_by_proportions(source.y_train, proportions, rng)
+    return train, split_by_proportions(source.y_test, proportions, rng)
+
+
+# Dirichlet draws that leave some client too few samples are redrawn this many times at most.
+_DIRICHLET_DRAWS = 100
+
+
+def _dirichlet_with_data(
+    cfg: TaskConfig, source: ImageData, rng: np.random.Generator
+) -> np.ndarray:
+    """Dirichlet proportions under which every client gets at least max(1, min_samples) training
+    samples (the usual redraw; small alpha with many clients may need a few)."""
+    counts = np.bincount(source.y_train, minlength=source.num_classes)
+    needed = max(1, cfg.min_samples)
+    for _ in range(_DIRICHLET_DRAWS):
+        proportions = dirichlet_proportions(
+            source.num_classes, cfg.num_clients, cfg.dirichlet_alpha, rng
+        )
+        # Rounding down per class loses less than one sample per class: a safe lower bound.
+        if (counts @ proportions - source.num_classes >= needed).all():
+            return proportions
+    raise ConfigError(
+        f"task.dirichlet_alpha: {cfg.dirichlet_alpha} leaves some of {cfg.num_clients} clients"
+        f" fewer than {needed} training samples in {_DIRICHLET_DRAWS} draws; raise it or use"
+        " fewer clients"
     )
 
 
@@ -189,6 +297,35 @@ def _check_training_data(cfg: TaskConfig, shared: list[int], kept: list[int]) ->
                 f"task.data_fraction: {cfg.data_fraction} leaves client {client_id} no training"
                 f" samples (it has {before}); raise it or task.min_samples"
             )
+
+
+def _build_text_task(cfg: TaskConfig) -> FederatedTask:
+    """Causal-LM clients: token blocks of novel `cluster` (floral.data.text)."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    parts = cluster_parts(austen_novels(cfg.data_dir), cfg.num_clients, cfg.num_clusters)
+    clients = []
+    for client_id, (cluster, paragraphs) in enumerate(parts):
+        train, test = client_blocks(
+            paragraphs, tokenizer, cfg.block_size, cfg.samples_per_client, cfg.test_fraction
+        )
+        _check(
+            len(test) > 0,
+            "task.num_clients",
+            f"client {client_id}'s share of {AUSTEN_NOVELS[cluster]} makes fewer than 2 blocks"
+            f" of {cfg.block_size} tokens; use fewer clients or shorter blocks",
+        )
+        train = trim_train(train, cfg.data_fraction, cfg.min_samples)
+        # Input: a block's first block_size tokens; target: its last block_size.
+        clients.append(ClientData(client_id, cluster, train[:, :-1].clone(), train[:, 1:].clone(),
+                                  test[:, :-1].clone(), test[:, 1:].clone()))
+    return FederatedTask(
+        name=cfg.dataset,
+        kind="causal-lm",
+        input_shape=(cfg.block_size,),
+        num_outputs=tokenizer.vocab_size,
+        num_clusters=cfg.num_clusters,
+        clients=clients,
+    )
 
 
 def _build_synthetic(cfg: TaskConfig, seed: int) -> FederatedTask:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from floral.errors import ConfigError
 
-__all__ = ["LinearModel", "MLP", "PaperCNN", "VGG8", "VGG8_CHANNELS"]
+__all__ = ["LinearModel", "MLP", "PaperCNN", "VGG8", "VGG8_CHANNELS", "conv_stages"]
 
 # Output channels of VGG-8's convolutions; each is followed by a 2x2 max-pool.
 VGG8_CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 512)
@@ -76,6 +76,27 @@ def _cnn_feature_size(size: int) -> int:
     return (size - 2) // 3 if size >= 3 else 0
 
 
+def conv_stages(
+    input_shape: tuple[int, int, int], widths: tuple[int, ...], name: str
+) -> tuple[list[nn.Module], int]:
+    """A 3x3 conv (padding 1), ReLU and 2x2 max-pool per width, and the flattened output size.
+
+    `name` is the model's, for the error when the images are too small for that many pools.
+    """
+    channels, height, width = input_shape
+    shrink = 2 ** len(widths)
+    if min(height, width) < shrink:
+        raise ConfigError(
+            f"model.name: '{name}' needs images of at least {shrink}x{shrink},"
+            f" got {height}x{width}"
+        )
+    stages: list[nn.Module] = []
+    for width_out in widths:
+        stages += [nn.Conv2d(channels, width_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        channels = width_out
+    return stages, channels * (height // shrink) * (width // shrink)
+
+
 class VGG8(nn.Module):
     """VGG-8 without BatchNorm: five conv3 + 2x2 max-pool stages, then three Linear layers."""
 
@@ -83,19 +104,8 @@ class VGG8(nn.Module):
         self, input_shape: tuple[int, int, int], num_classes: int, dropout: float = 0.5
     ) -> None:
         super().__init__()
-        channels, height, width = input_shape
-        shrink = 2 ** len(VGG8_CHANNELS)
-        if min(height, width) < shrink:
-            raise ConfigError(
-                f"model.name: 'vgg8' needs images of at least {shrink}x{shrink},"
-                f" got {height}x{width}"
-            )
-        stages: list[nn.Module] = []
-        for width_out in VGG8_CHANNELS:
-            stages += [nn.Conv2d(channels, width_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-            channels = width_out
+        stages, flat = conv_stages(input_shape, VGG8_CHANNELS, "vgg8")
         self.features = nn.Sequential(*stages)
-        flat = channels * (height // shrink) * (width // shrink)
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(dropout),

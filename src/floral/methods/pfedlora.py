@@ -1,0 +1,125 @@
+"""pFedLoRA (Yi et al., arXiv 2310.13283): heterogeneous models, one shared small adapter.
+
+Every client owns a model of its own architecture; all of them carry one small LoRA adapter of
+the same shape. Each round a client first trains its model with the adapter frozen, then the
+adapter with its model frozen; only the adapter is uploaded, and the server averages adapters
+(weighted by examples). The model never leaves the client.
+
+Where the adapter sits: the paper inserts it into the fully connected layers that the
+heterogeneous models share in shape. With floral's CNN family (`model.name = "hetero-cnn"`,
+floral.models.hetero) those are `neck` and `head`; on any other model the adapter goes on the
+layers the usual adaptor options select (`include`, `layer_types`), and every client has the
+same architecture.
+
+How one scratch model serves five architectures: the family model holds all five trunks and
+routes by a private `arch` buffer (client k gets architecture k mod 5). A client's private
+state is only its own trunk, the shared-shape layers and `arch` (`keep_architecture`); the
+other trunks are never loaded, trained, stored or sent for it. The engine stays generic: it
+loads whatever private tensors a client has, and the unused trunks are simply not read by that
+client's forward. `local-hetero` is the same routing with no adapter and no federation, the
+reference each pFedLoRA client must beat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from floral.adapters import adaptor_parameter_names, attach, precondition_
+from floral.data import ClientData, FederatedTask
+from floral.errors import ConfigError
+from floral.methods.adaptor_options import AdaptorOptions, adapter_spec
+from floral.methods.base import Method, Role
+from floral.methods.local import LocalOnly
+from floral.methods.phases import Phase, Phased
+from floral.models.hetero import (
+    ARCH_BUFFER,
+    SHARED_LAYERS,
+    HeteroFamily,
+    architecture_of,
+    keep_architecture,
+)
+from floral.train.loop import TrainConfig
+from floral.train.state import StateSlots, TensorDict
+
+__all__ = ["PHASES", "HeteroLocal", "PFedLoRA", "PFedLoRAOptions", "own_architecture"]
+
+PHASES = ("model", "adapter")  # the order of a round's local training
+
+
+@dataclass
+class PFedLoRAOptions(AdaptorOptions):
+    rank: int | float = 8
+    model_epochs: int = 0  # epochs of the model phase; 0 = train.local_epochs
+    adapter_epochs: int = 0  # epochs of the adapter phase; 0 = train.local_epochs
+
+
+def own_architecture(initial: Mapping[str, torch.Tensor], client: ClientData) -> TensorDict:
+    """A client's fresh private state: on the CNN family, only its own architecture's tensors."""
+    state = {k: v.clone() for k, v in initial.items()}
+    if ARCH_BUFFER not in state:
+        return state  # not the family: every client has the same architecture
+    return keep_architecture(state, architecture_of(client.client_id))
+
+
+class PFedLoRA(Phased, Method):
+    name = "pfedlora"
+    description = "Own model per client (any architecture), one shared small adapter; alternating."
+    Options = PFedLoRAOptions
+
+    def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
+        opts: PFedLoRAOptions = self.options
+        for key in ("model_epochs", "adapter_epochs"):
+            if getattr(opts, key) < 0:
+                raise ConfigError(f"method.{key}: must be 0 or more, got {getattr(opts, key)}")
+        if isinstance(model, HeteroFamily) and not opts.include:
+            opts = dataclasses.replace(opts, include=list(SHARED_LAYERS))
+        return attach(model, adapter_spec(opts, num_adaptors=1))
+
+    def roles(self, model: nn.Module) -> dict[str, Role]:
+        adaptors = set(adaptor_parameter_names(model))
+        return {n: Role.GLOBAL if n in adaptors else Role.PRIVATE for n in model.state_dict()}
+
+    def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:
+        return own_architecture(initial, client)
+
+    def after_backward(self, model: nn.Module) -> None:
+        if self.options.precondition:
+            precondition_(model, self.options.precondition_eps)
+
+    # -- the client step ---------------------------------------------------------------------
+    def train_locally(
+        self, slots: StateSlots, data: ClientData, config: TrainConfig, kind: str, seed: int
+    ) -> float:
+        """The model phase, then the adapter phase; the upload is the adapter's delta."""
+        generator = torch.Generator().manual_seed(seed)
+        losses = [self.train_phase(slots, data, config, kind, generator, p) for p in PHASES]
+        return losses[-1]
+
+    def phase_hook(self, model: nn.Module, name: str) -> Callable[[], None] | None:
+        return self._after_backward_hook(model) if name == "adapter" else None
+
+    def phase(self, model: nn.Module, config: TrainConfig, name: str) -> Phase:
+        """What phase `name` trains: the adapter's tensors, or all the others."""
+        if name not in PHASES:
+            raise ValueError(f"phase {name!r}: expected one of {PHASES}")
+        adaptors = set(adaptor_parameter_names(model))
+        adapter = name == "adapter"
+        names = frozenset(n for n, _ in model.named_parameters() if (n in adaptors) == adapter)
+        lr = (config.adaptor_lr or config.lr) if adapter else config.lr
+        epochs = getattr(self.options, f"{name}_epochs") or config.local_epochs
+        return Phase(f"pfedlora-{name}", names, lr, epochs)
+
+
+class HeteroLocal(LocalOnly):
+    """Local training of each client's own architecture: pFedLoRA without the adapter."""
+
+    name = "local-hetero"
+    description = "No federation; client k trains its own architecture (k mod 5 on hetero-cnn)."
+
+    def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:
+        return own_architecture(initial, client)

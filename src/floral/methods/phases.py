@@ -1,0 +1,104 @@
+"""Local training in phases that each train only some tensors (pFedLoRA, FDLoRA).
+
+In a phase only the named parameters require gradients: the frozen ones get no gradient at all,
+so the phase neither moves them nor pays for their backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from floral.data import ClientData
+from floral.train.loop import TrainConfig, loss_function, sgd, train_epochs
+from floral.train.state import StateSlots
+
+__all__ = ["Phase", "Phased", "run_phase", "train_only"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What one phase trains: these parameters, at this learning rate, for these epochs."""
+
+    key: str  # names the phase's optimizer, built once per scratch model
+    names: frozenset[str]
+    lr: float
+    epochs: int
+
+
+@contextmanager
+def train_only(model: nn.Module, names: Collection[str]) -> Iterator[None]:
+    """Inside the block only the parameters named in `names` require gradients; every flag is
+    restored afterwards."""
+    parameters = list(model.named_parameters())
+    saved = [p.requires_grad for _, p in parameters]
+    try:
+        for name, parameter in parameters:
+            parameter.requires_grad_(name in names)
+        yield
+    finally:
+        for (_, parameter), flag in zip(parameters, saved, strict=True):
+            parameter.requires_grad_(flag)
+
+
+def run_phase(
+    slots: StateSlots,
+    phase: Phase,
+    data: ClientData,
+    config: TrainConfig,
+    kind: str,
+    generator: torch.Generator,
+    after_backward: Callable[[], None] | None = None,
+) -> float:
+    """SGD on the phase's parameters only, over the client's data; returns the mean loss."""
+    model = slots.model
+
+    def build() -> torch.optim.SGD:
+        params = [p for n, p in model.named_parameters() if n in phase.names]
+        return sgd([{"params": params, "lr": phase.lr}], config)
+
+    optimizer = slots.memo(("phase", phase.key, phase.lr, id(config)), build)
+    optimizer.state.clear()  # no momentum carried over from another client
+    with train_only(model, phase.names):
+        return train_epochs(
+            model,
+            optimizer,
+            data.x_train,
+            data.y_train,
+            loss_function(kind),
+            batch_size=config.batch_size,
+            epochs=phase.epochs,
+            generator=generator,
+            after_backward=after_backward,
+        )
+
+
+class Phased:
+    """Mixin for methods whose local training runs in named phases: `phase` says what a phase
+    trains, `train_phase` runs it (its `Phase` built once per scratch model)."""
+
+    def phase(self, model: nn.Module, config: TrainConfig, name: str) -> Phase:
+        raise NotImplementedError
+
+    def phase_hook(self, model: nn.Module, name: str) -> Callable[[], None] | None:
+        """Called between backward and step in phase `name` (gradient preconditioning)."""
+        return None
+
+    def train_phase(
+        self,
+        slots: StateSlots,
+        data: ClientData,
+        config: TrainConfig,
+        kind: str,
+        generator: torch.Generator,
+        name: str,
+    ) -> float:
+        """Run phase `name` on the client's data; returns its mean training loss."""
+        key = ("phase-spec", type(self).__name__, name, id(config))
+        spec = slots.memo(key, lambda: self.phase(slots.model, config, name))
+        hook = self.phase_hook(slots.model, name)
+        return run_phase(slots, spec, data, config, kind, generator, hook)

@@ -102,3 +102,11 @@ def test_compare_writes_table_csv_and_plot(tmp_path, capsys):
                  "--seeds", "0,1", "--out", str(out), "--quiet", "--jobs", "1"]) == 0
     assert (out / "fedavg" / "seed0" / "summary.json").stat().st_mtime_ns == before
     assert "fedavg" in capsys.readouterr().out
+
+
+def test_method_specs_keep_codec_values_with_colons():
+    from floral.compare import parse_method_specs
+
+    (spec,) = parse_method_specs("floral:comm.upload=topk:0.1:rank=0.1")
+    assert spec.name == "floral"
+    assert dict(spec.options) == {"comm.upload": "topk:0.1", "rank": 0.1}

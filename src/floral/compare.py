@@ -10,12 +10,14 @@ import json
 import multiprocessing
 import os
 import queue
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import torch
 
 from floral.config import parse_value, tomllib
@@ -36,6 +38,7 @@ __all__ = [
     "parse_method_specs",
     "plan_runs",
     "run_all",
+    "run_cost",
 ]
 
 
@@ -69,7 +72,13 @@ class RunSpec:
 def parse_method_specs(text: str) -> list[MethodSpec]:
     specs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        name, *pairs = item.split(":")
+        name, *pieces = item.split(":")
+        pairs: list[str] = []
+        for piece in pieces:  # "comm.upload=topk:0.1": a piece without "=" belongs to the value
+            if "=" not in piece and pairs:
+                pairs[-1] += ":" + piece
+            else:
+                pairs.append(piece)
         options = []
         for pair in pairs:
             key, sep, value = pair.partition("=")
@@ -105,8 +114,6 @@ def plan_runs(
 
 
 def _toml_literal(value: Any) -> str:
-    import tomli_w
-
     return tomli_w.dumps({"v": value}).partition("=")[2].strip()
 
 
@@ -151,6 +158,8 @@ def _load_summary(out_dir: Path) -> RunSummary:
 
 Progress = Callable[[str, int, int, dict[str, float]], None]
 
+COST_FILE = "cost.json"  # written next to summary.json by the sweep
+
 
 def run_all(
     runs: Sequence[RunSpec], jobs: int = 1, on_progress: Progress | None = None
@@ -166,13 +175,18 @@ def run_all(
                 on_progress(run.key, done.rounds, done.rounds, done.history[-1])
         else:
             todo.append(run)
-    failures: dict[str, str] = {}
+    failures: dict[str, FloralError] = {}
     if jobs <= 1 or len(todo) <= 1:
-        for run in todo:
-            try:
-                results[run.key] = _run_one(run, on_progress)
-            except FloralError as error:
-                failures[run.key] = str(error)
+        threads = torch.get_num_threads()
+        _single_thread()  # the same numbers as in a worker process, and one core as promised
+        try:
+            for run in todo:
+                try:
+                    results[run.key] = _run_one(run, on_progress)
+                except FloralError as error:
+                    failures[run.key] = error
+        finally:
+            torch.set_num_threads(threads)
         _raise_failures(failures)
         return results
     ctx = multiprocessing.get_context("spawn")
@@ -194,20 +208,21 @@ def run_all(
 
 
 def _collect(
-    run: RunSpec, future: Future, results: dict[str, RunSummary], failures: dict[str, str]
+    run: RunSpec, future: Future, results: dict[str, RunSummary], failures: dict[str, FloralError]
 ) -> None:
     # A user-facing error (missing data, say) fails its run, not the rest of the grid.
     try:
         results[run.key] = future.result()
     except FloralError as error:
-        failures[run.key] = str(error)
+        failures[run.key] = error
 
 
-def _raise_failures(failures: dict[str, str]) -> None:
+def _raise_failures(failures: dict[str, FloralError]) -> None:
+    """The first failure, named by its run, with its own kind (and so exit status)."""
     if failures:
-        key, message = next(iter(failures.items()))
+        key, error = next(iter(failures.items()))
         others = f" ({len(failures) - 1} other run(s) failed too)" if len(failures) > 1 else ""
-        raise FloralError(f"{key}: {message}{others}")
+        raise type(error)(f"{key}: {error}{others}")
 
 
 def _run_one(run: RunSpec, on_progress: Progress | None) -> RunSummary:
@@ -217,7 +232,42 @@ def _run_one(run: RunSpec, on_progress: Progress | None) -> RunSummary:
         if on_progress:
             on_progress(run.key, result.round, total, latest)
 
-    return run_experiment(run.config, run.out_dir, resume="auto", on_round=report)
+    _adopt_checkpoint(run)
+    resumed = (run.out_dir / "checkpoint" / "progress.json").exists()
+    start = time.process_time()
+    summary = run_experiment(run.config, run.out_dir, resume="auto", on_round=report)
+    cost = {"cpu_seconds": round(time.process_time() - start, 2), "resumed": resumed}
+    (run.out_dir / COST_FILE).write_text(json.dumps(cost) + "\n")
+    return summary
+
+
+def run_cost(out_dir: Path) -> float | None:
+    """CPU seconds a finished run took (one thread: data, training and evaluation), or None
+    when unknown or only partly measured (the run was resumed from a checkpoint).
+
+    CPU time, unlike the wall time in summary.json, hardly depends on what else the machine
+    is running.
+    """
+    path = out_dir / COST_FILE
+    if not path.exists():
+        return None
+    cost = json.loads(path.read_text())
+    return None if cost["resumed"] else float(cost["cpu_seconds"])
+
+
+def _adopt_checkpoint(run: RunSpec) -> None:
+    """Let a checkpoint written by an older floral resume: when its saved config resolves to
+    this run's settings (new settings at their defaults), save it as this version writes it,
+    so that the experiment's own check, which compares the files key by key, accepts it."""
+    config_path = run.out_dir / "config.toml"
+    if not (run.out_dir / "checkpoint" / "progress.json").exists() or not config_path.exists():
+        return
+    try:
+        saved = resolve_config(tomllib.loads(config_path.read_text()))
+    except (ConfigError, tomllib.TOMLDecodeError):
+        return
+    if _results_settings(saved) == _results_settings(run.config):
+        config_path.write_text(tomli_w.dumps(run.config.to_dict()))
 
 
 def _run_in_worker(run: RunSpec, events: Any) -> RunSummary:

@@ -17,9 +17,9 @@ engine measures the bytes on the payload that is really sent:
     server_optimizer = "adam"
     server_lr = 0.01
 
-(`configs/comm-fmnist-label-shift-flasc.toml`). The client's update is measured from the model
-it received, and the server adds the mean update to its dense state, so entries pruned from
-the download are restored from the server's copy rather than lost.
+(`configs/comm-fmnist-rotate-flasc.toml`). The client's update is measured from the model
+it received and the server adds the mean update to its own dense copy, so an entry left out
+of a download is not lost: it stays in the server's copy.
 """
 
 from __future__ import annotations
@@ -31,7 +31,4 @@ __all__ = ["FLASC"]
 
 class FLASC(LoraMethod):
     name = "flasc"
-    description = (
-        "LoRA with top-k sparse download/upload ([comm] topk codecs) and server Adam "
-        "([train] server_optimizer); dense local training."
-    )
+    description = "LoRA, dense local training; top-k sparse messages and server Adam (by config)."

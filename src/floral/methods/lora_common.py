@@ -15,7 +15,7 @@ rank R; a client of rank r uses the first r ranks, the others held at zero.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -82,7 +82,7 @@ def client_ranks(options: LoraOptions, num_clients: int) -> list[int]:
         )
     if len(values) > num_clients:
         raise ConfigError(f"{key}: {len(values)} tiers for only {num_clients} clients")
-    if options.ranks:
+    if not options.rank_tiers:
         return list(values)
     return [values[k * len(values) // num_clients] for k in range(num_clients)]
 
@@ -223,10 +223,23 @@ class LoraMethod(Method):
         uploads: Sequence[Mapping[str, torch.Tensor]],
         optimizer: ServerOptimizer,
     ) -> TensorDict:
-        expected = {name: tensor.shape for name, tensor in global_state.items()}
-        check_upload_shapes(self.name, uploads, expected, self.ranked_uploads)
+        """Check every upload's shapes (naming the upload that does not fit), then aggregate."""
+        if not uploads:
+            return dict(global_state)
+        check_upload_shapes(
+            self.name, uploads, self.upload_shapes(global_state), self.ranked_uploads
+        )
+        return self.aggregate(global_state, uploads, optimizer)
+
+    def upload_shapes(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
+        """The shape each uploaded tensor must have (with `ranked_uploads`: at most that rank)."""
+        return {name: tensor.shape for name, tensor in global_state.items()}
+
+    def aggregate(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        uploads: Sequence[Mapping[str, torch.Tensor]],
+        optimizer: ServerOptimizer,
+    ) -> TensorDict:
+        """New global tensors from uploads that fit: the examples-weighted mean by default."""
         return super().server_update(global_state, uploads, optimizer)
-
-
-def names_with(names: Iterable[str], local: str) -> list[str]:
-    return [name for name in names if local_name(name) == local]

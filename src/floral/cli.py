@@ -1,4 +1,4 @@
-"""The `floral` command: run an experiment, compare methods, list methods."""
+"""The `floral` command: run an experiment, compare methods, sweep a grid, plot, list methods."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from floral.errors import FloralError
+
+# The eight rows of the FLoRAL paper's tables (arXiv 2410.03497), in its order: the default
+# grid of `floral sweep`.
+PAPER_METHODS = (
+    "fedavg,local-adaptor,ensemble,ensemble-oracle,"
+    "floral,floral-oracle,floral:rank=0.1,floral-oracle:rank=0.1"
+)
 
 __all__ = ["main"]
 
@@ -35,25 +42,60 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="experiment file, e.g. configs/mnist5k-label-shift.toml")
     _add_common(run)
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    run.add_argument(
+        "--engine",
+        choices=("local", "flower"),
+        help="run on this engine (default: the config's engine.name); "
+        "flower = a Flower simulation, needs pip install 'floral[flower]'",
+    )
     run.set_defaults(handler=_cmd_run)
 
     compare = sub.add_parser("compare", help="several methods x seeds on one task, as a table")
     compare.add_argument("config")
-    compare.add_argument(
-        "--methods",
-        default="floral,fedavg,local-adaptor",
-        help="comma-separated; options as name:key=value, e.g. floral:rank=0.1",
-    )
-    compare.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    compare.add_argument(
-        "--jobs", type=int, default=0, help="runs in parallel (default: one per core)"
-    )
-    _add_common(compare)
+    _add_grid(compare, methods="floral,fedavg,local-adaptor", seeds="0", checkpoint_every=0)
     compare.set_defaults(handler=_cmd_compare)
+
+    sweep = sub.add_parser(
+        "sweep", help="a grid of tasks x methods x seeds: resumable, on all cores, one table"
+    )
+    sweep.add_argument("configs", nargs="+", help="experiment files, one task each")
+    _add_grid(sweep, methods=PAPER_METHODS, seeds="0,1,2", checkpoint_every=50)
+    sweep.set_defaults(handler=_cmd_sweep)
+
+    plot = sub.add_parser(
+        "plot", help="tables and figures again from a sweep or compare folder (finished runs)"
+    )
+    plot.add_argument("results", help="a folder written by floral sweep or floral compare")
+    plot.set_defaults(handler=_cmd_plot)
 
     methods = sub.add_parser("methods", help="list the methods with a one-line description")
     methods.set_defaults(handler=_cmd_methods)
     return parser
+
+
+def _add_grid(
+    parser: argparse.ArgumentParser, methods: str, seeds: str, checkpoint_every: int
+) -> None:
+    parser.add_argument(
+        "--methods",
+        default=methods,
+        help="comma-separated; options as name:key=value, e.g. floral:rank=0.1 "
+        f"(default: {methods})",
+    )
+    parser.add_argument("--seeds", default=seeds, help=f"comma-separated (default: {seeds})")
+    parser.add_argument(
+        "--jobs", type=int, default=0, help="runs in parallel (default: one per core)"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=checkpoint_every,
+        metavar="N",
+        help="checkpoint each run every N rounds, so a killed grid resumes mid-run "
+        f"(default: {checkpoint_every or 'the config'})",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    _add_common(parser)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +114,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from floral.experiment import load_config, run_experiment
     from floral.progress import RunProgress, print_summary
 
-    config = load_config(args.config, args.set)
+    overrides = [*args.set, f"engine.name={args.engine}"] if args.engine else args.set
+    config = load_config(args.config, overrides)
     out = Path(args.out or config.output.dir or Path("results") / config.name)
     with RunProgress(config, disable=args.quiet) as progress:
         summary = run_experiment(config, out, resume=args.resume, on_round=progress.update)
@@ -81,28 +124,59 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from floral.compare import load_base
+
+    out = Path(args.out or Path("results") / f"{load_base(args.config)['name']}-compare")
+    return _run_grid([args.config], args, out, flat=True)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    return _run_grid(args.configs, args, Path(args.out or "results/sweep"), flat=False)
+
+
+def _run_grid(configs: Sequence[str], args: argparse.Namespace, out: Path, flat: bool) -> int:
     import os
 
-    from floral.compare import load_base, parse_method_specs, plan_runs, run_all
-    from floral.progress import GridProgress, print_comparison
-    from floral.report import comparison_rows, plot_curves, write_comparison
+    from floral.compare import parse_method_specs
+    from floral.progress import GridProgress
+    from floral.sweep import plan_sweep, run_sweep, write_manifest
 
-    base = load_base(args.config)
     methods = parse_method_specs(args.methods)
     seeds = _parse_seeds(args.seeds)
-    out = Path(args.out or Path("results") / f"{base['name']}-compare")
-    runs = plan_runs(base, methods, seeds, out, args.set)
+    overrides = list(args.set)
+    if args.checkpoint_every:
+        overrides.append(f"engine.checkpoint_every={args.checkpoint_every}")
+    tasks = plan_sweep(configs, methods, seeds, out, overrides, flat=flat)
+    write_manifest(tasks, methods, seeds, out)
+    runs = [run for task in tasks for run in task.runs]
     jobs = args.jobs or min(os.cpu_count() or 1, len(runs))
-    with GridProgress(runs, disable=args.quiet) as progress:
-        results = run_all(runs, jobs, progress.update)
-    grouped = {m.label: [results[r.key] for r in runs if r.method == m] for m in methods}
-    rows = comparison_rows(grouped)
-    title = f"{base['name']}: {len(seeds)} seed(s)"
-    md, csv_path = write_comparison(rows, out, title)
-    plot = plot_curves(grouped, out / "curves.png", title)
-    print_comparison(rows, title)
-    extra = f", {plot}" if plot else " (pip install 'floral[plot]' for the plot)"
-    print(f"saved {md}, {csv_path}{extra}")
+    try:
+        with GridProgress(runs, disable=args.quiet) as progress:
+            run_sweep(tasks, jobs, progress.update)
+    except FloralError:
+        _report(out, plots=not args.no_plots)  # the runs that did finish, then the error
+        raise
+    return _report(out, plots=not args.no_plots)
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    return _report(Path(args.results), plots=True)
+
+
+def _report(out: Path, plots: bool) -> int:
+    """Tables and figures of every finished run the folder's plans name."""
+    from floral.progress import print_comparison
+    from floral.report import comparison_rows, pyplot
+    from floral.sweep import collect, load_grid, write_reports
+
+    tasks, methods, _ = load_grid(out)
+    results = collect(tasks, methods)
+    written = write_reports(results, out, plots)
+    for task in results:
+        if task.summaries:
+            print_comparison(comparison_rows(task.summaries), task.name)
+    missing = "" if not plots or pyplot() else " (pip install 'floral[plot]' for the figures)"
+    print(f"saved {len(written)} tables and figures under {out}{missing}")
     return 0
 
 

@@ -1,59 +1,85 @@
 """Checks on what clients send back, before the server adds it to anything.
 
-A reply that would poison the aggregate (a tensor of the wrong shape or dtype, NaN or inf, a
-missing or unexpected name, a negative weight) is dropped; the round goes on without it.
+A reply that would poison the aggregate is dropped; the round goes on without it. Three layers,
+none of which names a method:
 
-The default rule follows the method contract (floral.methods.base): for every global tensor
-`g` the upload holds a delta of `g`'s shape and dtype and a non-negative weight `g::weight`
-that broadcasts to it, and nothing else. A method whose uploads legitimately differ (a rank per
-client, stacked factors) defines `check_upload(global_state, upload) -> list[str]` itself.
+1. Values, for every method: floating-point tensors are finite, weights (`name::weight`) are
+   floating-point and non-negative.
+2. The upload contract of floral.methods.base: for every global tensor `g`, a delta of `g`'s
+   shape and dtype and a weight that broadcasts to it, and no other name.
+3. A method with its own `server_update` may aggregate uploads that break that contract (a rank
+   per client, stacked factors). Such an upload is judged by the method itself: aggregated
+   alone, it must be accepted and give finite global tensors of the right shapes and dtypes.
+
+A method can replace all of this with `check_upload(global_state, upload) -> list[str]`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from floral.methods.base import WEIGHT_SUFFIX, Method
+from floral.train.optim import ServerOptimizer
 
 __all__ = ["check_upload", "method_check", "tensors_digest"]
 
+Tensors = Mapping[str, torch.Tensor]
+
 
 def method_check(
-    method: Method, global_state: Mapping[str, torch.Tensor], upload: Mapping[str, torch.Tensor]
+    method: Method,
+    global_state: Tensors,
+    upload: Tensors,
+    fresh_optimizer: Callable[[], ServerOptimizer],
 ) -> list[str]:
-    """The method's own `check_upload` if it has one, else the contract's default rule."""
+    """What is wrong with one decoded upload for `method`; empty when it may be aggregated."""
     own = getattr(method, "check_upload", None)
     if own is not None:
         return list(own(global_state, upload))
-    return check_upload(global_state, upload)
+    problems = _value_problems(upload)
+    if problems:
+        return problems
+    problems = _contract_problems(global_state, upload)
+    if problems and type(method).server_update is not Method.server_update:
+        return _aggregation_problems(method, global_state, upload, fresh_optimizer())
+    return problems
 
 
-def check_upload(
-    global_state: Mapping[str, torch.Tensor], upload: Mapping[str, torch.Tensor]
-) -> list[str]:
-    """What is wrong with one decoded upload, as short phrases; empty when it is well-formed."""
-    problems = [f"missing {name!r}" for name in _expected_names(global_state) if name not in upload]
+def check_upload(global_state: Tensors, upload: Tensors) -> list[str]:
+    """The default rule (values and the upload contract), as short phrases."""
+    return _value_problems(upload) or _contract_problems(global_state, upload)
+
+
+def _value_problems(upload: Tensors) -> list[str]:
+    problems = []
     for name, tensor in upload.items():
-        base = name[: -len(WEIGHT_SUFFIX)] if name.endswith(WEIGHT_SUFFIX) else name
+        is_weight = name.endswith(WEIGHT_SUFFIX)
+        if is_weight and not tensor.is_floating_point():
+            problems.append(f"{name!r} has dtype {tensor.dtype}, expected a floating-point weight")
+        elif tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            problems.append(f"{name!r} has NaN or infinite values")
+        elif is_weight and bool((tensor < 0).any()):
+            problems.append(f"{name!r} has negative weights")
+    return problems
+
+
+def _contract_problems(global_state: Tensors, upload: Tensors) -> list[str]:
+    expected = [n for name in global_state for n in (name, name + WEIGHT_SUFFIX)]
+    problems = [f"missing {name!r}" for name in expected if name not in upload]
+    for name, tensor in upload.items():
+        base = name.removesuffix(WEIGHT_SUFFIX)
         reference = global_state.get(base)
         if reference is None:
             problems.append(f"unexpected {name!r}")
             continue
-        problem = (
-            _weight_problem(tensor, reference) if base != name else _delta_problem(tensor, reference)
-        )
-        if problem is None and tensor.is_floating_point() and not bool(tensor.isfinite().all()):
-            problem = "has NaN or infinite values"
+        check = _weight_problem if base != name else _delta_problem
+        problem = check(tensor, reference)
         if problem is not None:
             problems.append(f"{name!r} {problem}")
     return problems
-
-
-def _expected_names(global_state: Mapping[str, torch.Tensor]) -> list[str]:
-    return [n for name in global_state for n in (name, name + WEIGHT_SUFFIX)]
 
 
 def _delta_problem(tensor: torch.Tensor, reference: torch.Tensor) -> str | None:
@@ -65,20 +91,33 @@ def _delta_problem(tensor: torch.Tensor, reference: torch.Tensor) -> str | None:
 
 
 def _weight_problem(weight: torch.Tensor, reference: torch.Tensor) -> str | None:
-    if not weight.is_floating_point():
-        return f"has dtype {weight.dtype}, expected a floating-point weight"
     try:
         broadcast = torch.broadcast_shapes(weight.shape, reference.shape)
     except RuntimeError:
         broadcast = None
     if broadcast != reference.shape:
-        return f"has shape {tuple(weight.shape)}, which does not broadcast to {tuple(reference.shape)}"
-    if bool((weight < 0).any()):
-        return "has negative weights"
+        return f"has shape {tuple(weight.shape)}, not broadcastable to {tuple(reference.shape)}"
     return None
 
 
-def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+def _aggregation_problems(
+    method: Method, global_state: Tensors, upload: Tensors, optimizer: ServerOptimizer
+) -> list[str]:
+    try:
+        result = method.server_update(global_state, [upload], optimizer)
+    except Exception as error:  # noqa: BLE001 - untrusted input meets the method's own checks
+        return [f"the method's aggregation refuses it ({type(error).__name__}: {error})"]
+    bad = [
+        name for name, reference in global_state.items()
+        if name not in result
+        or result[name].shape != reference.shape
+        or result[name].dtype != reference.dtype
+        or (reference.is_floating_point() and not bool(result[name].isfinite().all()))
+    ]
+    return [f"aggregated alone, it gives a bad {name!r}" for name in bad]
+
+
+def tensors_digest(tensors: Tensors) -> str:
     """SHA-256 of names, dtypes, shapes and bytes: equal digests mean identical tensors."""
     digest = hashlib.sha256()
     for name in sorted(tensors):

@@ -19,10 +19,19 @@ from typing import Any
 from floral.config import parse_value, set_dotted
 from floral.errors import ConfigError
 
-__all__ = ["FlowerOptions", "experiment_from_run_config", "options_from_run_config"]
+__all__ = [
+    "RESUME_UNAVAILABLE",
+    "FlowerOptions",
+    "experiment_from_run_config",
+    "options_from_run_config",
+]
 
 OVERRIDES_KEY = "overrides"
 FLOWER_PREFIX = "flower."
+RESUME_UNAVAILABLE = (
+    "--resume: not available with engine 'flower' (the clients' private state lives on their "
+    "nodes, for one run only)"
+)
 
 
 @dataclass

@@ -31,7 +31,7 @@ __all__ = [
 # Record names inside a message's content (and the node's `context.state`).
 CONFIG = "floral.config"  # server -> client: the experiment (TOML) and the round
 GLOBAL = "floral.global"  # server -> client: the global tensors (encoded on train rounds)
-NODE = "floral.node"  # client -> server, on query: partition, cluster, data size, digest
+NODE = "floral.node"  # client -> server, on query: partition, cluster, task kind, digest
 INITIAL = "floral.initial"  # client -> server, on request: the initial global tensors
 UPLOAD = "floral.upload"  # client -> server: the encoded upload
 METRICS = "floral.metrics"  # client -> server: train loss and number of examples

@@ -1,0 +1,135 @@
+"""Shared by the Flower tests: a loopback Grid, a ClientApp that sends bad replies, configs.
+
+`LoopbackGrid` is Flower's `Grid` with every node's ClientApp called in this process on real
+`Message`s, `RecordDict`s and per-node `Context`s: the engine's logic without Ray or a
+SuperLink, fast enough to run every method. The real runtimes are covered by
+test_flower_simulation.py (Ray) and test_flower_deployment.py (SuperLink and SuperNodes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+from flwr.app import Array, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from floral.engines.flower.client import client_app as floral_client_app
+from floral.engines.flower.options import FlowerOptions
+from floral.engines.flower.records import UPLOAD
+from floral.engines.flower.server import serve
+from floral.experiment import ExperimentConfig, RunSummary
+from floral.methods.base import WEIGHT_SUFFIX
+
+__all__ = ["FAULTS", "LoopbackGrid", "faulty_client_app", "run_loopback", "tiny_experiment"]
+
+
+def tiny_experiment(method: str = "floral", **tables: dict[str, Any]) -> dict[str, Any]:
+    """A synthetic-MLP experiment small enough for a few seconds on any engine."""
+    data: dict[str, Any] = {
+        "name": f"tiny-{method}",
+        "seed": 7,
+        "task": {"dataset": "synthetic-mlp", "shift": "none", "num_clients": 4,
+                 "num_clusters": 2, "samples_per_client": 40},
+        "model": {"name": "mlp", "hidden": [16]},
+        "method": {"name": method},
+        "train": {"rounds": 2, "clients_per_round": 0.75, "batch_size": 8, "lr": 0.05,
+                  "router_lr": 0.5},
+        "engine": {"eval_every": 1},
+    }
+    for table, values in tables.items():
+        data[table] = {**data.get(table, {}), **values}
+    return data
+
+
+class LoopbackGrid(Grid):
+    """Messages go straight to the ClientApp of their node; replies wait to be pulled."""
+
+    def __init__(self, app: ClientApp, num_nodes: int) -> None:
+        # Messages take their sender from the running task, as a Flower runtime sets it.
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        self.app = app
+        self.contexts = {
+            1000 + k: Context(
+                run_id=1, node_id=1000 + k, state=RecordDict(), run_config={},
+                node_config={"partition-id": k, "num-partitions": num_nodes},
+            )
+            for k in range(num_nodes)
+        }
+        self.traffic: list[Message] = []  # every message and reply, for inspection
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run_id: Any) -> None:  # pragma: no cover - not used by floral
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Any:  # pragma: no cover - not used by floral
+        raise NotImplementedError
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid4().hex  # as Flower's grids do
+            reply = self.app(message, self.contexts[message.metadata.dst_node_id])
+            self.traffic += [message, reply]
+            self._replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, *args: Any, **kwargs: Any) -> Iterable[Message]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def run_loopback(
+    config: ExperimentConfig, out: Path, app: ClientApp = floral_client_app
+) -> tuple[RunSummary, LoopbackGrid]:
+    grid = LoopbackGrid(app, config.task.num_clients)
+    options = FlowerOptions(round_timeout=5.0, node_timeout=1.0, poll_interval=0.001)
+    return serve(grid, config, out, options), grid
+
+
+# -- a ClientApp whose first clients send bad uploads ----------------------------------------------
+FAULTS = {0: "wrong shape", 1: "NaN", 2: "missing key"}  # client -> what is wrong with its reply
+
+faulty_client_app = ClientApp()
+
+
+@faulty_client_app.query()
+def _query(msg: Message, context: Context) -> Message:
+    return floral_client_app(msg, context)
+
+
+@faulty_client_app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    return floral_client_app(msg, context)
+
+
+@faulty_client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    reply = floral_client_app(msg, context)
+    upload = reply.content[UPLOAD]
+    name = next(n for n in upload if not n.endswith(WEIGHT_SUFFIX))
+    fault = FAULTS.get(int(context.node_config["partition-id"]))
+    if fault == "wrong shape":
+        upload[name] = Array(np.zeros((3, 3), dtype=np.float32))
+    elif fault == "NaN":
+        values = upload[name].numpy().copy()
+        values.flat[0] = np.nan
+        upload[name] = Array(values)
+    elif fault == "missing key":
+        del upload[name]
+    return reply

@@ -1,0 +1,193 @@
+"""The Flower engine's logic on Flower's own messages, records and ClientApp, in one process.
+
+Every registered method must end a run with the local engine's metrics and global tensors; bad
+replies are dropped with a log line naming the client and the fault; private tensors never
+travel. Ray and a real SuperLink are exercised by test_flower_simulation.py and
+test_flower_deployment.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import torch  # noqa: E402
+from flower_support import (  # noqa: E402
+    FAULTS,
+    LoopbackGrid,
+    faulty_client_app,
+    run_loopback,
+    tiny_experiment,
+)
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from floral.cli import main  # noqa: E402
+from floral.engines.flower.checks import tensors_digest  # noqa: E402
+from floral.engines.flower.client import client_app  # noqa: E402
+from floral.engines.flower.options import FlowerOptions  # noqa: E402
+from floral.engines.flower.records import (  # noqa: E402
+    INITIAL,
+    NODE,
+    PRIVATE,
+    from_record,
+    to_record,
+)
+from floral.engines.flower.server import serve  # noqa: E402
+from floral.engines.local import client_seed  # noqa: E402
+from floral.experiment import build_engine, resolve_config, run_experiment  # noqa: E402
+from floral.methods import method_names  # noqa: E402
+from floral.train.optim import build_server_optimizer  # noqa: E402
+
+# FLoRA's server_update reads factor shapes that its build_model stores on the method object;
+# the Flower server never builds a model (it holds no data), so the method must derive them
+# from the global tensors or the uploads before it can run there.
+NEEDS_MODEL_ON_SERVER = {"flora"}
+
+
+def _methods() -> list:
+    return [
+        pytest.param(m, marks=pytest.mark.xfail(reason="server_update needs build_model state"))
+        if m in NEEDS_MODEL_ON_SERVER else m
+        for m in method_names()
+    ]
+
+
+def _globals(path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(path).items() if not k.startswith("private/")}
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_every_method_ends_with_the_local_engines_metrics_and_tensors(tmp_path, method):
+    config = resolve_config(tiny_experiment(method))
+    local = run_experiment(config, tmp_path / "local")
+    flower, _ = run_loopback(config, tmp_path / "flower")
+    assert flower.final == local.final  # bitwise: the same operations in the same order
+    expected = _globals(tmp_path / "local" / "state.safetensors")
+    got = load_file(tmp_path / "flower" / "state.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["engine.eval_clients=sampled", "train.clients_per_round=0.5"],
+        ["method.name=hetlora", "method.ranks=[1, 2, 4, 4]", "method.rank=4"],
+        ["train.server_optimizer=adam", "train.server_lr=0.01"],
+    ],
+    ids=["sampled-evaluation", "hetlora-ranks-per-client", "server-adam"],
+)
+def test_parity_holds_for_sampled_evaluation_ranked_uploads_and_server_adam(tmp_path, overrides):
+    config = resolve_config(tiny_experiment("floral"), overrides)
+    local = run_experiment(config, tmp_path / "local")
+    flower, _ = run_loopback(config, tmp_path / "flower")
+    assert flower.final == local.final
+
+
+def test_bad_replies_are_dropped_with_a_log_line_and_the_round_goes_on(tmp_path, caplog):
+    config = resolve_config(
+        tiny_experiment("fedavg"), ["train.rounds=1", "train.clients_per_round=1.0"]
+    )
+    with caplog.at_level(logging.WARNING, logger="flwr.floral"):
+        summary, _ = run_loopback(config, tmp_path / "run", faulty_client_app)
+    assert summary.rounds == 1 and (tmp_path / "run" / "summary.json").exists()
+    dropped = {k: r.getMessage() for r in caplog.records for k in FAULTS
+               if f"dropped the reply of client {k} " in r.getMessage()}
+    assert "has shape (3, 3), expected" in dropped[0]
+    assert "has NaN or infinite values" in dropped[1]
+    assert "missing '" in dropped[2]
+    assert not any("client 3 " in r.getMessage() for r in caplog.records)
+
+    # Independently: the new global model is the server update of client 3's upload alone.
+    engine, task = build_engine(config)
+    update = engine.method.client_step(
+        engine.slots, engine.global_state, engine.private_state(3), task.clients[3],
+        config.train, task.kind, client_seed(config.seed, 1, 3),
+    )
+    expected = engine.method.server_update(
+        engine.global_state, [update.upload], build_server_optimizer(config.train)
+    )
+    state = load_file(tmp_path / "run" / "state.safetensors")
+    for name, tensor in expected.items():
+        assert torch.equal(state[f"global/{name}"], tensor), name
+
+
+def test_routers_stay_on_their_nodes(tmp_path):
+    config = resolve_config(tiny_experiment("floral"), ["train.clients_per_round=1.0"])
+    _, grid = run_loopback(config, tmp_path / "run")
+    routers = {k: from_record(c.state[PRIVATE]) for k, c in enumerate(grid.contexts.values())}
+    router_digests = {tensors_digest({"": t}) for r in routers.values() for t in r.values()}
+    assert all("floral_router.logits" in r for r in routers.values())
+    assert len(router_digests) == len(routers)  # each client trained its own
+    for message in grid.traffic:
+        for record in message.content.array_records.values():
+            for name, tensor in from_record(record).items():
+                assert "router" not in name
+                assert tensors_digest({"": tensor}) not in router_digests
+    saved = load_file(tmp_path / "run" / "state.safetensors")
+    assert not any("router" in name for name in saved)
+
+
+def test_an_audit_file_records_every_message_of_a_node(tmp_path):
+    config = resolve_config(tiny_experiment("floral"), ["train.clients_per_round=1.0"])
+    audit = tmp_path / "node0.jsonl"
+    grid = LoopbackGrid(client_app, config.task.num_clients)
+    next(iter(grid.contexts.values())).node_config["audit-file"] = str(audit)
+    serve(grid, config, tmp_path / "run", FlowerOptions(node_timeout=1.0, poll_interval=0.001))
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    kinds = [e["type"] for e in entries]
+    assert kinds.count("train") == config.train.rounds and "query" in kinds
+    trained = [e for e in entries if e["type"] == "train"]
+    assert "floral.upload" in trained[0]["sent"] and "floral.global" in trained[0]["received"]
+    router_digests = [e["private"]["floral_router.logits"] for e in trained]
+    assert router_digests[0] != router_digests[-1]  # the router trained on the node ...
+    for entry in entries:  # ... and never travelled
+        for record in (*entry["sent"].values(), *entry["received"].values()):
+            assert not set(router_digests) & {digest for _, _, digest in record.values()}
+
+
+def test_resume_is_refused_before_anything_starts(tmp_path, capsys):
+    experiment = tmp_path / "tiny.toml"
+    experiment.write_text('[task]\ndataset = "synthetic-mlp"\nshift = "none"\nnum_clients = 4\n')
+    out = tmp_path / "out"
+    code = main(["run", str(experiment), "--engine", "flower", "--resume", "--quiet",
+                 "--out", str(out)])
+    assert code == 2
+    assert "--resume: not available with engine 'flower'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+odd_first_node = ClientApp()  # client 0 built another initial model, and is asked for it first
+odd_first_node.train()(client_app)
+odd_first_node.evaluate()(client_app)
+
+
+@odd_first_node.query()
+def _odd_hello(msg: Message, context: Context) -> Message:
+    reply = client_app(msg, context)
+    if context.node_config["partition-id"] == 0:
+        other = {k: torch.zeros_like(v) for k, v in from_record(reply.content[INITIAL]).items()}
+        reply.content[INITIAL] = to_record(other)
+        reply.content[NODE]["initial_digest"] = tensors_digest(other)
+    return reply
+
+
+def test_a_node_with_another_initial_model_is_left_out(tmp_path, caplog):
+    config = resolve_config(tiny_experiment("floral"), ["train.clients_per_round=1.0"])
+    with caplog.at_level(logging.WARNING, logger="flwr.floral"):
+        summary, _ = run_loopback(config, tmp_path / "run", odd_first_node)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("client 0 built a different initial model" in m for m in messages)
+    assert any("clients [0] have no node; skipped" in m for m in messages)
+    assert summary.rounds == config.train.rounds
+    # The initial evaluation used the tensors the others built: cluster 1 (without client 0)
+    # scores at round 0 as on the local engine.
+    local = run_experiment(config, tmp_path / "local")
+    assert local.history[0]["mse_cluster1"] == summary.history[0]["mse_cluster1"]

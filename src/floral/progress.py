@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from floral.report import ComparisonRow, format_cell
+from floral.report import ComparisonRow, format_ari, format_cell
 
 __all__ = ["RunProgress", "GridProgress", "print_summary", "print_comparison"]
 
@@ -91,8 +91,13 @@ class GridProgress:
         self.progress.update(
             task, completed=done, latest=_latest(latest), visible=done < total
         )
-        completed = sum(t.completed for t in self.progress.tasks if t.id != self.overall)
-        self.progress.update(self.overall, completed=completed)
+        runs = [t for t in self.progress.tasks if t.id != self.overall]
+        finished = sum(t.completed >= t.total for t in runs)
+        self.progress.update(
+            self.overall,
+            completed=sum(t.completed for t in runs),
+            latest=f"{finished}/{len(runs)} runs done",
+        )
 
 
 def print_summary(summary: Any) -> None:
@@ -111,12 +116,14 @@ def print_summary(summary: Any) -> None:
 def print_comparison(rows: Sequence[ComparisonRow], title: str) -> None:
     table = Table(title=title)
     metric = rows[0]["metric"]
-    for column in ("method", f"{metric} (mean ± std)", "seeds", "s/round", "MB up/round"):
+    columns = ("method", f"{metric} (mean ± std)", "router ARI", "seeds", "s/round", "MB up/round")
+    for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for r in rows:
         table.add_row(
             r["method"],
             format_cell(r["mean"], r["std"], metric),
+            format_ari(r["ari_mean"], r["ari_std"]),
             str(r["seeds"]),
             f"{r['seconds_per_round']:.3f}",
             f"{r['mb_up_per_round']:.3f}",

@@ -17,10 +17,20 @@ from floral.config import from_dict
 from floral.errors import ConfigError
 from floral.methods.base import WEIGHT_SUFFIX, ClientUpdate, Method, Role, weighted_mean_delta
 from floral.methods.ensemble import Ensemble
+from floral.methods.fdlora import FDLoRA
 from floral.methods.fedavg import FedAvg
+from floral.methods.fedit import FedIT
+from floral.methods.fedsa_lora import FedSALoRA
+from floral.methods.ffa_lora import FFALoRA
+from floral.methods.flasc import FLASC
+from floral.methods.flocora import FLoCoRA
+from floral.methods.flora import FLoRA
 from floral.methods.floral import Floral
+from floral.methods.floral_em import FloralEM
+from floral.methods.hetlora import HetLoRA
 from floral.methods.local import LocalOnly
 from floral.methods.local_adaptor import LocalAdaptor
+from floral.methods.pfedlora import HeteroLocal, PFedLoRA
 
 __all__ = [
     "WEIGHT_SUFFIX",
@@ -82,6 +92,7 @@ register(
     "FLoRAL with the router fixed one-hot on each client's true cluster.",
     router="oracle",
 )
+register("floral-em", FloralEM)
 register("local-adaptor", LocalAdaptor)
 register("ensemble", Ensemble)
 register(
@@ -90,3 +101,13 @@ register(
     "C full models, each client fixed on the model of its true cluster.",
     router="oracle",
 )
+register("fedit", FedIT)
+register("ffa-lora", FFALoRA)
+register("fedsa-lora", FedSALoRA)
+register("flasc", FLASC)
+register("flocora", FLoCoRA)
+register("flora", FLoRA)
+register("hetlora", HetLoRA)
+register("pfedlora", PFedLoRA)
+register("local-hetero", HeteroLocal)
+register("fdlora", FDLoRA)

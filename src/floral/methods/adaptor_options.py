@@ -8,9 +8,17 @@ from torch import nn
 
 from floral.adapters import AdapterSpec, RouterSpec, adaptor_parameter_names
 from floral.errors import ConfigError
+from floral.methods.base import Role
 from floral.train.loop import TrainConfig
 
-__all__ = ["AdaptorOptions", "adapter_spec", "adaptor_param_groups"]
+__all__ = [
+    "AdaptorOptions",
+    "adapter_spec",
+    "adaptor_param_groups",
+    "base_tensor_names",
+    "freeze_base",
+    "frozen_base_roles",
+]
 
 
 @dataclass
@@ -68,3 +76,37 @@ def adaptor_param_groups(
         {"params": groups["adaptors"], "lr": config.adaptor_lr or config.lr},
         {"params": groups["router"], "lr": config.router_lr},
     ]
+
+
+def base_tensor_names(model: nn.Module, router_prefix: str = "floral_router.") -> list[str]:
+    """state_dict names of the base model's parameters (not adaptors, not the router).
+
+    By identity, so a tied parameter (a language model's embedding and output head) is found
+    under every name the state_dict gives it.
+    """
+    adaptors = set(adaptor_parameter_names(model))
+    base_ids = {
+        id(p) for n, p in model.named_parameters()
+        if n not in adaptors and not n.startswith(router_prefix)
+    }
+    return [n for n, t in model.state_dict(keep_vars=True).items() if id(t) in base_ids]
+
+
+def freeze_base(model: nn.Module, train_base: bool) -> None:
+    """With train_base false, the base parameters get no gradients (no memory for them)."""
+    if not train_base:
+        base = set(base_tensor_names(model))
+        for name, parameter in model.named_parameters():
+            if name in base:
+                parameter.requires_grad_(False)
+
+
+def frozen_base_roles(
+    model: nn.Module, roles: dict[str, Role], train_base: bool
+) -> dict[str, Role]:
+    """With train_base false, the base parameters are FROZEN: never trained, never sent, so
+    only adaptors (and routers) travel. Buffers keep their roles."""
+    if not train_base:
+        for name in base_tensor_names(model):
+            roles[name] = Role.FROZEN
+    return roles

@@ -17,7 +17,13 @@ from torch import nn
 from floral.adapters import RouterSpec, attach, mixture_weights, precondition_
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
-from floral.methods.adaptor_options import AdaptorOptions, adapter_spec, adaptor_param_groups
+from floral.methods.adaptor_options import (
+    AdaptorOptions,
+    adapter_spec,
+    adaptor_param_groups,
+    freeze_base,
+    frozen_base_roles,
+)
 from floral.methods.base import Method, Role
 from floral.methods.routing import (
     ROUTER_PREFIX,
@@ -40,6 +46,7 @@ class FloralOptions(AdaptorOptions):
     temperature: float = 1.0
     noise: float = 1.0  # train-time router noise, uniform in [0, noise)
     precondition: bool = True
+    train_base: bool = True  # false: the base is frozen; only adaptors and routers train
 
 
 class Floral(Method):
@@ -55,7 +62,8 @@ class Floral(Method):
             raise ConfigError(f"method.num_adaptors: FLoRAL needs at least 2, got {num_adaptors}")
         router = RouterSpec(opts.per_layer_router, opts.temperature, opts.noise)
         attach(model, adapter_spec(opts, num_adaptors, router))
-        if self.oracle:
+        freeze_base(model, opts.train_base)
+        if self.fixed_router:
             prepare_oracle(model.floral_router)
         return model
 
@@ -63,8 +71,14 @@ class Floral(Method):
     def oracle(self) -> bool:
         return self.options.router == "oracle"
 
+    @property
+    def fixed_router(self) -> bool:
+        """Whether pi is set rather than trained: the private state is the fixed weights."""
+        return self.oracle
+
     def roles(self, model: nn.Module) -> dict[str, Role]:
-        return router_roles(super().roles(model), self.oracle)
+        roles = router_roles(super().roles(model), self.fixed_router)
+        return frozen_base_roles(model, roles, self.options.train_base)
 
     def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:
         private = super().init_private(initial, client)

@@ -8,7 +8,13 @@ from torch import nn
 
 from floral.adapters import adaptor_parameter_names, attach, precondition_
 from floral.data import FederatedTask
-from floral.methods.adaptor_options import AdaptorOptions, adapter_spec, adaptor_param_groups
+from floral.methods.adaptor_options import (
+    AdaptorOptions,
+    adapter_spec,
+    adaptor_param_groups,
+    freeze_base,
+    frozen_base_roles,
+)
 from floral.methods.base import Method, Role
 from floral.train.loop import TrainConfig
 
@@ -18,6 +24,7 @@ __all__ = ["LocalAdaptor", "LocalAdaptorOptions"]
 @dataclass
 class LocalAdaptorOptions(AdaptorOptions):
     precondition: bool = True
+    train_base: bool = True  # false: the base is frozen; only the private adaptors train
 
 
 class LocalAdaptor(Method):
@@ -26,13 +33,15 @@ class LocalAdaptor(Method):
     Options = LocalAdaptorOptions
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
-        return attach(model, adapter_spec(self.options, num_adaptors=1))
+        attach(model, adapter_spec(self.options, num_adaptors=1))
+        freeze_base(model, self.options.train_base)
+        return model
 
     def roles(self, model: nn.Module) -> dict[str, Role]:
         roles = super().roles(model)
         for name in adaptor_parameter_names(model):
             roles[name] = Role.PRIVATE
-        return roles
+        return frozen_base_roles(model, roles, self.options.train_base)
 
     def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
         return adaptor_param_groups(model, config)

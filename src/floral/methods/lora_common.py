@@ -183,7 +183,8 @@ class LoraMethod(Method):
     # -- roles -------------------------------------------------------------------------------
     def roles(self, model: nn.Module) -> dict[str, Role]:
         roles = super().roles(model)
-        parameters = {name for name, _ in model.named_parameters()}
+        # Every name of a tied parameter (an LM's output head and embedding), not just the first.
+        parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         adaptors = set(adaptor_parameter_names(model))
         for name in roles:
             if name in adaptors:

@@ -1,0 +1,25 @@
+"""The optional dependencies of floral.llm, imported on first use."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from floral.errors import ConfigError
+
+__all__ = ["MissingExtraError", "require"]
+
+
+class MissingExtraError(ConfigError):
+    """An optional package that a language-model feature needs is not installed."""
+
+
+def require(module: str) -> ModuleType:
+    """Import `module`, or stop in one line naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        top = module.partition(".")[0]
+        raise MissingExtraError(
+            f"{top} is not installed; language models need: pip install 'floral[llm]'"
+        ) from None

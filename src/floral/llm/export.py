@@ -1,0 +1,37 @@
+"""A finished run's adaptors as PEFT LoRA folders: each client's mixture, and the shared ones.
+
+    from floral.llm.export import export_run
+    export_run("results/austen-floral", "adapters/austen-floral")
+
+writes `client-<k>/` (client k's personalized adaptor: its mixture merged, rank C*r) for every
+client, and `shared/adaptor-<c>/` (each shared adaptor alone, rank r) when the method has more
+than one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from floral.errors import ConfigError
+from floral.experiment import build_engine, load_config
+from floral.llm.deps import require
+from floral.llm.peft_io import export_peft, export_shared_peft
+
+__all__ = ["export_run"]
+
+
+def export_run(
+    run_dir: str | Path, out_dir: str | Path, clients: list[int] | None = None
+) -> list[Path]:
+    """Export the final state of the run in `run_dir` (its config.toml and state.safetensors)."""
+    run, out = Path(run_dir), Path(out_dir)
+    if not (run / "state.safetensors").is_file():
+        raise ConfigError(f"{run}: no state.safetensors (not a finished run's results folder)")
+    engine, task = build_engine(load_config(run / "config.toml"))
+    engine.load_state_dict(require("safetensors.torch").load_file(str(run / "state.safetensors")))
+    ids = range(len(task.clients)) if clients is None else clients
+    folders = [export_peft(engine.client_model(k), out / f"client-{k}") for k in ids]
+    model = engine.client_model(0)
+    if getattr(model, "floral_router", None) is not None:
+        folders += export_shared_peft(model, out / "shared")
+    return folders

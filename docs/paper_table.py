@@ -1,6 +1,7 @@
 """Our sweep's table next to the FLoRAL paper's numbers, in the paper's layout.
 
-    python docs/paper_table.py results/paper > docs/results-table.md
+    python docs/paper_table.py results/paper          # the paper-layout table
+    python docs/paper_table.py results/paper --goal   # the router goal, setting by setting
 
 Reads `table.csv` of a `floral sweep` folder and prints Markdown: one row per method in the
 paper's order, and for every task a column "ours" next to the paper's column for the setting
@@ -79,10 +80,44 @@ def ari(row: dict[str, str] | None) -> str:
     return f" · ARI {float(row['ari_mean']):.2f}"
 
 
+# The router goal: learned router within 2 points of the oracle's accuracy, ARI >= 0.9 and a
+# spread over seeds <= 2 points, on the Fashion-MNIST and MNIST-5k settings.
+GOAL_TASKS = ["fmnist-rotate", "fmnist-label-shift", "fmnist-rotate-5pct",
+              "fmnist-label-shift-5pct", "mnist5k-rotate-5pct", "mnist5k-label-shift-5pct"]
+GOAL_PAIRS = [  # (learned router, its oracle)
+    ("floral", "floral-oracle"),
+    ("floral-em", "floral-oracle"),
+    ("floral:rank=0.1", "floral-oracle:rank=0.1"),
+    ("floral-em:rank=0.1", "floral-oracle:rank=0.1"),
+]
+
+
+def goal_table(ours: dict[tuple[str, str], dict[str, str]]) -> list[str]:
+    lines = ["| setting | learned router | accuracy | oracle | gap | ARI | spread | goal |",
+             "|---|---|---|---|---|---|---|---|"]
+    for task in GOAL_TASKS:
+        for learned, oracle in GOAL_PAIRS:
+            row, bar = ours.get((task, learned)), ours.get((task, oracle))
+            if row is None or bar is None:
+                continue
+            mean, std = float(row["mean"]), float(row["std"])
+            gap = mean - float(bar["mean"])
+            score = float(row["ari_mean"])
+            met = gap >= -2 and score >= 0.9 and std <= 2
+            lines.append(
+                f"| {task} | {learned} | {mean:.1f} | {float(bar['mean']):.1f} | {gap:+.1f} "
+                f"| {score:.2f} | {std:.1f} | {'met' if met else '**not met**'} |"
+            )
+    return lines
+
+
 def main() -> None:
     folder = Path(sys.argv[1])
     with open(folder / "table.csv") as f:
         ours = {(r["task"], r["method"]): r for r in csv.DictReader(f)}
+    if "--goal" in sys.argv:
+        print("\n".join(goal_table(ours)))
+        return
     tasks = [t for t in ORDER if any(task == t for task, _ in ours)]
     header = ["method"]
     for task in tasks:

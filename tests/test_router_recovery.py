@@ -7,9 +7,12 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
+from floral.data import ClientData
+from floral.errors import ConfigError
 from floral.experiment import build_engine, resolve_config, run_experiment
-from floral.methods import get_method
-from floral.methods.floral_em import adaptor_share, pick_adaptor, reseed
+from floral.methods import base as base_module
+from floral.methods import floral_em, get_method
+from floral.methods.floral_em import adaptor_share, holdout_split, pick_adaptor, reseed
 from floral.methods.routing import ROUTER_PREFIX
 from floral.train.recovery import adjusted_rand_index, router_recovery
 
@@ -164,3 +167,50 @@ def test_at_the_symmetric_start_the_paper_router_gets_no_gradient():
     assert torch.count_nonzero(model.floral_router.logits.grad) == 0
     factor_grads = [p.grad for n, p in model.named_parameters() if n.endswith("lora_B")]
     assert all(g is not None and g.abs().sum() > 0 for g in factor_grads)
+
+
+def test_holdout_split_is_fixed_disjoint_and_covers_the_client():
+    x = torch.arange(20.0)[:, None]
+    data = ClientData(7, 0, x, torch.arange(20), x[:3], torch.arange(3))
+    train, check = holdout_split(data, 0.2)
+    assert (len(train.y_train), len(check.y_train)) == (16, 4)
+    assert sorted(torch.cat([train.y_train, check.y_train]).tolist()) == list(range(20))
+    again, check_again = holdout_split(data, 0.2)  # the same samples at every visit
+    assert torch.equal(check.y_train, check_again.y_train)
+    assert torch.equal(train.x_test, data.x_test)
+    assert holdout_split(data, 0.0) == (data, data)
+    one = ClientData(7, 0, x[:1], torch.arange(1), x[:1], torch.arange(1))
+    assert holdout_split(one, 0.5) == (one, one)  # nothing left to train on otherwise
+    _, tiny = holdout_split(data, 0.01)
+    assert len(tiny.y_train) == 1  # at least one
+
+
+def test_floral_em_assigns_on_held_out_samples_and_trains_on_the_rest(monkeypatch):
+    seen: dict[str, list[torch.Tensor]] = {"assign": [], "train": []}
+    real_losses, real_epochs = floral_em.adaptor_losses, base_module.train_epochs
+
+    def record_losses(model, x, y, kind):
+        seen["assign"].append(x)
+        return real_losses(model, x, y, kind)
+
+    def record_epochs(model, optimizer, x, y, *args, **kwargs):
+        seen["train"].append(x)
+        return real_epochs(model, optimizer, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(floral_em, "adaptor_losses", record_losses)
+    monkeypatch.setattr(base_module, "train_epochs", record_epochs)
+    config = resolve_config({**TINY, "method": {"name": "floral-em", "holdout": 0.25}})
+    build_engine(config)[0].run()
+    assert seen["assign"] and len(seen["assign"]) == len(seen["train"])
+    for assigned, trained in zip(seen["assign"], seen["train"], strict=True):
+        n = len(assigned) + len(trained)
+        assert len(assigned) == max(1, round(0.25 * n))
+        rows = {tuple(r.tolist()) for r in trained.flatten(1)}
+        assert not any(tuple(r.tolist()) in rows for r in assigned.flatten(1))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
+def test_floral_em_rejects_a_holdout_outside_zero_one(bad):
+    config = resolve_config({**TINY, "method": {"name": "floral-em", "holdout": bad}})
+    with pytest.raises(ConfigError, match=f"method.holdout.*{bad}"):
+        build_engine(config)

@@ -25,13 +25,14 @@ is why it is the bar to reach. A client never sampled keeps uniform weights.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
 from floral.data import ClientData, FederatedTask
+from floral.errors import ConfigError
 from floral.methods.base import WEIGHT_SUFFIX
 from floral.methods.floral import Floral, FloralOptions
 from floral.methods.routing import ROUTER_PREFIX
@@ -44,6 +45,7 @@ __all__ = [
     "FloralEMOptions",
     "adaptor_losses",
     "adaptor_share",
+    "holdout_split",
     "pick_adaptor",
     "reseed",
 ]
@@ -58,6 +60,10 @@ class FloralEMOptions(FloralOptions):
     usage_decay: float = 0.9  # per round, of the moving average of each adaptor's share
     reseed_below: float = 0.25  # reseed an adaptor whose share falls below this / C
     tie_rtol: float = 1e-5  # losses this close (relative) count as a tie
+    # Fraction of each client's training samples kept for the E-step and never trained on
+    # (at least one when > 0): the loss of an adaptor the client has itself trained is biased
+    # towards that adaptor, and with few samples the bias locks a wrong assignment in.
+    holdout: float = 0.0
 
 
 class FloralEM(Floral):
@@ -69,6 +75,8 @@ class FloralEM(Floral):
     Options = FloralEMOptions
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
+        if not 0 <= self.options.holdout < 1:
+            raise ConfigError(f"method.holdout: a fraction in [0, 1), got {self.options.holdout}")
         model = super().build_model(model, task)
         num_adaptors = model.get_buffer(FIXED).shape[-1]
         # Global, so the server's moving average travels with the state and its checkpoints.
@@ -91,7 +99,8 @@ class FloralEM(Floral):
         """E-step on the loaded model, then FLoRAL's local training routed one-hot on the
         chosen adaptor; the choice is written into the router's slot, so it becomes the
         client's private state and sets the upload weights."""
-        x, y = self._assign_batch(data, seed)
+        data, check = holdout_split(data, self.options.holdout)
+        x, y = self._assign_batch(check, seed)
         losses = adaptor_losses(slots.model, x, y, kind)
         choice = pick_adaptor(losses, seed, self.options.tie_rtol)
         one_hot = torch.zeros_like(slots.tensors[FIXED])
@@ -126,6 +135,21 @@ class FloralEM(Floral):
         generator = torch.Generator().manual_seed(seed ^ 0xE5)
         index = torch.randperm(data.num_train, generator=generator)[:limit]
         return data.x_train[index], data.y_train[index]
+
+
+def holdout_split(data: ClientData, fraction: float) -> tuple[ClientData, ClientData]:
+    """(the samples to train on, the samples to assign by): a fixed random subset of
+    max(1, round(fraction * n)) training samples, the same at every visit, is held out;
+    with fraction 0, or a single sample, both are all of the data."""
+    n = data.num_train
+    if fraction <= 0 or n < 2:
+        return data, data
+    held = min(n - 1, max(1, round(fraction * n)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(data.client_id))
+    keep, held_out = order[held:], order[:held]
+    train = replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep])
+    check = replace(data, x_train=data.x_train[held_out], y_train=data.y_train[held_out])
+    return train, check
 
 
 @torch.no_grad()
@@ -194,3 +218,4 @@ def pick_adaptor(losses: torch.Tensor, seed: int, rtol: float = 1e-5) -> int:
         return int(tied[0])
     generator = torch.Generator().manual_seed(seed)
     return int(tied[torch.randint(len(tied), (1,), generator=generator)])
+

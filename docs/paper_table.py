@@ -1,6 +1,7 @@
 """Our sweep's table next to the FLoRAL paper's numbers, in the paper's layout.
 
     python docs/paper_table.py results/paper          # the paper-layout table
+    python docs/paper_table.py results/paper --tasks fmnist-rotate,fmnist-label-shift
     python docs/paper_table.py results/paper --goal   # the router goal, setting by setting
 
 Reads `table.csv` of a `floral sweep` folder and prints Markdown: one row per method in the
@@ -69,9 +70,11 @@ def cell(row: dict[str, str] | None) -> str:
     if row is None:
         return "—"
     mean, std = float(row["mean"]), float(row["std"])
+    seeds = "" if row["seeds"] == "3" else f" [{row['seeds']} seed{'s' * (row['seeds'] != '1')}]"
     if row["metric"] == "accuracy":
-        return f"{mean:.1f} ({std:.1f})"
-    return f"{mean:.2g} ({std:.1g})" if mean < 1e-3 else f"{mean:.3g} ({std:.2g})"
+        return f"{mean:.1f} ({std:.1f}){seeds}"
+    text = f"{mean:.2g} ({std:.1g})" if mean < 1e-3 else f"{mean:.3g} ({std:.2g})"
+    return text + seeds
 
 
 def ari(row: dict[str, str] | None) -> str:
@@ -104,9 +107,12 @@ def goal_table(ours: dict[tuple[str, str], dict[str, str]]) -> list[str]:
             gap = mean - float(bar["mean"])
             score = float(row["ari_mean"])
             met = gap >= -2 and score >= 0.9 and std <= 2
+            verdict = "met" if met else "**not met**"
+            if row["seeds"] != "3" or bar["seeds"] != "3":
+                verdict += f" ({row['seeds']} / {bar['seeds']} seeds)"
             lines.append(
                 f"| {task} | {learned} | {mean:.1f} | {float(bar['mean']):.1f} | {gap:+.1f} "
-                f"| {score:.2f} | {std:.1f} | {'met' if met else '**not met**'} |"
+                f"| {score:.2f} | {std:.1f} | {verdict} |"
             )
     return lines
 
@@ -119,6 +125,9 @@ def main() -> None:
         print("\n".join(goal_table(ours)))
         return
     tasks = [t for t in ORDER if any(task == t for task, _ in ours)]
+    if "--tasks" in sys.argv:
+        wanted = sys.argv[sys.argv.index("--tasks") + 1].split(",")
+        tasks = [t for t in tasks if t in wanted]
     header = ["method"]
     for task in tasks:
         header += [f"{task} (ours)", f"{PAPER[task][0]} (paper)"]

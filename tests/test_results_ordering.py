@@ -47,6 +47,25 @@ MNIST5K_LABEL_SHIFT = {
              "num_clusters": 4, "test_fraction": 0.4, "data_fraction": 0.5},
     "train": {**MNIST5K["train"], "clients_per_round": 0.1},
 }
+# Fashion-MNIST in the paper's MNIST setting, shrunk: 40 clients x 20 images, 60 rounds.
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(
+    not FMNIST_DIR.exists(), reason="apt-get install dataset-fashion-mnist"
+)
+FMNIST = {
+    "model": {"name": "mlp", "hidden": [200]},
+    "train": {"rounds": 60, "clients_per_round": 0.25, "batch_size": 32, "lr": 0.1,
+              "router_lr": 0.1},
+    "engine": {"eval_every": 60},
+}
+
+
+def _fmnist(shift: str) -> dict:
+    task = {"dataset": "fashion-mnist", "shift": shift, "num_clients": 40, "num_clusters": 4,
+            "data_fraction": 0.1}
+    return {**FMNIST, "name": f"fmnist-{shift}-short", "task": task}
+
+
 LINEAR = {
     "name": "synthetic-linear",
     "task": {"dataset": "synthetic-linear", "shift": "none", "num_clients": 10,
@@ -111,6 +130,27 @@ def test_mnist5k_label_shift_5pct_em_router_finds_the_clusters_the_paper_router_
     paper, _ = _final(MNIST5K_LABEL_SHIFT, "floral", tmp_path)
     em, em_ari = _final(MNIST5K_LABEL_SHIFT, "floral-em", tmp_path)
     assert em_ari >= 0.9 and em >= paper + 30 and em >= fedavg + 30, (em, em_ari, paper, fedavg)
+
+
+@needs_fmnist
+def test_fmnist_label_shift_em_router_matches_the_oracle_and_sharing_beats_local(tmp_path):
+    task = _fmnist("label-shift")
+    fedavg, _ = _final(task, "fedavg", tmp_path)
+    local, _ = _final(task, "local-adaptor", tmp_path)
+    oracle, _ = _final(task, "floral-oracle", tmp_path)
+    em, em_ari = _final(task, "floral-em", tmp_path)
+    assert em_ari >= 0.9 and em >= oracle - 2, (em, em_ari, oracle)
+    assert oracle >= local + 3 and local >= fedavg + 30, (oracle, local, fedavg)
+
+
+@needs_fmnist
+def test_fmnist_rotate_em_router_finds_the_rotations_and_beats_one_model(tmp_path):
+    task = _fmnist("rotate")
+    fedavg, _ = _final(task, "fedavg", tmp_path)
+    oracle, _ = _final(task, "floral-oracle", tmp_path)
+    em, em_ari = _final(task, "floral-em", tmp_path)
+    assert em_ari >= 0.9 and em >= oracle - 2, (em, em_ari, oracle)
+    assert oracle >= fedavg + 3, (oracle, fedavg)
 
 
 # -- the CIFAR experiment files, on tiny files in the CIFAR binary format --------------------

@@ -15,6 +15,11 @@ factors happen to break the tie, slowly and unreliably (docs/results.md measures
 - M-step: FLoRAL's local training with pi fixed one-hot on that adaptor; adaptor c is then
   averaged over the clients that picked it (weights n_k * pi_kc, as in FLoRAL).
 
+With `holdout = h`, a fixed random fraction h of each client's training samples is never
+trained on and the E-step reads only those: a client that trained an adaptor has made it fit
+its own samples, and with ~10 samples per client that bias can hold a wrong assignment in
+place (docs/results.md measures when this helps).
+
 Nothing here knows the clusters: a client's choice uses only its own data and the global
 tensors it receives, and it stays private (the fixed router weights are the client's private
 state; the upload is FLoRAL's pi-weighted sums, so the server learns no more than in FLoRAL).

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from floral.cli import main
 from floral.experiment import load_config, run_experiment
@@ -146,6 +146,29 @@ def test_resume_refuses_a_different_experiment(tiny, tmp_path, capsys):
                  "--out", str(tmp_path / "o")])
     assert code == 2
     assert "train.lr" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda s: s.update({"private/0/old": torch.zeros(2)}), "private tensor 'old'"),
+        (lambda s: s.update({"global/old_factor": torch.zeros(2)}), "global tensor 'old_factor'"),
+        (lambda s: s.pop(next(k for k in list(s) if k.startswith("global/"))), "lacks global"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_another_model_in_one_line(tiny, tmp_path, capsys, edit,
+                                                                  words):
+    config = load_config(tiny, ["engine.checkpoint_every=3", "method.name=floral"])
+    run_experiment(config, tmp_path / "o")
+    path = tmp_path / "o" / "checkpoint" / "state.safetensors"
+    state = load_file(path)
+    edit(state)
+    save_file(state, path)
+    code = main(["run", str(tiny), "--set", "engine.checkpoint_every=3", "--set",
+                 "method.name=floral", "--resume", "--quiet", "--out", str(tmp_path / "o")])
+    assert code == 2
+    line = _error_line(capsys)
+    assert words in line and "delete it" in line
 
 
 def test_methods_command_lists_every_method(capsys):

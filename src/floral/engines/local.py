@@ -242,6 +242,7 @@ class LocalEngine:
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        check_state_names(state, set(self.global_state), set(self.initial_private))
         self.global_state = {k[7:]: v.clone() for k, v in state.items() if k.startswith("global/")}
         self.server_optimizer.load_state_dict(
             {k[7:]: v for k, v in state.items() if k.startswith("server/")}
@@ -252,6 +253,26 @@ class LocalEngine:
                 _, client, name = key.split("/", 2)
                 self.private.setdefault(int(client), {})[name] = value.clone()
         self.round = int(state["engine/round"])
+
+
+def check_state_names(
+    state: Mapping[str, torch.Tensor], global_names: set[str], private_names: set[str]
+) -> None:
+    """A saved state must hold exactly the model's tensors: one written by another method,
+    model or version of a method stops here, in one line, instead of mid-run."""
+    found_global = {k[7:] for k in state if k.startswith("global/")}
+    found_private = {k.split("/", 2)[2] for k in state if k.startswith("private/")}
+    for kind, found, expected in (
+        ("global", found_global, global_names),
+        ("private", found_private, private_names),
+    ):
+        extra, missing = sorted(found - expected), sorted(expected - found)
+        if extra or (missing and (kind == "global" or found)):
+            what = f"has {kind} tensor {extra[0]!r}" if extra else f"lacks {kind} {missing[0]!r}"
+            raise ConfigError(
+                f"the saved state {what}, which this run's model does not match: it was "
+                "written by another method, model or floral version; delete it to start afresh"
+            )
 
 
 def summarize(

@@ -3,6 +3,7 @@
     python docs/paper_table.py results/paper          # the paper-layout table
     python docs/paper_table.py results/paper --tasks fmnist-rotate,fmnist-label-shift
     python docs/paper_table.py results/paper --goal   # the router goal, setting by setting
+    python docs/paper_table.py results/paper --cost   # CPU minutes per run, and per grid
 
 Reads `table.csv` of a `floral sweep` folder and prints Markdown: one row per method in the
 paper's order, and for every task a column "ours" next to the paper's column for the setting
@@ -117,12 +118,38 @@ def goal_table(ours: dict[tuple[str, str], dict[str, str]]) -> list[str]:
     return lines
 
 
+def cost_table(ours: dict[tuple[str, str], dict[str, str]]) -> list[str]:
+    """CPU minutes per run (wall time where a run predates CPU timing), and what the task's
+    full grid (every row, 3 seeds) costs."""
+    tasks = [t for t in ORDER if any(task == t for task, _ in ours)]
+    lines = ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    totals = dict.fromkeys(tasks, 0.0)
+    for label, spec in ROWS:
+        cells = []
+        for task in tasks:
+            row = ours.get((task, spec))
+            if row is None:
+                cells.append("—")
+                continue
+            cpu, wall = float(row["cpu_seconds_per_run"]), float(row["seconds_per_run"])
+            minutes = (wall if math.isnan(cpu) else cpu) / 60
+            totals[task] += 3 * minutes
+            cells.append(f"{minutes:.1f}" + (" (wall)" if math.isnan(cpu) else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| **the rows above, 3 seeds (CPU hours)** | "
+                 + " | ".join(f"{totals[t] / 60:.1f}" for t in tasks) + " |")
+    return lines
+
+
 def main() -> None:
     folder = Path(sys.argv[1])
     with open(folder / "table.csv") as f:
         ours = {(r["task"], r["method"]): r for r in csv.DictReader(f)}
     if "--goal" in sys.argv:
         print("\n".join(goal_table(ours)))
+        return
+    if "--cost" in sys.argv:
+        print("\n".join(cost_table(ours)))
         return
     tasks = [t for t in ORDER if any(task == t for task, _ in ours)]
     if "--tasks" in sys.argv:

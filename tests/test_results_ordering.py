@@ -14,56 +14,46 @@ import pytest
 
 from floral.experiment import load_config, resolve_config, run_experiment
 
-DIGITS = {
-    "model": {"name": "mlp", "hidden": [64]},
-    "train": {"rounds": 40, "clients_per_round": 0.5, "batch_size": 16, "lr": 0.1,
-              "router_lr": 1.0},
-    "engine": {"eval_every": 40},
-}
-LABEL_SHIFT = {
-    **DIGITS, "name": "digits-label-shift",
-    "task": {"dataset": "digits", "shift": "label-shift", "num_clients": 20, "num_clusters": 4},
-}
-ROTATE = {
-    **DIGITS, "name": "digits-rotate",
-    "task": {"dataset": "digits", "shift": "rotate", "num_clients": 20, "num_clusters": 4},
-}
+
+def _mlp(hidden: int, rounds: int, clients_per_round: float, batch_size: int = 32,
+         router_lr: float = 0.1) -> dict:
+    """Model, training and evaluation of a shrunk image setting: an MLP, lr 0.1, one
+    evaluation at the end."""
+    return {
+        "model": {"name": "mlp", "hidden": [hidden]},
+        "train": {"rounds": rounds, "clients_per_round": clients_per_round,
+                  "batch_size": batch_size, "lr": 0.1, "router_lr": router_lr},
+        "engine": {"eval_every": rounds},
+    }
+
+
+def _task(setting: dict, name: str, **task: object) -> dict:
+    return {**setting, "name": name, "task": {"num_clusters": 4, **task}}
+
+
+DIGITS = _mlp(64, rounds=40, clients_per_round=0.5, batch_size=16, router_lr=1.0)
+LABEL_SHIFT = _task(DIGITS, "digits-label-shift", dataset="digits", shift="label-shift",
+                    num_clients=20)
+ROTATE = _task(DIGITS, "digits-rotate", dataset="digits", shift="rotate", num_clients=20)
 # The MNIST-5k "5%" settings: real MNIST images, ~10 training images per client.
-MNIST5K = {
-    "model": {"name": "mlp", "hidden": [200]},
-    "train": {"rounds": 150, "clients_per_round": 0.25, "batch_size": 32, "lr": 0.1,
-              "router_lr": 0.1},
-    "engine": {"eval_every": 150},
-}
-MNIST5K_ROTATE = {
-    **MNIST5K, "name": "mnist5k-rotate-5pct-short",
-    "task": {"dataset": "mnist5k", "shift": "rotate", "num_clients": 40, "num_clusters": 4,
-             "test_fraction": 0.4, "data_fraction": 0.14},
-}
+MNIST5K_ROTATE = _task(_mlp(200, rounds=150, clients_per_round=0.25),
+                       "mnist5k-rotate-5pct-short", dataset="mnist5k", shift="rotate",
+                       num_clients=40, test_fraction=0.4, data_fraction=0.14)
 # The EM router needs many clients per adaptor to find the clusters from 10 images each.
-MNIST5K_LABEL_SHIFT = {
-    **MNIST5K, "name": "mnist5k-label-shift-5pct-short",
-    "task": {"dataset": "mnist5k", "shift": "label-shift", "num_clients": 150,
-             "num_clusters": 4, "test_fraction": 0.4, "data_fraction": 0.5},
-    "train": {**MNIST5K["train"], "clients_per_round": 0.1},
-}
+MNIST5K_LABEL_SHIFT = _task(_mlp(200, rounds=150, clients_per_round=0.1),
+                            "mnist5k-label-shift-5pct-short", dataset="mnist5k",
+                            shift="label-shift", num_clients=150, test_fraction=0.4,
+                            data_fraction=0.5)
 # Fashion-MNIST in the paper's MNIST setting, shrunk: 40 clients x 20 images, 60 rounds.
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(
     not FMNIST_DIR.exists(), reason="apt-get install dataset-fashion-mnist"
 )
-FMNIST = {
-    "model": {"name": "mlp", "hidden": [200]},
-    "train": {"rounds": 60, "clients_per_round": 0.25, "batch_size": 32, "lr": 0.1,
-              "router_lr": 0.1},
-    "engine": {"eval_every": 60},
-}
 
 
 def _fmnist(shift: str) -> dict:
-    task = {"dataset": "fashion-mnist", "shift": shift, "num_clients": 40, "num_clusters": 4,
-            "data_fraction": 0.1}
-    return {**FMNIST, "name": f"fmnist-{shift}-short", "task": task}
+    return _task(_mlp(200, rounds=60, clients_per_round=0.25), f"fmnist-{shift}-short",
+                 dataset="fashion-mnist", shift=shift, num_clients=40, data_fraction=0.1)
 
 
 LINEAR = {

@@ -259,20 +259,26 @@ def check_state_names(
     state: Mapping[str, torch.Tensor], global_names: set[str], private_names: set[str]
 ) -> None:
     """A saved state must hold exactly the model's tensors: one written by another method,
-    model or version of a method stops here, in one line, instead of mid-run."""
+    model or version of a method stops here, in one line, instead of mid-run. A state with no
+    private tensors yet (no client trained) matches any private names."""
     found_global = {k[7:] for k in state if k.startswith("global/")}
     found_private = {k.split("/", 2)[2] for k in state if k.startswith("private/")}
-    for kind, found, expected in (
-        ("global", found_global, global_names),
-        ("private", found_private, private_names),
-    ):
-        extra, missing = sorted(found - expected), sorted(expected - found)
-        if extra or (missing and (kind == "global" or found)):
-            what = f"has {kind} tensor {extra[0]!r}" if extra else f"lacks {kind} {missing[0]!r}"
-            raise ConfigError(
-                f"the saved state {what}, which this run's model does not match: it was "
-                "written by another method, model or floral version; delete it to start afresh"
-            )
+    problem = _name_mismatch("global", found_global, global_names)
+    if problem is None and found_private:
+        problem = _name_mismatch("private", found_private, private_names)
+    if problem is not None:
+        raise ConfigError(
+            f"the saved state {problem}, which this run's model does not match: it was "
+            "written by another method, model or floral version; delete it to start afresh"
+        )
+
+
+def _name_mismatch(kind: str, found: set[str], expected: set[str]) -> str | None:
+    if extra := sorted(found - expected):
+        return f"has {kind} tensor {extra[0]!r}"
+    if missing := sorted(expected - found):
+        return f"lacks {kind} {missing[0]!r}"
+    return None
 
 
 def summarize(

@@ -223,4 +223,3 @@ def pick_adaptor(losses: torch.Tensor, seed: int, rtol: float = 1e-5) -> int:
         return int(tied[0])
     generator = torch.Generator().manual_seed(seed)
     return int(tied[torch.randint(len(tied), (1,), generator=generator)])
-

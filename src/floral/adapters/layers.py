@@ -31,6 +31,7 @@ Factor names: `lora_A`, `lora_B`, `lora_bias`; norm deltas: `norm_weight_delta`,
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ __all__ = [
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
-class AdaptedLayer(nn.Module):
+class AdaptedLayer(nn.Module, ABC):
     """What all adapted layers share: the base layer, the mixture's size and the router."""
 
     factor_names: tuple[str, ...] = ()
@@ -93,9 +94,9 @@ class AdaptedLayer(nn.Module):
         pi = self._router.eval_weights()
         return pi[self.layer_index] if pi.dim() == 2 else pi
 
+    @abstractmethod
     def fold(self, pi: Tensor) -> nn.Module:
         """Fold the mixture with weights `pi` (C,) into `.base` in place, and return it."""
-        raise NotImplementedError
 
     def _mix_hidden(self, hidden: Tensor, pi: Tensor | None, rank: int, conv: bool) -> Tensor:
         if pi is None:

@@ -6,6 +6,7 @@ so the phase neither moves them nor pays for their backward pass.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,12 +78,13 @@ def run_phase(
         )
 
 
-class Phased:
+class Phased(ABC):
     """Mixin for methods whose local training runs in named phases: `phase` says what a phase
     trains, `train_phase` runs it (its `Phase` built once per scratch model)."""
 
+    @abstractmethod
     def phase(self, model: nn.Module, config: TrainConfig, name: str) -> Phase:
-        raise NotImplementedError
+        """What phase `name` trains, and how."""
 
     def phase_hook(self, model: nn.Module, name: str) -> Callable[[], None] | None:
         """Called between backward and step in phase `name` (gradient preconditioning)."""

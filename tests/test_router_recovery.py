@@ -119,6 +119,13 @@ def test_pick_adaptor_takes_the_lowest_loss_and_breaks_ties_at_random():
     assert pick_adaptor(tied, 7) == pick_adaptor(tied, 7)  # repeatable from the seed
 
 
+def test_pick_adaptor_counts_a_diverged_adaptor_as_worst():
+    nan = float("nan")
+    assert pick_adaptor(torch.tensor([nan, 0.7, 0.2]), seed=0) == 2
+    everything_diverged = torch.tensor([nan, nan, nan])
+    assert {pick_adaptor(everything_diverged, seed) for seed in range(40)} == {0, 1, 2}
+
+
 def test_reseed_copies_the_most_used_adaptor_into_the_starving_one():
     state = {
         "layer.lora_A": torch.arange(12.0).reshape(3, 4),

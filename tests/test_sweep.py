@@ -149,6 +149,29 @@ def test_a_failing_run_fails_alone_and_is_named_in_one_line(tmp_path, two_tasks,
     assert "| fedavg |" in (out / "ls" / "comparison.md").read_text()
 
 
+def test_a_crashing_run_stops_alone_and_leaves_its_traceback(
+    tmp_path, two_tasks, capsys, monkeypatch
+):
+    import floral.compare
+
+    real = floral.compare.run_experiment
+
+    def crash_on_rotate(config, out_dir, **kwargs):  # noqa: ANN001, ANN003
+        if config.task.shift == "rotate":
+            raise RuntimeError("random_ expects 'from' to be less than 'to'")
+        return real(config, out_dir, **kwargs)
+
+    monkeypatch.setattr(floral.compare, "run_experiment", crash_on_rotate)
+    out = tmp_path / "grid"
+    assert _sweep(two_tasks, out, "fedavg", "--seeds", "0") == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("floral: error: rot · fedavg seed 0: RuntimeError: random_")
+    assert "\n" not in error
+    traceback_file = out / "rot" / "fedavg" / "seed0" / "error.txt"
+    assert "crash_on_rotate" in traceback_file.read_text()  # the whole traceback is kept
+    assert (out / "ls" / "fedavg" / "seed0" / "summary.json").exists()
+
+
 def test_plot_rebuilds_tables_and_figures_from_the_folder(tmp_path, two_tasks):
     out = tmp_path / "grid"
     assert _sweep(two_tasks, out, "fedavg,floral", "--no-plots") == 0

@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import queue
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import tomli_w
 import torch
 
 from floral.config import parse_value, tomllib
-from floral.errors import ConfigError, FloralError
+from floral.errors import ConfigError, FloralError, RunCrashedError
 from floral.experiment import (
     ExperimentConfig,
     RunSummary,
@@ -159,6 +160,7 @@ def _load_summary(out_dir: Path) -> RunSummary:
 Progress = Callable[[str, int, int, dict[str, float]], None]
 
 COST_FILE = "cost.json"  # written next to summary.json by the sweep
+CRASH_FILE = "error.txt"  # the traceback of a run that crashed
 
 
 def run_all(
@@ -185,6 +187,8 @@ def run_all(
                     results[run.key] = _run_one(run, on_progress)
                 except FloralError as error:
                     failures[run.key] = error
+                except Exception as error:  # a crash stops its run, not the grid
+                    failures[run.key] = crashed(run, error)
         finally:
             torch.set_num_threads(threads)
         _raise_failures(failures)
@@ -215,6 +219,17 @@ def _collect(
         results[run.key] = future.result()
     except FloralError as error:
         failures[run.key] = error
+    except Exception as error:
+        failures[run.key] = crashed(run, error)
+
+
+def crashed(run: RunSpec, error: Exception) -> RunCrashedError:
+    """The one-line error for a run that crashed; its full traceback (a worker's included)
+    goes to `error.txt` in the run's folder."""
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    path = run.out_dir / CRASH_FILE
+    path.write_text("".join(traceback.format_exception(error)))
+    return RunCrashedError(f"{type(error).__name__}: {error} (traceback in {path})")
 
 
 def _raise_failures(failures: dict[str, FloralError]) -> None:

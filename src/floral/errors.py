@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FloralError", "ConfigError", "DatasetNotFoundError"]
+__all__ = ["FloralError", "ConfigError", "DatasetNotFoundError", "RunCrashedError"]
 
 
 class FloralError(Exception):
@@ -19,3 +19,8 @@ class ConfigError(FloralError):
 
 class DatasetNotFoundError(ConfigError):
     """A dataset is not where the experiment says; the message says how to get it."""
+
+
+class RunCrashedError(FloralError):
+    """One run of a grid stopped on an unexpected error; the others went on, and its traceback
+    is saved in its folder."""

@@ -216,7 +216,11 @@ def reseed(state: TensorDict, names: Sequence[str], target: int, source: int) ->
 
 
 def pick_adaptor(losses: torch.Tensor, seed: int, rtol: float = 1e-5) -> int:
-    """argmin of `losses`; ties (within `rtol`) broken uniformly at random from `seed`."""
+    """argmin of `losses`; ties (within `rtol`) broken uniformly at random from `seed`.
+
+    A NaN loss (a diverged adaptor) counts as infinitely bad; when all are, all tie.
+    """
+    losses = torch.nan_to_num(losses, nan=float("inf"))
     best = losses.min()
     tied = torch.nonzero(losses <= best + rtol * best.abs()).flatten()
     if len(tied) == 1:

@@ -9,7 +9,7 @@ the router itself never leaves the client.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -61,11 +61,16 @@ class Floral(Method):
         if num_adaptors < 2:
             raise ConfigError(f"method.num_adaptors: FLoRAL needs at least 2, got {num_adaptors}")
         router = RouterSpec(opts.per_layer_router, opts.temperature, opts.noise)
-        attach(model, adapter_spec(opts, num_adaptors, router))
+        attach(model, adapter_spec(replace(opts, rank=self.attached_rank), num_adaptors, router))
         freeze_base(model, opts.train_base)
         if self.fixed_router:
             prepare_oracle(model.floral_router)
         return model
+
+    @property
+    def attached_rank(self) -> int | float:
+        """The adaptors' rank when the model is built (a subclass may start larger)."""
+        return self.options.rank
 
     @property
     def oracle(self) -> bool:

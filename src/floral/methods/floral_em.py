@@ -15,6 +15,12 @@ factors happen to break the tie, slowly and unreliably (docs/results.md measures
 - M-step: FLoRAL's local training with pi fixed one-hot on that adaptor; adaptor c is then
   averaged over the clients that picked it (weights n_k * pi_kc, as in FLoRAL).
 
+With `warmup_rank = R`, the adaptors start at rank R and train so for `warmup_rounds`
+rounds; then the server cuts each one to its best approximation of rank `rank` (SVD) and
+training goes on at that rank. The E-step compares adaptors by loss, and small adaptors differ
+too little between some clusters (rotations, with ~10 samples per client) for the comparison
+to find them; larger ones find them early, and the assignment survives the cut.
+
 With `holdout = h`, a fixed random fraction h of each client's training samples is never
 trained on and the E-step reads only those: a client that trained an adaptor has made it fit
 its own samples, and with ~10 samples per client that bias can hold a wrong assignment in
@@ -36,6 +42,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from floral.adapters.layers import AdaptedLayer, AdaptedLinear
+from floral.adapters.rank import resolve_rank, truncate_rank
+from floral.adapters.spec import check_rank
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
 from floral.methods.base import WEIGHT_SUFFIX
@@ -56,6 +65,7 @@ __all__ = [
 ]
 
 FIXED = ROUTER_PREFIX + "fixed"
+ROUNDS = "floral_em_rounds"  # server rounds so far, when the rank warms up
 USAGE = "floral_em_usage"  # moving average of each adaptor's share of the upload weight
 
 
@@ -69,6 +79,11 @@ class FloralEMOptions(FloralOptions):
     # (at least one when > 0): the loss of an adaptor the client has itself trained is biased
     # towards that adaptor, and with few samples the bias locks a wrong assignment in.
     holdout: float = 0.0
+    # Rank warm-up: the adaptors start at this rank (an int or a fraction, as `rank`; 0 = off)
+    # and are cut to `rank` by SVD after `warmup_rounds` rounds. Larger adaptors differ more
+    # between clusters, so the E-step finds the clusters while small ones would still tie.
+    warmup_rank: int | float = 0
+    warmup_rounds: int = 150
 
 
 class FloralEM(Floral):
@@ -82,11 +97,19 @@ class FloralEM(Floral):
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         if not 0 <= self.options.holdout < 1:
             raise ConfigError(f"method.holdout: a fraction in [0, 1), got {self.options.holdout}")
+        check_warmup(self.options)
         model = super().build_model(model, task)
         num_adaptors = model.get_buffer(FIXED).shape[-1]
         # Global, so the server's moving average travels with the state and its checkpoints.
         model.register_buffer(USAGE, torch.full((num_adaptors,), 1.0 / num_adaptors))
+        if self.options.warmup_rank:
+            self.final_ranks = final_ranks(model, self.options)
+            model.register_buffer(ROUNDS, torch.zeros(()))  # global too: rounds the server ran
         return model
+
+    @property
+    def attached_rank(self) -> int | float:
+        return self.options.warmup_rank or self.options.rank
 
     @property
     def fixed_router(self) -> bool:
@@ -120,6 +143,12 @@ class FloralEM(Floral):
         optimizer: ServerOptimizer,
     ) -> TensorDict:
         new = super().server_update(global_state, uploads, optimizer)
+        if ROUNDS in global_state:
+            new[ROUNDS] = global_state[ROUNDS] + 1
+            if int(new[ROUNDS]) == self.options.warmup_rounds:
+                for prefix, rank in self.final_ranks.items():
+                    a, b = prefix + "lora_A", prefix + "lora_B"
+                    new[a], new[b] = truncate_rank(new[a], new[b], rank)
         if not uploads or USAGE not in global_state:
             return new
         names, share = adaptor_share(uploads)
@@ -140,6 +169,34 @@ class FloralEM(Floral):
         generator = torch.Generator().manual_seed(seed ^ 0xE5)
         index = torch.randperm(data.num_train, generator=generator)[:limit]
         return data.x_train[index], data.y_train[index]
+
+
+def check_warmup(options: FloralEMOptions) -> None:
+    if not options.warmup_rank:
+        return
+    try:
+        check_rank(options.warmup_rank)
+    except ConfigError as error:
+        raise ConfigError(f"method.warmup_{error}") from None
+    if options.warmup_rounds < 1:
+        raise ConfigError(f"method.warmup_rounds: must be >= 1, got {options.warmup_rounds}")
+
+
+def final_ranks(model: nn.Module, options: FloralEMOptions) -> dict[str, int]:
+    """Each adapted layer's state-dict prefix -> the rank its adaptors keep after warm-up."""
+    ranks = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, AdaptedLayer):
+            continue
+        if not isinstance(module, AdaptedLinear):
+            raise ConfigError(
+                f"method.warmup_rank: layer {name!r} is a {type(module.base).__name__}; "
+                "the rank warm-up cuts linear adaptors only (exclude the layer or drop warm-up)"
+            )
+        base = module.base
+        rank = resolve_rank(options.rank, base.in_features, base.out_features, options.min_rank)
+        ranks[f"{name}." if name else ""] = rank
+    return ranks
 
 
 def holdout_split(data: ClientData, fraction: float) -> tuple[ClientData, ClientData]:

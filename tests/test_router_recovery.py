@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
+from floral.adapters.rank import truncate_rank
 from floral.data import ClientData
 from floral.errors import ConfigError
 from floral.experiment import build_engine, resolve_config, run_experiment
@@ -220,4 +221,60 @@ def test_floral_em_assigns_on_held_out_samples_and_trains_on_the_rest(monkeypatc
 def test_floral_em_rejects_a_holdout_outside_zero_one(bad):
     config = resolve_config({**TINY, "method": {"name": "floral-em", "holdout": bad}})
     with pytest.raises(ConfigError, match=f"method.holdout.*{bad}"):
+        build_engine(config)
+
+
+# -- floral-em's rank warm-up ---------------------------------------------------------------
+def test_truncate_rank_is_the_best_approximation_with_zero_rows_after_it():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 6, 9), torch.randn(3, 6, 5)
+    new_a, new_b = truncate_rank(a, b, 2)
+    assert new_a.shape == a.shape and new_b.shape == b.shape
+    assert torch.count_nonzero(new_a[:, 2:]) == 0 and torch.count_nonzero(new_b[:, 2:]) == 0
+    for c in range(3):
+        product = b[c].T @ a[c]
+        singular = torch.linalg.svdvals(product)
+        # Eckart-Young: the error of the best rank-2 approximation is the tail's norm.
+        error = torch.linalg.matrix_norm(product - new_b[c].T @ new_a[c])
+        assert error == pytest.approx(singular[2:].norm().item(), rel=1e-4)
+    same_a, same_b = truncate_rank(a, b, 6)  # full rank: the same product
+    assert torch.allclose(same_b.transpose(1, 2) @ same_a, b.transpose(1, 2) @ a, atol=1e-4)
+
+
+def test_zero_rows_of_both_factors_get_no_gradient():
+    a, b = truncate_rank(torch.randn(2, 4, 7), torch.randn(2, 4, 3), 1)
+    a.requires_grad_(), b.requires_grad_()
+    x = torch.randn(5, 7)
+    out = torch.einsum("ni,cri,cro->no", x, a, b)
+    out.square().sum().backward()
+    assert torch.count_nonzero(a.grad[:, 1:]) == 0 and torch.count_nonzero(b.grad[:, 1:]) == 0
+    assert a.grad[:, :1].abs().sum() > 0
+
+
+def test_floral_em_warmup_starts_large_and_keeps_the_rank_after_the_cut():
+    settings = {**TINY, "train": {**TINY["train"], "rounds": 5}}
+    method = {"name": "floral-em", "rank": 1, "warmup_rank": 4, "warmup_rounds": 2}
+    engine, _ = build_engine(resolve_config({**settings, "method": method}))
+    assert engine.global_state["fc1.lora_A"].shape[1] == 4  # built at the warm-up rank
+    ranks = []
+    for _ in range(5):
+        engine.run_round()
+        a, b = engine.global_state["fc1.lora_A"], engine.global_state["fc1.lora_B"]
+        ranks.append(int(torch.linalg.matrix_rank(b[0].T @ a[0])))
+        if len(ranks) >= 2:  # from the cut on, only the first row of each factor lives
+            assert torch.count_nonzero(a[:, 1:]) == torch.count_nonzero(b[:, 1:]) == 0
+    assert ranks[0] > 1 and ranks[1:] == [1, 1, 1, 1]
+    assert int(engine.global_state["floral_em_rounds"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"warmup_rank": -2}, "method.warmup_rank = -2"),
+        ({"warmup_rank": 0.1, "warmup_rounds": 0}, "method.warmup_rounds: must be >= 1, got 0"),
+    ],
+)
+def test_floral_em_rejects_bad_warmup_settings(options, message):
+    config = resolve_config({**TINY, "method": {"name": "floral-em", **options}})
+    with pytest.raises(ConfigError, match=message):
         build_engine(config)

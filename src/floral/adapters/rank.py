@@ -48,8 +48,8 @@ def truncate_rank(
     """
     if lora_a.dim() != 3 or lora_b.dim() != 3 or lora_a.shape[:2] != lora_b.shape[:2]:
         raise ValueError(f"factors of shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)}")
-    keep = min(rank, lora_a.shape[1])
     u, s, vh = torch.linalg.svd(lora_b.transpose(1, 2) @ lora_a, full_matrices=False)
+    keep = min(rank, s.shape[-1])  # the product's rank is at most min(R, d_in, d_out)
     root = s[:, :keep].sqrt()
     new_a, new_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
     new_a[:, :keep] = root[..., None] * vh[:, :keep]

@@ -84,6 +84,9 @@ class FloralEMOptions(FloralOptions):
     # between clusters, so the E-step finds the clusters while small ones would still tie.
     warmup_rank: int | float = 0
     warmup_rounds: int = 150
+    # After the warm-up, start the model afresh at `rank` and keep every client on the adaptor
+    # the warm-up found: the warm-up only clusters, and nothing trained at rank R is kept.
+    warmup_restart: bool = False
 
 
 class FloralEM(Floral):
@@ -105,6 +108,8 @@ class FloralEM(Floral):
         if self.options.warmup_rank:
             self.final_ranks = final_ranks(model, self.options)
             model.register_buffer(ROUNDS, torch.zeros(()))  # global too: rounds the server ran
+            if self.options.warmup_restart:
+                self.restart_state = {k: v.clone() for k, v in model.state_dict().items()}
         return model
 
     @property
@@ -128,13 +133,21 @@ class FloralEM(Floral):
         chosen adaptor; the choice is written into the router's slot, so it becomes the
         client's private state and sets the upload weights."""
         data, check = holdout_split(data, self.options.holdout)
-        x, y = self._assign_batch(check, seed)
-        losses = adaptor_losses(slots.model, x, y, kind)
-        choice = pick_adaptor(losses, seed, self.options.tie_rtol)
-        one_hot = torch.zeros_like(slots.tensors[FIXED])
-        one_hot[..., choice] = 1.0
-        slots.load({FIXED: one_hot})
+        if not self._assignment_fixed(slots):
+            x, y = self._assign_batch(check, seed)
+            losses = adaptor_losses(slots.model, x, y, kind)
+            choice = pick_adaptor(losses, seed, self.options.tie_rtol)
+            one_hot = torch.zeros_like(slots.tensors[FIXED])
+            one_hot[..., choice] = 1.0
+            slots.load({FIXED: one_hot})
         return super().train_locally(slots, data, config, kind, seed)
+
+    def _assignment_fixed(self, slots: StateSlots) -> bool:
+        """After a warm-up with restart, a client the warm-up assigned keeps its adaptor."""
+        if not self.options.warmup_restart:
+            return False
+        past_warmup = int(slots.model.get_buffer(ROUNDS)) >= self.options.warmup_rounds
+        return past_warmup and bool((slots.tensors[FIXED] == 1).any())
 
     def server_update(
         self,
@@ -146,9 +159,7 @@ class FloralEM(Floral):
         if ROUNDS in global_state:
             new[ROUNDS] = global_state[ROUNDS] + 1
             if int(new[ROUNDS]) == self.options.warmup_rounds:
-                for prefix, rank in self.final_ranks.items():
-                    a, b = prefix + "lora_A", prefix + "lora_B"
-                    new[a], new[b] = truncate_rank(new[a], new[b], rank)
+                self._end_warmup(new)
         if not uploads or USAGE not in global_state:
             return new
         names, share = adaptor_share(uploads)
@@ -161,6 +172,20 @@ class FloralEM(Floral):
         if usage.min() < threshold:
             reseed(new, names, target=int(usage.argmin()), source=int(usage.argmax()))
         return new
+
+    def _end_warmup(self, state: TensorDict) -> None:
+        """Cut every adaptor to its final rank, in place; with restart, from the initial
+        model (its first A rows, B = 0), so that only the clients' assignments carry over."""
+        if self.options.warmup_restart:
+            for name in state:
+                if name not in (ROUNDS, USAGE):
+                    state[name] = self.restart_state[name].clone()
+        for prefix, rank in self.final_ranks.items():
+            a, b = prefix + "lora_A", prefix + "lora_B"
+            if self.options.warmup_restart:  # B = 0: keep A's first rows, as initialized
+                state[a][:, rank:] = 0.0
+            else:
+                state[a], state[b] = truncate_rank(state[a], state[b], rank)
 
     def _assign_batch(self, data: ClientData, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         limit = self.options.assign_samples

@@ -278,3 +278,30 @@ def test_floral_em_rejects_bad_warmup_settings(options, message):
     config = resolve_config({**TINY, "method": {"name": "floral-em", **options}})
     with pytest.raises(ConfigError, match=message):
         build_engine(config)
+
+
+def test_floral_em_warmup_restart_starts_afresh_and_keeps_the_assignments():
+    settings = {**TINY, "train": {**TINY["train"], "rounds": 5, "clients_per_round": 1.0}}
+    method = {"name": "floral-em", "rank": 1, "warmup_rank": 4, "warmup_rounds": 2,
+              "warmup_restart": True}
+    config = resolve_config({**settings, "method": method})
+    engine, _ = build_engine(config)
+    initial = {k: v.clone() for k, v in engine.global_state.items()}
+    engine.run_round()
+    engine.run_round()
+    # The cut restores the initial model at rank 1: A's first row as initialized, the rest 0.
+    for name, tensor in engine.global_state.items():
+        expected = initial[name].clone()
+        if name.endswith("lora_A"):
+            expected[:, 1:] = 0.0
+        if name == "floral_em_rounds":
+            expected = torch.tensor(2.0)
+        if name != "floral_em_usage":
+            assert torch.equal(tensor, expected), name
+    assigned = {k: p[ROUTER_PREFIX + "fixed"].clone() for k, p in engine.private.items()}
+    assert all(sorted(pi.tolist()) == [0.0, 1.0] for pi in assigned.values())
+    for _ in range(3):
+        engine.run_round()
+    for k, pi in assigned.items():  # no E-step after the warm-up: every client stays
+        assert torch.equal(engine.private[k][ROUTER_PREFIX + "fixed"], pi)
+    assert engine.global_state["fc1.lora_B"].abs().sum() > 0  # and the adaptors train again

@@ -31,6 +31,7 @@ ROWS = [
     ("FLoRAL(10%) ✓", "floral-oracle:rank=0.1"),
     ("**FLoRAL-EM(1%)** (ours)", "floral-em"),
     ("**FLoRAL-EM(10%)** (ours)", "floral-em:rank=0.1"),
+    ("**FLoRAL-EM(1%), rank warm-up** (ours)", "floral-em:warmup_rank=0.1"),
 ]
 
 # The paper's columns we share, by row label.
@@ -93,6 +94,7 @@ GOAL_PAIRS = [  # (learned router, its oracle)
     ("floral-em", "floral-oracle"),
     ("floral:rank=0.1", "floral-oracle:rank=0.1"),
     ("floral-em:rank=0.1", "floral-oracle:rank=0.1"),
+    ("floral-em:warmup_rank=0.1", "floral-oracle"),
 ]
 
 

@@ -79,7 +79,8 @@ def _add_grid(
     parser.add_argument(
         "--methods",
         default=methods,
-        help="comma-separated; options as name:key=value, e.g. floral:rank=0.1 "
+        help="comma-separated; options as name:key=value[:key=value...], e.g. "
+        "floral:rank=0.1 or floral-em:warmup_rank=0.1:warmup_restart=true "
         f"(default: {methods})",
     )
     parser.add_argument("--seeds", default=seeds, help=f"comma-separated (default: {seeds})")

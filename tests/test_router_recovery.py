@@ -251,9 +251,10 @@ def test_zero_rows_of_both_factors_get_no_gradient():
     assert a.grad[:, :1].abs().sum() > 0
 
 
-def test_floral_em_warmup_starts_large_and_keeps_the_rank_after_the_cut():
+def test_floral_em_warmup_without_restart_cuts_the_adaptors_and_keeps_their_rank():
     settings = {**TINY, "train": {**TINY["train"], "rounds": 5}}
-    method = {"name": "floral-em", "rank": 1, "warmup_rank": 4, "warmup_rounds": 2}
+    method = {"name": "floral-em", "rank": 1, "warmup_rank": 4, "warmup_rounds": 2,
+              "warmup_restart": False}
     engine, _ = build_engine(resolve_config({**settings, "method": method}))
     assert engine.global_state["fc1.lora_A"].shape[1] == 4  # built at the warm-up rank
     ranks = []
@@ -280,10 +281,9 @@ def test_floral_em_rejects_bad_warmup_settings(options, message):
         build_engine(config)
 
 
-def test_floral_em_warmup_restart_starts_afresh_and_keeps_the_assignments():
+def test_floral_em_warmup_restarts_afresh_and_keeps_the_assignments():
     settings = {**TINY, "train": {**TINY["train"], "rounds": 5, "clients_per_round": 1.0}}
-    method = {"name": "floral-em", "rank": 1, "warmup_rank": 4, "warmup_rounds": 2,
-              "warmup_restart": True}
+    method = {"name": "floral-em", "rank": 1, "warmup_rank": 4, "warmup_rounds": 2}
     config = resolve_config({**settings, "method": method})
     engine, _ = build_engine(config)
     initial = {k: v.clone() for k, v in engine.global_state.items()}

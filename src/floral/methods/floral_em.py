@@ -15,11 +15,14 @@ factors happen to break the tie, slowly and unreliably (docs/results.md measures
 - M-step: FLoRAL's local training with pi fixed one-hot on that adaptor; adaptor c is then
   averaged over the clients that picked it (weights n_k * pi_kc, as in FLoRAL).
 
-With `warmup_rank = R`, the adaptors start at rank R and train so for `warmup_rounds`
-rounds; then the server cuts each one to its best approximation of rank `rank` (SVD) and
-training goes on at that rank. The E-step compares adaptors by loss, and small adaptors differ
-too little between some clusters (rotations, with ~10 samples per client) for the comparison
-to find them; larger ones find them early, and the assignment survives the cut.
+With `warmup_rank = R`, the adaptors start at rank R for `warmup_rounds` rounds, only to find
+the clusters: the E-step compares adaptors by loss, and small adaptors differ too little
+between some clusters (rotations, with ~10 samples per client) for the comparison to find
+them, while larger ones find them early. Then the server restarts the model at rank `rank`
+from its initial tensors and every client keeps the adaptor it was on (no more E-steps), so
+the rank-R model, which has memorized the clients' samples with its large adaptors, leaves
+nothing behind. With `warmup_restart = false` training goes on from the warm-up's model
+instead, each adaptor cut to its best rank-`rank` approximation (SVD), with E-steps.
 
 With `holdout = h`, a fixed random fraction h of each client's training samples is never
 trained on and the E-step reads only those: a client that trained an adaptor has made it fit
@@ -85,8 +88,9 @@ class FloralEMOptions(FloralOptions):
     warmup_rank: int | float = 0
     warmup_rounds: int = 150
     # After the warm-up, start the model afresh at `rank` and keep every client on the adaptor
-    # the warm-up found: the warm-up only clusters, and nothing trained at rank R is kept.
-    warmup_restart: bool = False
+    # the warm-up found: the warm-up only clusters. False: go on from the warm-up's model, its
+    # adaptors cut to `rank` by SVD, and keep the E-step.
+    warmup_restart: bool = True
 
 
 class FloralEM(Floral):
@@ -144,7 +148,7 @@ class FloralEM(Floral):
 
     def _assignment_fixed(self, slots: StateSlots) -> bool:
         """After a warm-up with restart, a client the warm-up assigned keeps its adaptor."""
-        if not self.options.warmup_restart:
+        if not (self.options.warmup_rank and self.options.warmup_restart):
             return False
         past_warmup = int(slots.model.get_buffer(ROUNDS)) >= self.options.warmup_rounds
         return past_warmup and bool((slots.tensors[FIXED] == 1).any())

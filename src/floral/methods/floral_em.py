@@ -19,10 +19,10 @@ With `warmup_rank = R`, the adaptors start at rank R for `warmup_rounds` rounds,
 the clusters: the E-step compares adaptors by loss, and small adaptors differ too little
 between some clusters (rotations, with ~10 samples per client) for the comparison to find
 them, while larger ones find them early. Then the server restarts the model at rank `rank`
-from its initial tensors and every client keeps the adaptor it was on (no more E-steps), so
-the rank-R model, which has memorized the clients' samples with its large adaptors, leaves
-nothing behind. With `warmup_restart = false` training goes on from the warm-up's model
-instead, each adaptor cut to its best rank-`rank` approximation (SVD), with E-steps.
+from its initial tensors and every client keeps the adaptor it was on (no more E-steps): of
+the rank-R model only the assignment carries over. With `warmup_restart = false` training goes
+on from the warm-up's model instead, each adaptor cut to its best rank-`rank` approximation
+(SVD), with E-steps; docs/results.md measures both.
 
 With `holdout = h`, a fixed random fraction h of each client's training samples is never
 trained on and the E-step reads only those: a client that trained an adaptor has made it fit

@@ -122,6 +122,19 @@ def test_mnist5k_label_shift_5pct_em_router_finds_the_clusters_the_paper_router_
     assert em_ari >= 0.9 and em >= paper + 30 and em >= fedavg + 30, (em, em_ari, paper, fedavg)
 
 
+def test_mnist5k_rotate_5pct_rank_warmup_finds_rotations_the_rank_1pct_em_router_misses(
+    tmp_path,
+):
+    # docs/results.md: at rank 1% the E-step cannot tell the rotations apart from a random
+    # start (ARI ~0.3 at full size); a rank-10% warm-up finds them, then restarts at 1%.
+    plain, plain_ari = _final(MNIST5K_ROTATE, "floral-em", tmp_path)
+    warm_config = resolve_config({**MNIST5K_ROTATE, "method": {
+        "name": "floral-em", "warmup_rank": 0.1, "warmup_rounds": 75}})
+    summary = run_experiment(warm_config, tmp_path / "warmup")
+    warm, warm_ari = summary.final["accuracy"], summary.final["router_ari"]
+    assert warm_ari >= plain_ari + 0.3 and warm >= plain + 4, (warm, warm_ari, plain, plain_ari)
+
+
 @needs_fmnist
 def test_fmnist_label_shift_em_router_matches_the_oracle_and_sharing_beats_local(tmp_path):
     task = _fmnist("label-shift")

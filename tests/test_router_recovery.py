@@ -305,3 +305,11 @@ def test_floral_em_warmup_restarts_afresh_and_keeps_the_assignments():
     for k, pi in assigned.items():  # no E-step after the warm-up: every client stays
         assert torch.equal(engine.private[k][ROUTER_PREFIX + "fixed"], pi)
     assert engine.global_state["fc1.lora_B"].abs().sum() > 0  # and the adaptors train again
+
+
+def test_floral_em_warmup_names_a_conv_layer_it_cannot_cut():
+    task = {"dataset": "mnist5k", "shift": "rotate", "num_clients": 8, "num_clusters": 2}
+    config = resolve_config({**TINY, "task": task, "model": {"name": "cnn"},
+                             "method": {"name": "floral-em", "warmup_rank": 0.1}})
+    with pytest.raises(ConfigError, match="warmup_rank: layer '.*' is a Conv2d"):
+        build_engine(config)

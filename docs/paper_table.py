@@ -167,7 +167,8 @@ def main() -> None:
         for task in tasks:
             row = ours.get((task, spec))
             cells += [cell(row) + ari(row), PAPER[task][1].get(label, "—")]
-        print("| " + " | ".join(cells) + " |")
+        if any(c != "—" for c in cells[1:]):  # a row neither we nor the paper ran is left out
+            print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -81,8 +81,13 @@ def test_every_method_ends_with_the_local_engines_metrics_and_tensors(tmp_path, 
         ["engine.eval_clients=sampled", "train.clients_per_round=0.5"],
         ["method.name=hetlora", "method.ranks=[1, 2, 4, 4]", "method.rank=4"],
         ["train.server_optimizer=adam", "train.server_lr=0.01"],
+        ["method.name=floral-em", "method.rank=1", "method.warmup_rank=4",
+         "method.warmup_rounds=1"],
+        ["method.name=floral-em", "method.rank=1", "method.warmup_rank=4",
+         "method.warmup_rounds=1", "method.warmup_restart=false"],
     ],
-    ids=["sampled-evaluation", "hetlora-ranks-per-client", "server-adam"],
+    ids=["sampled-evaluation", "hetlora-ranks-per-client", "server-adam",
+         "floral-em-warmup-restart", "floral-em-warmup-cut"],
 )
 def test_parity_holds_for_sampled_evaluation_ranked_uploads_and_server_adam(tmp_path, overrides):
     config = resolve_config(tiny_experiment("floral"), overrides)
@@ -191,3 +196,11 @@ def test_a_node_with_another_initial_model_is_left_out(tmp_path, caplog):
     # scores at round 0 as on the local engine.
     local = run_experiment(config, tmp_path / "local")
     assert local.history[0]["mse_cluster1"] == summary.history[0]["mse_cluster1"]
+
+
+def test_records_keep_every_tensor_shape_a_scalar_included():
+    tensors = {"scalar": torch.tensor(3.0), "vector": torch.arange(4.0),
+               "half": torch.ones(2, 3, dtype=torch.bfloat16)}
+    back = from_record(to_record(tensors))
+    for name, tensor in tensors.items():
+        assert back[name].shape == tensor.shape and torch.equal(back[name], tensor), name

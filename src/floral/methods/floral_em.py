@@ -110,10 +110,11 @@ class FloralEM(Floral):
         # Global, so the server's moving average travels with the state and its checkpoints.
         model.register_buffer(USAGE, torch.full((num_adaptors,), 1.0 / num_adaptors))
         if self.options.warmup_rank:
-            self.final_ranks = final_ranks(model, self.options)
+            check_linear_only(model)
             model.register_buffer(ROUNDS, torch.zeros(()))  # global too: rounds the server ran
-            if self.options.warmup_restart:
-                self.restart_state = {k: v.clone() for k, v in model.state_dict().items()}
+            # The tensors a restart goes back to; a server that builds no model (Flower's)
+            # keeps them from the first round instead (server_update).
+            self.initial_global = {k: v.clone() for k, v in model.state_dict().items()}
         return model
 
     @property
@@ -161,6 +162,8 @@ class FloralEM(Floral):
     ) -> TensorDict:
         new = super().server_update(global_state, uploads, optimizer)
         if ROUNDS in global_state:
+            if int(global_state[ROUNDS]) == 0:
+                self.initial_global = {k: v.clone() for k, v in global_state.items()}
             new[ROUNDS] = global_state[ROUNDS] + 1
             if int(new[ROUNDS]) == self.options.warmup_rounds:
                 self._end_warmup(new)
@@ -179,13 +182,20 @@ class FloralEM(Floral):
 
     def _end_warmup(self, state: TensorDict) -> None:
         """Cut every adaptor to its final rank, in place; with restart, from the initial
-        model (its first A rows, B = 0), so that only the clients' assignments carry over."""
+        model (its first A rows, B = 0), so that only the clients' assignments carry over.
+        Only global tensors are read, so a server without the model runs it too."""
         if self.options.warmup_restart:
+            initial = getattr(self, "initial_global", None)
+            if initial is None:
+                raise ConfigError("method.warmup_restart: this server did not see the "
+                                  "initial model (resumed mid-warm-up?); start afresh")
             for name in state:
                 if name not in (ROUNDS, USAGE):
-                    state[name] = self.restart_state[name].clone()
-        for prefix, rank in self.final_ranks.items():
-            a, b = prefix + "lora_A", prefix + "lora_B"
+                    state[name] = initial[name].clone()
+        for a in [name for name in state if name.endswith("lora_A")]:
+            b = a.removesuffix("lora_A") + "lora_B"
+            o = self.options
+            rank = resolve_rank(o.rank, state[a].shape[-1], state[b].shape[-1], o.min_rank)
             if self.options.warmup_restart:  # B = 0: keep A's first rows, as initialized
                 state[a][:, rank:] = 0.0
             else:
@@ -211,21 +221,14 @@ def check_warmup(options: FloralEMOptions) -> None:
         raise ConfigError(f"method.warmup_rounds: must be >= 1, got {options.warmup_rounds}")
 
 
-def final_ranks(model: nn.Module, options: FloralEMOptions) -> dict[str, int]:
-    """Each adapted layer's state-dict prefix -> the rank its adaptors keep after warm-up."""
-    ranks = {}
+def check_linear_only(model: nn.Module) -> None:
+    """The warm-up cuts (C, R, d_in) x (C, R, d_out) factors: linear layers' only."""
     for name, module in model.named_modules():
-        if not isinstance(module, AdaptedLayer):
-            continue
-        if not isinstance(module, AdaptedLinear):
+        if isinstance(module, AdaptedLayer) and not isinstance(module, AdaptedLinear):
             raise ConfigError(
                 f"method.warmup_rank: layer {name!r} is a {type(module.base).__name__}; "
                 "the rank warm-up cuts linear adaptors only (exclude the layer or drop warm-up)"
             )
-        base = module.base
-        rank = resolve_rank(options.rank, base.in_features, base.out_features, options.min_rank)
-        ranks[f"{name}." if name else ""] = rank
-    return ranks
 
 
 def holdout_split(data: ClientData, fraction: float) -> tuple[ClientData, ClientData]:

@@ -80,4 +80,5 @@ def _from_array(array: Array) -> torch.Tensor:
             raw = raw.astype("=i2")
         return torch.from_numpy(raw.copy()).view(dtype).reshape(tuple(array.shape))
     values = array.numpy()  # np.load with allow_pickle=False: object arrays are refused
-    return torch.from_numpy(np.ascontiguousarray(values))
+    # np.ascontiguousarray makes a 0-d array 1-d; reshape keeps a scalar tensor a scalar.
+    return torch.from_numpy(np.ascontiguousarray(values).reshape(values.shape))

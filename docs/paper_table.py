@@ -120,10 +120,15 @@ def goal_table(ours: dict[tuple[str, str], dict[str, str]]) -> list[str]:
     return lines
 
 
+def measured_tasks(ours: dict[tuple[str, str], dict[str, str]]) -> list[str]:
+    """The tasks the folder has runs of, in the paper's order."""
+    return [t for t in ORDER if any(task == t for task, _ in ours)]
+
+
 def cost_table(ours: dict[tuple[str, str], dict[str, str]]) -> list[str]:
     """CPU minutes per run (wall time where a run predates CPU timing), and what the task's
     full grid (every row, 3 seeds) costs."""
-    tasks = [t for t in ORDER if any(task == t for task, _ in ours)]
+    tasks = measured_tasks(ours)
     lines = ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     totals = dict.fromkeys(tasks, 0.0)
     for label, spec in ROWS:
@@ -153,7 +158,7 @@ def main() -> None:
     if "--cost" in sys.argv:
         print("\n".join(cost_table(ours)))
         return
-    tasks = [t for t in ORDER if any(task == t for task, _ in ours)]
+    tasks = measured_tasks(ours)
     if "--tasks" in sys.argv:
         wanted = sys.argv[sys.argv.index("--tasks") + 1].split(",")
         tasks = [t for t in tasks if t in wanted]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from floral.experiment import load_config, resolve_config, run_experiment
+from floral.experiment import load_config, read_experiment, resolve_config, run_experiment
 
 
 def _mlp(hidden: int, rounds: int, clients_per_round: float, batch_size: int = 32,
@@ -109,15 +109,10 @@ def test_synthetic_linear_mixture_beats_one_model_and_em_finds_both_clusters(tmp
     assert oracle * 10 <= fedavg and em * 10 <= fedavg, (fedavg, oracle, em)
 
 
-# The paper's synthetic MLP (20 clients, 4 clusters, 10-20-1), 200 rounds, clients batched.
-SYNTHETIC_MLP = {
-    "name": "synthetic-mlp-short",
-    "task": {"dataset": "synthetic-mlp", "shift": "none", "num_clients": 20, "num_clusters": 4},
-    "model": {"name": "mlp", "hidden": [20]},
-    "train": {"rounds": 200, "clients_per_round": 1.0, "batch_size": 8, "lr": 0.03,
-              "router_lr": 0.1},
-    "engine": {"eval_every": 200, "batch_clients": 20},
-}
+# The paper's synthetic MLP as configs/synthetic-mlp.toml has it (clients batched), 200 rounds.
+_MLP_CONFIG = read_experiment(Path(__file__).parents[1] / "configs" / "synthetic-mlp.toml")
+SYNTHETIC_MLP = {**_MLP_CONFIG, "train": {**_MLP_CONFIG["train"], "rounds": 200},
+                 "engine": {**_MLP_CONFIG["engine"], "eval_every": 200}}
 
 
 def test_synthetic_mlp_one_model_then_private_adaptors_then_the_mixture(tmp_path):

@@ -83,8 +83,8 @@ class FloralEMOptions(FloralOptions):
     # towards that adaptor, and with few samples the bias locks a wrong assignment in.
     holdout: float = 0.0
     # Rank warm-up: the adaptors start at this rank (an int or a fraction, as `rank`; 0 = off)
-    # and are cut to `rank` by SVD after `warmup_rounds` rounds. Larger adaptors differ more
-    # between clusters, so the E-step finds the clusters while small ones would still tie.
+    # for `warmup_rounds` rounds. Larger adaptors differ more between clusters, so the E-step
+    # finds the clusters while small ones would still tie.
     warmup_rank: int | float = 0
     warmup_rounds: int = 150
     # After the warm-up, start the model afresh at `rank` and keep every client on the adaptor
@@ -100,6 +100,9 @@ class FloralEM(Floral):
         "lowest loss on its data (EM), no oracle."
     )
     Options = FloralEMOptions
+    # The global tensors a warm-up restart goes back to (set by build_model, or by the first
+    # server_update on a server that builds no model, as Flower's).
+    initial_global: TensorDict | None = None
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         if not 0 <= self.options.holdout < 1:
@@ -112,8 +115,6 @@ class FloralEM(Floral):
         if self.options.warmup_rank:
             check_linear_only(model)
             model.register_buffer(ROUNDS, torch.zeros(()))  # global too: rounds the server ran
-            # The tensors a restart goes back to; a server that builds no model (Flower's)
-            # keeps them from the first round instead (server_update).
             self.initial_global = {k: v.clone() for k, v in model.state_dict().items()}
         return model
 
@@ -184,19 +185,18 @@ class FloralEM(Floral):
         """Cut every adaptor to its final rank, in place; with restart, from the initial
         model (its first A rows, B = 0), so that only the clients' assignments carry over.
         Only global tensors are read, so a server without the model runs it too."""
-        if self.options.warmup_restart:
-            initial = getattr(self, "initial_global", None)
-            if initial is None:
+        opts = self.options
+        if opts.warmup_restart:
+            if self.initial_global is None:
                 raise ConfigError("method.warmup_restart: this server did not see the "
                                   "initial model (resumed mid-warm-up?); start afresh")
             for name in state:
                 if name not in (ROUNDS, USAGE):
-                    state[name] = initial[name].clone()
+                    state[name] = self.initial_global[name].clone()
         for a in [name for name in state if name.endswith("lora_A")]:
             b = a.removesuffix("lora_A") + "lora_B"
-            o = self.options
-            rank = resolve_rank(o.rank, state[a].shape[-1], state[b].shape[-1], o.min_rank)
-            if self.options.warmup_restart:  # B = 0: keep A's first rows, as initialized
+            rank = resolve_rank(opts.rank, state[a].shape[-1], state[b].shape[-1], opts.min_rank)
+            if opts.warmup_restart:  # B = 0: keep A's first rows, as initialized
                 state[a][:, rank:] = 0.0
             else:
                 state[a], state[b] = truncate_rank(state[a], state[b], rank)

@@ -23,7 +23,8 @@ import torch
 
 from floral.engines.flower import require_flower, simulate
 from floral.engines.local import RoundResult
-from floral.experiment import ExperimentConfig, RunSummary, resolve_config, run_experiment
+from floral.experiment import ExperimentConfig, RunSummary, resolve_config
+from floral.run import run_experiment
 
 TASKS: dict[str, dict[str, Any]] = {
     "synthetic-mlp": {

@@ -24,7 +24,8 @@ from floral.compare import parse_method_specs, plan_runs
 from floral.config import tomllib
 from floral.experiment import build_setup
 from floral.methods import WEIGHT_SUFFIX
-from floral.methods.base import split_roles
+from floral.methods.base import ClientJob, split_roles
+from floral.train.objective import get_objective
 from floral.train.state import StateSlots
 
 DEFAULT_METHODS = (
@@ -48,9 +49,10 @@ def client_costs(config) -> tuple[float, int]:  # noqa: ANN001
         client = task.clients[k]
         private = method.init_private(initial, client)
         with FlopCounterMode(display=False) as counter:
-            update = method.client_step(
-                slots, global_state, private, client, config.train, task.kind, seed=k
+            job = ClientJob(
+                global_state, private, client, config.train, get_objective(task.kind), seed=k
             )
+            update = method.client_step(slots, job)
         per_sample.append(counter.get_total_flops() / client.num_train)
         values = sum(t.numel() for n, t in update.upload.items() if not n.endswith(WEIGHT_SUFFIX))
         uploaded = max(uploaded, values)

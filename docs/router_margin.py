@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from floral.config import tomllib
 from floral.experiment import build_setup, resolve_config
 from floral.methods.floral_em import FIXED, adaptor_losses
+from floral.train.objective import get_objective
 from floral.train.recovery import adjusted_rand_index
 
 
@@ -39,14 +40,15 @@ def main() -> None:
         {k.removeprefix("global/"): v for k, v in state.items() if k.startswith("global/")},
         strict=False,
     )
+    loss = get_objective(task.kind).loss
     truth, assigned, by_train, by_test, train_margin, test_margin = [], [], [], [], [], []
     for client in task.clients:
         fixed = state.get(f"private/{client.client_id}/{FIXED}")
         if fixed is None or fixed.max() < 1:
             continue  # never sampled: no assignment
         chosen = int(fixed.argmax())
-        on_train = adaptor_losses(model, client.x_train, client.y_train, task.kind)
-        on_test = adaptor_losses(model, client.x_test, client.y_test, task.kind)
+        on_train = adaptor_losses(model, client.x_train, client.y_train, loss)
+        on_test = adaptor_losses(model, client.x_test, client.y_test, loss)
         truth.append(client.cluster)
         assigned.append(chosen)
         by_train.append(int(on_train.argmin()))

@@ -19,11 +19,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from floral.engines.flower.client import client_app as floral_client_app
 from floral.engines.flower.options import FlowerOptions
 from floral.engines.flower.records import UPLOAD
-from floral.engines.flower.server import serve
 from floral.experiment import ExperimentConfig, RunSummary
+from floral.flower_app import client_app as floral_client_app
+from floral.flower_app import serve
 from floral.methods.base import WEIGHT_SUFFIX
 
 __all__ = ["FAULTS", "LoopbackGrid", "faulty_client_app", "run_loopback", "tiny_experiment"]

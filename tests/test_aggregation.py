@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from steps import client_step, server_update
 from torch import nn
 
 from floral.adapters import adaptor_parameter_names
@@ -62,14 +63,14 @@ def test_floral_aggregation_equals_hand_computed_pi_weighted_means():
     config = TrainConfig(batch_size=4, lr=0.05, router_lr=0.0)
     uploads, trained = [], []
     for client, logit in zip(clients, logits):
-        update = method.client_step(
-            slots, global_state, {"floral_router.logits": logit}, client, config,
+        update = client_step(
+            method, slots, global_state, {"floral_router.logits": logit}, client, config,
             "classification", seed=client.client_id,
         )
         assert not any(k.startswith("floral_router") for k in update.upload)
         uploads.append(update.upload)
         trained.append(copy.deepcopy(dict(model.named_parameters())))
-    new = method.server_update(global_state, uploads, ServerOptimizer("sgd", lr=1.0))
+    new = server_update(method, global_state, uploads, ServerOptimizer("sgd", lr=1.0), model)
 
     adaptor_names = set(adaptor_parameter_names(model))
     assert adaptor_names and adaptor_names <= set(global_names)
@@ -93,7 +94,7 @@ def test_fedavg_upload_holds_every_global_tensor_and_its_weight():
     model = nn.Linear(6, 3)
     slots = StateSlots(model)
     state = slots.snapshot(["weight", "bias"])
-    update = method.client_step(slots, state, {}, clients[0], TrainConfig(batch_size=5),
+    update = client_step(method, slots, state, {}, clients[0], TrainConfig(batch_size=5),
                                 "classification", seed=1)
     assert set(update.upload) == {"weight", "bias", "weight" + WEIGHT_SUFFIX,
                                   "bias" + WEIGHT_SUFFIX}

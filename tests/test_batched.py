@@ -17,13 +17,15 @@ import torch
 from torch import nn
 
 from floral.data import ClientData, FederatedTask
-from floral.engines.batched import ClientJob, plan_batches
-from floral.engines.local import EngineConfig, LocalEngine
+from floral.engines.batched import plan_batches
+from floral.engines.config import EngineConfig
+from floral.engines.local import LocalEngine
 from floral.errors import ConfigError
-from floral.methods import get_method
-from floral.methods.base import ClientUpdate
+from floral.methods import get_method, method_names
+from floral.methods.base import ClientJob, ClientUpdate, Method
 from floral.methods.fedavg import FedAvg
 from floral.train.loop import TrainConfig
+from floral.train.objective import get_objective
 
 TOL = {"atol": 5e-5, "rtol": 1e-4}
 SIZES = [40, 40, 37, 40, 37, 40, 40, 37]  # IID-style shares: two sizes, one not a batch multiple
@@ -145,7 +147,10 @@ def test_batchnorm_model_falls_back_to_sequential():
 
 
 class _OwnStep(FedAvg):
-    """A method with its own client step: the batched engine must leave it alone."""
+    """A method with its own client step: it declares so, and the batched engine leaves it
+    alone."""
+
+    batchable = False
 
     def client_step(self, *args, **kwargs) -> ClientUpdate:  # noqa: ANN002, ANN003
         update = super().client_step(*args, **kwargs)
@@ -154,12 +159,15 @@ class _OwnStep(FedAvg):
 
 
 class _PythonHook(FedAvg):
-    """An after_backward that reads a tensor into Python, which vmap cannot batch."""
+    """A backward hook that reads a tensor into Python, which vmap cannot batch."""
 
-    def after_backward(self, model: nn.Module) -> None:
-        for p in model.parameters():
-            if p.grad is not None and p.grad.abs().max().item() > 1.0:
-                p.grad.mul_(0.5)
+    def backward_hook(self, model: nn.Module):  # noqa: ANN201
+        def halve_large_gradients() -> None:
+            for p in model.parameters():
+                if p.grad is not None and p.grad.abs().max().item() > 1.0:
+                    p.grad.mul_(0.5)
+
+        return halve_large_gradients
 
 
 @pytest.mark.parametrize("cls", [_OwnStep, _PythonHook])
@@ -175,7 +183,9 @@ def test_unbatchable_methods_fall_back_to_sequential(cls):
 
 def test_plan_batches_groups_equal_sizes_in_balanced_batches():
     task = _task()
-    jobs = [ClientJob(k, task.clients[k], {}, k) for k in range(len(SIZES))]
+    objective = get_objective("classification")
+    jobs = [ClientJob({}, {}, task.clients[k], _train(), objective, seed=k)
+            for k in range(len(SIZES))]
     batches = plan_batches(jobs, 2)
     assert sorted(job.client for batch in batches for job in batch) == list(range(len(SIZES)))
     for batch in batches:
@@ -189,3 +199,12 @@ def test_plan_batches_groups_equal_sizes_in_balanced_batches():
 def test_negative_batch_clients_is_a_config_error():
     with pytest.raises(ConfigError, match="engine.batch_clients"):
         _engine(get_method("fedavg"), -1, _train())
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_a_method_declared_batchable_keeps_the_default_client_step(name):
+    # The batched engine reproduces the default step; a method that replaces it must say so.
+    cls = type(get_method(name))
+    replaced = [hook for hook in ("client_step", "train_locally", "local_optimizer")
+                if getattr(cls, hook) is not getattr(Method, hook)]
+    assert not (cls.batchable and replaced), (name, replaced)

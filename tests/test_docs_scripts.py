@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from floral.experiment import resolve_config, run_experiment
+from floral.experiment import resolve_config
+from floral.run import run_experiment
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TINY_EM = {

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from floral.cli import main
-from floral.experiment import resolve_config, run_experiment
+from floral.experiment import resolve_config
 from floral.methods import method_names
+from floral.run import run_experiment
 
 DIGITS_LABEL_SHIFT = {
     "name": "digits-label-shift",

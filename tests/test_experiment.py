@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from floral.cli import main
-from floral.experiment import load_config, run_experiment
+from floral.experiment import load_config
+from floral.run import run_experiment
 
 TINY = """
 name = "tiny"

@@ -1,4 +1,4 @@
-"""The Flower engine's parts that need no Flower: reply checks, run-config mapping, the extra.
+"""What needs no Flower: upload checks (`Method.check_upload`), run-config mapping, the extra.
 
 These run everywhere; the engine itself is tested in test_flower_engine.py (and on Ray and a
 real SuperLink in test_flower_simulation.py and test_flower_deployment.py).
@@ -15,12 +15,11 @@ import torch
 from floral.cli import main
 from floral.config import tomllib
 from floral.engines.flower import experiment_from_run_config, options_from_run_config
-from floral.engines.flower.checks import check_upload, method_check
-from floral.engines.local import client_seed
 from floral.errors import ConfigError
 from floral.experiment import build_engine, resolve_config
 from floral.methods import get_method
-from floral.train.optim import ServerOptimizer
+from floral.methods.base import ServerState
+from floral.methods.checks import aggregation_problems, value_problems
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower-app" / "pyproject.toml"
 TINY = {
@@ -33,20 +32,22 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def real_upload() -> tuple[dict, dict]:
-    """(global state, upload) of one real FLoRAL client step."""
-    config = resolve_config(TINY)
-    engine, task = build_engine(config)
+def real_upload() -> tuple[ServerState, dict]:
+    """(server state, upload) of one real FLoRAL client step."""
+    engine, _ = build_engine(resolve_config(TINY))
     update = engine.method.client_step(
-        engine.slots, engine.global_state, engine.private_state(0), task.clients[0],
-        config.train, task.kind, client_seed(config.seed, 1, 0),
+        engine.slots, engine.local.job(0, engine.global_state, round_=1)
     )
-    return engine.global_state, update.upload
+    return engine.state, update.upload
+
+
+def check_upload(state: ServerState, upload: dict) -> list[str]:
+    return get_method("floral").check_upload(state, upload)
 
 
 def test_a_real_upload_passes(real_upload):
-    global_state, upload = real_upload
-    assert check_upload(global_state, upload) == []
+    state, upload = real_upload
+    assert check_upload(state, upload) == []
 
 
 def _first_delta(upload: dict) -> str:
@@ -67,7 +68,7 @@ def _first_delta(upload: dict) -> str:
     ],
 )
 def test_each_fault_is_named(real_upload, fault, phrase):
-    global_state, upload = real_upload
+    state, upload = real_upload
     bad = dict(upload)
     name = _first_delta(upload)
     weight = name + "::weight"
@@ -87,34 +88,38 @@ def test_each_fault_is_named(real_upload, fault, phrase):
         del bad[name]
     elif fault == "unexpected key":
         bad["floral_router.logits"] = torch.zeros(2)  # a private tensor must never be accepted
-    problems = check_upload(global_state, bad)
+    problems = check_upload(state, bad)
     assert problems and any(phrase in p for p in problems), problems
 
 
 def test_a_method_with_its_own_aggregation_judges_off_contract_uploads(real_upload):
-    global_state, upload = real_upload
+    state, upload = real_upload
     name = _first_delta(upload)
     fedavg = get_method("fedavg")
     off_contract = {**upload, name: torch.zeros(1)}  # would broadcast in a plain sum
     # The contract's rule for methods that aggregate by the base rule: exact shapes.
-    assert method_check(fedavg, global_state, off_contract, ServerOptimizer) != []
+    assert fedavg.check_upload(state, off_contract) != []
 
-    class Padding(type(fedavg)):  # accepts any delta it can pad to the global shape
-        def server_update(self, global_state, uploads, optimizer):
-            padded = [{**u, name: u[name].expand_as(global_state[name])} for u in uploads]
-            return super().server_update(global_state, padded, optimizer)
+    class OwnAggregation(type(fedavg)):  # declares: judge my uploads by my aggregation
+        def check_upload(self, state, upload):
+            return value_problems(upload) or aggregation_problems(self, state, upload)
 
-    class Refusing(type(fedavg)):
-        def server_update(self, global_state, uploads, optimizer):
+    class Padding(OwnAggregation):  # accepts any delta it can pad to the global shape
+        def server_update(self, state, uploads, optimizer):
+            padded = [{**u, name: u[name].expand_as(state.global_state[name])} for u in uploads]
+            return super().server_update(state, padded, optimizer)
+
+    class Refusing(OwnAggregation):
+        def server_update(self, state, uploads, optimizer):
             raise ValueError("rank 9 is more than the global rank 4")
 
-    assert method_check(Padding(), global_state, off_contract, ServerOptimizer) == []
-    refused = method_check(Refusing(), global_state, off_contract, ServerOptimizer)
+    assert Padding().check_upload(state, off_contract) == []
+    refused = Refusing().check_upload(state, off_contract)
     assert refused == [
         "the method's aggregation refuses it (ValueError: rank 9 is more than the global rank 4)"
     ]
     nan = {**off_contract, name: torch.full((1,), float("nan"))}  # values are checked first
-    assert "NaN" in method_check(Padding(), global_state, nan, ServerOptimizer)[0]
+    assert "NaN" in Padding().check_upload(state, nan)[0]
 
 
 def _app_run_config() -> dict:

@@ -29,7 +29,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from floral.config import tomllib  # noqa: E402
 from floral.engines.flower import experiment_from_run_config  # noqa: E402
-from floral.experiment import resolve_config, run_experiment  # noqa: E402
+from floral.experiment import resolve_config  # noqa: E402
+from floral.run import run_experiment  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "flower-app"
 START_TIMEOUT = 120.0  # seconds for a process to listen

@@ -28,41 +28,30 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from floral.cli import main  # noqa: E402
-from floral.engines.flower.checks import tensors_digest  # noqa: E402
-from floral.engines.flower.client import client_app  # noqa: E402
 from floral.engines.flower.options import FlowerOptions  # noqa: E402
 from floral.engines.flower.records import (  # noqa: E402
     INITIAL,
+    INITIAL_STATE,
     NODE,
     PRIVATE,
     from_record,
+    initial_digest,
+    tensors_digest,
     to_record,
 )
-from floral.engines.flower.server import serve  # noqa: E402
-from floral.engines.local import client_seed  # noqa: E402
-from floral.experiment import build_engine, resolve_config, run_experiment  # noqa: E402
+from floral.experiment import build_engine, resolve_config  # noqa: E402
+from floral.flower_app import client_app, serve  # noqa: E402
 from floral.methods import method_names  # noqa: E402
+from floral.methods.base import ServerState  # noqa: E402
+from floral.run import run_experiment  # noqa: E402
 from floral.train.optim import build_server_optimizer  # noqa: E402
-
-# FLoRA's server_update reads factor shapes that its build_model stores on the method object;
-# the Flower server never builds a model (it holds no data), so the method must derive them
-# from the global tensors or the uploads before it can run there.
-NEEDS_MODEL_ON_SERVER: set[str] = set()
-
-
-def _methods() -> list:
-    return [
-        pytest.param(m, marks=pytest.mark.xfail(reason="server_update needs build_model state"))
-        if m in NEEDS_MODEL_ON_SERVER else m
-        for m in method_names()
-    ]
 
 
 def _globals(path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(path).items() if not k.startswith("private/")}
 
 
-@pytest.mark.parametrize("method", _methods())
+@pytest.mark.parametrize("method", method_names())
 def test_every_method_ends_with_the_local_engines_metrics_and_tensors(tmp_path, method):
     config = resolve_config(tiny_experiment(method))
     local = run_experiment(config, tmp_path / "local")
@@ -83,11 +72,10 @@ def test_every_method_ends_with_the_local_engines_metrics_and_tensors(tmp_path, 
         ["train.server_optimizer=adam", "train.server_lr=0.01"],
         ["method.name=floral-em", "method.rank=1", "method.warmup_rank=4",
          "method.warmup_rounds=1"],
-        ["method.name=floral-em", "method.rank=1", "method.warmup_rank=4",
-         "method.warmup_rounds=1", "method.warmup_restart=false"],
+        ["method.name=flora", "method.rank_tiers=[1, 2]", "method.rank=2"],
     ],
     ids=["sampled-evaluation", "hetlora-ranks-per-client", "server-adam",
-         "floral-em-warmup-restart", "floral-em-warmup-cut"],
+         "floral-em-warmup-restart", "flora-ranks-per-client"],
 )
 def test_parity_holds_for_sampled_evaluation_ranked_uploads_and_server_adam(tmp_path, overrides):
     config = resolve_config(tiny_experiment("floral"), overrides)
@@ -104,21 +92,18 @@ def test_bad_replies_are_dropped_with_a_log_line_and_the_round_goes_on(tmp_path,
         summary, _ = run_loopback(config, tmp_path / "run", faulty_client_app)
     assert summary.rounds == 1 and (tmp_path / "run" / "summary.json").exists()
     dropped = {k: r.getMessage() for r in caplog.records for k in FAULTS
-               if f"dropped the reply of client {k} " in r.getMessage()}
+               if f"dropped the reply of client {k}:" in r.getMessage()}
     assert "has shape (3, 3), expected" in dropped[0]
     assert "has NaN or infinite values" in dropped[1]
     assert "missing '" in dropped[2]
-    assert not any("client 3 " in r.getMessage() for r in caplog.records)
+    assert not any("client 3:" in r.getMessage() for r in caplog.records)
 
     # Independently: the new global model is the server update of client 3's upload alone.
-    engine, task = build_engine(config)
-    update = engine.method.client_step(
-        engine.slots, engine.global_state, engine.private_state(3), task.clients[3],
-        config.train, task.kind, client_seed(config.seed, 1, 3),
-    )
+    engine, _ = build_engine(config)
+    update = engine.method.client_step(engine.slots, engine.local.job(3, engine.global_state, 1))
     expected = engine.method.server_update(
-        engine.global_state, [update.upload], build_server_optimizer(config.train)
-    )
+        ServerState(engine.global_state), [update.upload], build_server_optimizer(config.train)
+    ).global_state
     state = load_file(tmp_path / "run" / "state.safetensors")
     for name, tensor in expected.items():
         assert torch.equal(state[f"global/{name}"], tensor), name
@@ -180,7 +165,8 @@ def _odd_hello(msg: Message, context: Context) -> Message:
     if context.node_config["partition-id"] == 0:
         other = {k: torch.zeros_like(v) for k, v in from_record(reply.content[INITIAL]).items()}
         reply.content[INITIAL] = to_record(other)
-        reply.content[NODE]["initial_digest"] = tensors_digest(other)
+        own = from_record(reply.content[INITIAL_STATE])
+        reply.content[NODE]["initial_digest"] = initial_digest(ServerState(other, own))
     return reply
 
 

@@ -22,9 +22,10 @@ from flower_support import tiny_experiment  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from floral.cli import main  # noqa: E402
-from floral.engines.flower import simulate  # noqa: E402
+from floral.flower_app import simulate  # noqa: E402
 from floral.engines.flower.options import FlowerOptions  # noqa: E402
-from floral.experiment import resolve_config, run_experiment  # noqa: E402
+from floral.experiment import resolve_config  # noqa: E402
+from floral.run import run_experiment  # noqa: E402
 
 TOLERANCE = 1e-6
 BOUNDED = FlowerOptions(round_timeout=300.0, node_timeout=60.0)
@@ -52,7 +53,7 @@ def test_flower_simulation_matches_the_local_engine(tmp_path, method):
 def test_floral_run_engine_flower_starts_a_simulation(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(
-        "floral.engines.flower.simulate",
+        "floral.flower_app.simulate",
         lambda config, out, **kwargs: calls.append((config, out)) or _fake_summary(out),
     )
     experiment = tmp_path / "tiny.toml"

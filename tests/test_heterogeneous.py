@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from steps import client_step, server_update
 from torch import nn
 
 from floral.data import ClientData, FederatedTask, TaskConfig, build_task
@@ -18,12 +19,15 @@ from floral.data.partition import (
 )
 from floral.engines.local import LocalEngine
 from floral.errors import ConfigError
-from floral.experiment import resolve_config, run_experiment
+from floral.experiment import resolve_config
 from floral.methods import WEIGHT_SUFFIX, get_method
+from floral.methods.base import ClientJob
 from floral.methods.fdlora import FUSION_WEIGHTS, GLOBAL_HALF, PERSONAL_HALF, fusion_objective
 from floral.models.hetero import HETERO_WIDTHS, HeteroCNN, HeteroFamily
 from floral.models.networks import LinearModel
+from floral.run import run_experiment
 from floral.train.loop import TrainConfig
+from floral.train.objective import get_objective
 from floral.train.optim import ServerOptimizer
 from floral.train.state import StateSlots
 
@@ -122,7 +126,8 @@ def test_pfedlora_phase_trains_only_its_part(phase):
     fired, handles = fired_gradients(model)
     config = TrainConfig(lr=0.1, batch_size=8)
     generator = torch.Generator().manual_seed(0)
-    method.train_phase(slots, client, config, "classification", generator, phase)
+    job = ClientJob({}, {}, client, config, get_objective("classification"), seed=0)
+    method.train_phase(slots, job, generator, phase)
     for handle in handles:
         handle.remove()
 
@@ -144,8 +149,8 @@ def test_pfedlora_uploads_only_the_adapter_and_the_server_takes_its_weighted_mea
     uploads, adapters, counts = [], [], []
     for k in (1, 2, 4):  # three different architectures
         client = task.clients[k]
-        update = method.client_step(
-            slots, global_state, method.init_private(initial, client), client, config,
+        update = client_step(
+            method, slots, global_state, method.init_private(initial, client), client, config,
             "classification", seed=k,
         )
         uploads.append(update.upload)
@@ -155,7 +160,7 @@ def test_pfedlora_uploads_only_the_adapter_and_the_server_takes_its_weighted_mea
         assert set(update.upload) == expected_keys
         assert not any(n.startswith(("trunks.", "neck.base", "head.base")) for n in update.upload)
 
-    new = method.server_update(global_state, uploads, ServerOptimizer())
+    new = server_update(method, global_state, uploads, ServerOptimizer(), model)
     total = sum(counts)
     for name in global_names:
         mean = sum(n * a[name] for n, a in zip(counts, adapters, strict=True)) / total
@@ -198,11 +203,11 @@ def test_fdlora_never_uploads_the_personal_lora_and_learns_its_fusion_weights():
     config = TrainConfig(rounds=2, clients_per_round=1.0, lr=0.1, batch_size=8)
     engine = LocalEngine(method, task, model, config)
     seen: list[set[str]] = []
-    server_update = method.server_update
+    real_update = method.server_update
 
-    def recording(global_state, uploads, optimizer):  # noqa: ANN001, ANN202
+    def recording(state, uploads, optimizer):  # noqa: ANN001, ANN202
         seen.extend(set(u) for u in uploads)
-        return server_update(global_state, uploads, optimizer)
+        return real_update(state, uploads, optimizer)
 
     method.server_update = recording  # type: ignore[method-assign]
     initial = engine.private_state(0)
@@ -226,14 +231,14 @@ def test_fdlora_fusion_search_never_worsens_its_objective():
         for parameter in model.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
     current = torch.tensor([0.5, 0.5])
-    best = method.search_fusion(
-        model, current, client, "classification", torch.Generator().manual_seed(3)
-    )
+    job = ClientJob({}, {}, client, TrainConfig(), get_objective("classification"), seed=0)
+    best = method.search_fusion(model, current, job, torch.Generator().manual_seed(3))
     # The same few samples, drawn independently of the search.
     few = torch.randperm(client.num_train, generator=torch.Generator().manual_seed(3))[:16]
     x, y = client.x_train[few], client.y_train[few]
-    score = fusion_objective(model, best, x, y, "classification", 0.05)
-    assert score <= fusion_objective(model, current, x, y, "classification", 0.05) + 1e-6
+    loss = get_objective("classification").loss
+    score = fusion_objective(model, best, x, y, loss, 0.05)
+    assert score <= fusion_objective(model, current, x, y, loss, 0.05) + 1e-6
 
 
 @pytest.mark.parametrize(

@@ -192,9 +192,11 @@ def test_missing_extra_names_it():
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from floral.train.objective import get_objective  # noqa: E402
+
 from floral.adapters import AdapterSpec, attach  # noqa: E402
 from floral.adapters.attach import adapted_layers  # noqa: E402
-from floral.experiment import build_engine, resolve_config, run_experiment  # noqa: E402
+from floral.experiment import build_engine, resolve_config  # noqa: E402
 from floral.llm import (  # noqa: E402
     build_causal_lm,
     export_peft,
@@ -204,7 +206,7 @@ from floral.llm import (  # noqa: E402
     module_patterns,
 )
 from floral.methods import Role, get_method  # noqa: E402
-from floral.train.evaluate import evaluate  # noqa: E402
+from floral.run import run_experiment  # noqa: E402
 
 VOCAB = 64
 # float32 throughout; the PEFT model and ours sum the same products in another order.
@@ -389,7 +391,7 @@ def test_export_then_import_round_trip(tmp_path):
 def test_causal_lm_evaluation_is_the_perplexity_of_all_tokens():
     model = tiny()
     x, y = tokens(seed=3, batch=5, length=10), tokens(seed=4, batch=5, length=10)
-    result = evaluate(model, x, y, "causal-lm", batch_size=2)
+    result = get_objective("causal-lm").evaluate(model, x, y, batch_size=2)
     with torch.no_grad():
         log_probs = torch.log_softmax(model(x), dim=-1)
     nll = -log_probs.gather(-1, y.unsqueeze(-1)).sum().item()
@@ -422,7 +424,7 @@ def test_two_round_floral_run_on_a_tiny_causal_lm(tmp_path):
     assert set(engine.global_state) == {n for n in engine.global_state if ".lora_" in n}
     assert summary.bytes_up == 2 * 4 * (adaptor_bytes + weight_bytes)
     # A client's personalized adaptor from the results folder, checked in PEFT.
-    from floral.llm.export import export_run
+    from floral.export import export_run
 
     folders = export_run(tmp_path / "out", tmp_path / "adapters", clients=[1])
     assert [f.name for f in folders] == ["client-1", "adaptor-0", "adaptor-1"]

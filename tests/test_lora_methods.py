@@ -5,18 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
+from steps import client_step, server_update
 from torch import nn
 
 from floral.adapters.layers import AdaptedConv2d
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
-from floral.experiment import resolve_config, run_experiment
+from floral.experiment import resolve_config
 from floral.methods import WEIGHT_SUFFIX, Role, get_method
 from floral.methods.base import split_roles
 from floral.methods.flora import factor_product
 from floral.methods.hetlora import zero_padded
 from floral.methods.lora_common import UploadShapeError, client_ranks, first_ranks, truncated
 from floral.models import ModelConfig, build_model
+from floral.run import run_experiment
 from floral.train import StateSlots, TrainConfig
 from floral.train.optim import ServerOptimizer
 
@@ -45,8 +47,8 @@ def _train_clients(method, model, task, ranks=None):
     config = TrainConfig(batch_size=4, lr=0.2)
     uploads, trained = [], []
     for client in task.clients:
-        update = method.client_step(
-            slots, global_state, {}, client, config, "classification", seed=client.client_id
+        update = client_step(
+            method, slots, global_state, {}, client, config, "classification", seed=client.client_id
         )
         uploads.append(update.upload)
         trained.append({n: p.detach().clone() for n, p in model.named_parameters()})
@@ -70,7 +72,7 @@ def test_flora_stacking_equals_dense_weighted_sum_of_products():
             upload[f"{layer}.lora_bias" + WEIGHT_SUFFIX] = torch.tensor(n)
         uploads.append(upload)
     global_state = {n: state[n] for n in split_roles(method.roles(model))[0]}
-    new = method.server_update(global_state, uploads, PLAIN_SGD)
+    new = server_update(method, global_state, uploads, PLAIN_SGD, model)
     p = torch.tensor(counts) / sum(counts)
     for layer in ("0", "2"):
         dense = sum(
@@ -112,7 +114,7 @@ def test_ffa_lora_aggregate_is_the_mean_of_the_products():
     global_state, uploads, trained = _train_clients(method, model, task)
     assert not any(name.endswith("lora_A") for name in global_state)
     assert all(torch.equal(t["0.lora_A"], trained[0]["0.lora_A"]) for t in trained)
-    new = method.server_update(global_state, uploads, PLAIN_SGD)
+    new = server_update(method, global_state, uploads, PLAIN_SGD, model)
     a = model.get_parameter("0.lora_A")[0].detach()
     p = torch.tensor([c.num_train for c in task.clients], dtype=torch.float32)
     p /= p.sum()
@@ -124,7 +126,7 @@ def test_fedit_mean_of_factors_is_not_the_mean_of_products():
     # The contrast that motivates FFA-LoRA and FLoRA: FedIT averages A and B separately.
     method, model, task = _built("fedit")
     global_state, uploads, trained = _train_clients(method, model, task)
-    new = method.server_update(global_state, uploads, PLAIN_SGD)
+    new = server_update(method, global_state, uploads, PLAIN_SGD, model)
     mean_of_products = sum(t["0.lora_B"][0].T @ t["0.lora_A"][0] for t in trained) / 3
     product_of_means = new["0.lora_B"][0].T @ new["0.lora_A"][0]
     assert not torch.allclose(product_of_means, mean_of_products, atol=1e-6)
@@ -169,7 +171,7 @@ def test_hetlora_aggregation_by_hand(aggregation):
     assert [u["0.lora_B"].shape[1] for u in uploads] == [2, 5, 8]
     # A client's ranks beyond its own stay zero while it trains.
     assert torch.count_nonzero(trained[0]["0.lora_A"][:, 2:]) == 0
-    new = method.server_update(global_state, uploads, PLAIN_SGD)
+    new = server_update(method, global_state, uploads, PLAIN_SGD, model)
     n = torch.tensor([c.num_train for c in task.clients], dtype=torch.float32)
     for name in ("0.lora_A", "0.lora_B"):
         padded = torch.stack([t[name] for t in trained])  # zeros beyond r_k already
@@ -189,7 +191,7 @@ def test_upload_of_the_wrong_shape_says_which_upload_sent_what():
     global_state, uploads, _ = _train_clients(method, model, task)
     uploads[1]["0.lora_A"] = torch.zeros(1, 9, 6)
     with pytest.raises(UploadShapeError) as error:
-        method.server_update(global_state, uploads, PLAIN_SGD)
+        server_update(method, global_state, uploads, PLAIN_SGD, model)
     message = str(error.value)
     assert "upload 2 of 3" in message and "(1, 9, 6)" in message and "r <= 8" in message
 

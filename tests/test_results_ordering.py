@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from floral.experiment import load_config, read_experiment, resolve_config, run_experiment
+from floral.experiment import load_config, read_experiment, resolve_config
+from floral.run import run_experiment
 
 
 def _mlp(hidden: int, rounds: int, clients_per_round: float, batch_size: int = 32,

@@ -9,7 +9,7 @@ import pytest
 
 from floral.cli import main
 from floral.compare import finished_summary, parse_method_specs, plan_runs, run_cost
-from floral.experiment import run_experiment
+from floral.run import run_experiment
 from floral.sweep import format_grid_cell, load_grid, plan_sweep
 
 TASK = """name = "{name}"

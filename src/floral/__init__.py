@@ -29,7 +29,7 @@ _EXPORTS = {
     "build_task": "floral.data",
     "TrainConfig": "floral.train",
     "load_config": "floral.experiment",
-    "run_experiment": "floral.experiment",
+    "run_experiment": "floral.run",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -112,8 +112,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from floral.experiment import load_config, run_experiment
+    from floral.experiment import load_config
     from floral.progress import RunProgress, print_summary
+    from floral.run import run_experiment
 
     overrides = [*args.set, f"engine.name={args.engine}"] if args.engine else args.set
     config = load_config(args.config, overrides)

@@ -23,13 +23,8 @@ import torch
 
 from floral.config import parse_value, tomllib
 from floral.errors import ConfigError, FloralError, RunCrashedError
-from floral.experiment import (
-    ExperimentConfig,
-    RunSummary,
-    read_experiment,
-    resolve_config,
-    run_experiment,
-)
+from floral.experiment import ExperimentConfig, RunSummary, read_experiment, resolve_config
+from floral.run import run_experiment
 
 __all__ = [
     "MethodSpec",

@@ -13,6 +13,9 @@
 The results folder holds the resolved `config.toml`, `metrics.csv` (one row per evaluated
 round), `summary.json` and the final state (`state.safetensors`); `checkpoint/` lets an
 interrupted run resume and end with exactly the numbers of an uninterrupted one.
+
+`run_rounds` drives any engine (floral.engines.driver.Driver) to the end and writes the folder;
+floral.run.run_experiment picks the engine.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import tomli_w
 import torch
@@ -33,15 +36,15 @@ from safetensors.torch import load_file, save_file
 from floral.comm import CommConfig, build_codec
 from floral.config import from_dict, parse_value, set_dotted, to_dict, tomllib
 from floral.data import FederatedTask, TaskConfig, build_task
-from floral.engines.local import EngineConfig, LocalEngine, RoundResult, metric_name
+from floral.engines.config import EngineConfig, check_engine_config
+from floral.engines.driver import Driver, RoundResult
+from floral.engines.local import LocalEngine
 from floral.errors import ConfigError
 from floral.methods import Method, get_method
 from floral.models import ModelConfig, build_model
 from floral.train.loop import TrainConfig
-from floral.train.state import TensorDict
 
 __all__ = [
-    "Engine",
     "ExperimentConfig",
     "OutputConfig",
     "RunSummary",
@@ -50,7 +53,6 @@ __all__ = [
     "load_config",
     "read_experiment",
     "resolve_config",
-    "run_experiment",
     "run_rounds",
 ]
 
@@ -129,7 +131,6 @@ def check_values(config: ExperimentConfig) -> None:
         "train.rounds": config.train.rounds,
         "train.local_epochs": config.train.local_epochs,
         "train.batch_size": config.train.batch_size,
-        "engine.eval_every": config.engine.eval_every,
     }
     for key, value in positive.items():
         if value < 1:
@@ -140,16 +141,9 @@ def check_values(config: ExperimentConfig) -> None:
         )
     if config.train.lr <= 0:
         raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
-    if config.engine.name not in ("local", "flower"):
-        raise ConfigError(
-            f"engine.name: unknown {config.engine.name!r} (choose from local, flower)"
-        )
+    check_engine_config(config.engine)
     build_codec(config.comm.download, "comm.download")
     build_codec(config.comm.upload, "comm.upload")
-    if config.engine.checkpoint_every < 0:
-        raise ConfigError(
-            f"engine.checkpoint_every: must be 0 or more, got {config.engine.checkpoint_every}"
-        )
 
 
 def build_setup(config: ExperimentConfig) -> tuple[Method, FederatedTask, torch.nn.Module]:
@@ -197,53 +191,17 @@ class RunSummary:
 ProgressFn = Callable[[RoundResult, dict[str, float]], None]
 
 
-class Engine(Protocol):
-    """What `run_rounds` needs of an engine (the local one, or Flower's server side)."""
-
-    round: int
-
-    def run_round(self) -> RoundResult: ...
-
-    def evaluate(self, clients: Sequence[int] | None = None) -> dict[str, float]: ...
-
-    def state_dict(self) -> TensorDict: ...
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
-
-
-def run_experiment(
-    config: ExperimentConfig,
-    out_dir: str | os.PathLike | None = None,
-    *,
-    resume: bool | str = False,
-    on_round: ProgressFn | None = None,
-) -> RunSummary:
-    """Run an experiment to the end, writing the results folder as it goes.
-
-    `resume=True` continues from the folder's checkpoint (an error if its config differs);
-    `resume="auto"` continues only from a checkpoint of the same config, else starts afresh.
-    """
-    out = Path(out_dir or config.output.dir or Path("results") / config.name)
-    if config.engine.name == "flower":
-        from floral.engines.flower import simulate  # optional dependency, imported on use
-
-        return simulate(config, out, resume=resume, on_round=on_round)
-    engine, task = build_engine(config)  # bad data settings stop here, before any output
-    return run_rounds(engine, config, out, metric_name(task.kind), resume=resume, on_round=on_round)
-
-
 def run_rounds(
-    engine: Engine,
+    engine: Driver,
     config: ExperimentConfig,
     out: Path,
-    metric: str,
     *,
     resume: bool | str = False,
     on_round: ProgressFn | None = None,
 ) -> RunSummary:
     """Drive an engine to `train.rounds`, writing the results folder as it goes."""
     out.mkdir(parents=True, exist_ok=True)
-    tracker = _Tracker(out, metric)
+    tracker = _Tracker(out, engine.objective.metric)
     if resume and _can_resume(config, out, strict=resume is True):
         tracker.restore(engine)
     else:
@@ -277,7 +235,7 @@ class _Tracker:
         self.latest: dict[str, float] = {}
         self._clock = time.perf_counter()
 
-    def record_initial(self, engine: Engine) -> None:
+    def record_initial(self, engine: Driver) -> None:
         self._add_row(0, engine.evaluate(), float("nan"))
 
     def add(self, result: RoundResult) -> None:
@@ -305,7 +263,7 @@ class _Tracker:
             writer.writeheader()
             writer.writerows(self.rows)
 
-    def checkpoint(self, engine: Engine) -> None:
+    def checkpoint(self, engine: Driver) -> None:
         folder = self.out / "checkpoint"
         folder.mkdir(exist_ok=True)
         tmp = folder / "state.safetensors.tmp"
@@ -315,7 +273,7 @@ class _Tracker:
         os.replace(tmp, folder / "state.safetensors")
         os.replace(folder / "progress.json.tmp", folder / "progress.json")
 
-    def restore(self, engine: Engine) -> None:
+    def restore(self, engine: Driver) -> None:
         folder = self.out / "checkpoint"
         engine.load_state_dict(load_file(folder / "state.safetensors"))
         progress = json.loads((folder / "progress.json").read_text())
@@ -324,7 +282,7 @@ class _Tracker:
         self.latest = self.rows[-1] if self.rows else {}
         self._clock = time.perf_counter()
 
-    def summary(self, config: ExperimentConfig, engine: Engine) -> RunSummary:
+    def summary(self, config: ExperimentConfig, engine: Driver) -> RunSummary:
         final = {k: v for k, v in self.latest.items() if k not in ("round", "seconds")}
         return RunSummary(
             name=config.name,

@@ -16,8 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from floral.errors import ConfigError
-from floral.methods.base import WEIGHT_SUFFIX
-from floral.train.state import TensorDict
+from floral.train.state import WEIGHT_SUFFIX, TensorDict
 
 __all__ = [
     "PART_SEPARATOR",

@@ -7,7 +7,7 @@ For one batch of K clients:
 - every global and private tensor is stacked to (K, ...), one row per client;
 - one SGD step takes each client's loss with `torch.func.vmap` over (tensors, batch x,
   batch y) of `functional_call(model, ...)`, their gradients by autograd, then runs the
-  method's `after_backward(model)` under a second vmap with the model's tensors and their
+  method's `backward_hook(model)` under a second vmap with the model's tensors and their
   `.grad` swapped for the client's row, so a hook written for one model (FLoRAL's
   preconditioning) applies per client unchanged;
 - each client's minibatches come from its own generator through `epoch_batches`, exactly as in
@@ -15,12 +15,13 @@ For one batch of K clients:
 - torch's SGD, with the method's parameter groups (lr, momentum, weight decay, ...), steps the
   stacked tensors: SGD acts element by element, so this is each client's own SGD;
 - then each client's row is loaded into the scratch model in turn, and its upload and private
-  state are built by the method's `upload_weights` and `weighted_deltas`, as in `client_step`.
+  state are built by the method's `finish_step`, as in `client_step`.
 
 Clients it does not train are left to the engine's sequential step: all of them when the method
-replaces the default client step, training loop or optimizer, or when the model keeps running
-statistics (BatchNorm) or ties tensors; a batch whose first vmapped step fails (an operation
-without a batching rule, a hook that reads a tensor into Python) and, from then on, every batch.
+declares that it is not `batchable` (it replaces the default client step or training loop), its
+optimizer is not SGD, or the model keeps running statistics (BatchNorm) or ties tensors; a
+batch whose first vmapped step fails (an operation without a batching rule, a hook that reads a
+tensor into Python) and, from then on, every batch.
 
 Numbers: batched matmuls add up in another order than one client's, so results match the
 sequential engine to float32 rounding, not bit for bit. Random draws (router noise, dropout)
@@ -32,54 +33,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from floral.data import ClientData
-from floral.methods.base import ClientUpdate, Method, weighted_deltas
-from floral.train.loop import TrainConfig, epoch_batches, loss_function, seeded_cpu_rng
+from floral.methods.base import ClientJob, ClientUpdate, Method
+from floral.train.loop import TrainConfig, epoch_batches, seeded_cpu_rng
 from floral.train.state import StateSlots, TensorDict
 
-__all__ = ["ClientJob", "batchable", "batched_client_steps", "plan_batches"]
+__all__ = ["batchable", "batched_client_steps", "plan_batches"]
 
-# Hooks of the default client step: a method that replaces one of them trains differently.
-_DEFAULT_STEP = ("client_step", "train_locally", "local_optimizer")
 # Buffers that a forward in training mode rewrites (BatchNorm, InstanceNorm with tracking).
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 StepFn = Callable[[TensorDict, Tensor, Tensor], tuple[TensorDict, Tensor]]
 
 
-@dataclass
-class ClientJob:
-    """One sampled client of a round, as the engine hands it over."""
-
-    client: int
-    data: ClientData
-    private: TensorDict
-    seed: int
-
-
 def batched_client_steps(
-    method: Method,
-    slots: StateSlots,
-    global_state: Mapping[str, Tensor],
-    jobs: Sequence[ClientJob],
-    config: TrainConfig,
-    kind: str,
-    batch_clients: int,
+    method: Method, slots: StateSlots, jobs: Sequence[ClientJob], batch_clients: int
 ) -> dict[int, ClientUpdate]:
-    """Updates of the clients trained in batches; the caller runs the others one by one."""
+    """Updates of the clients trained in batches (all jobs share one global state); the caller
+    runs the others one by one."""
     if not batchable(method, slots.model):
         return {}
     updates: dict[int, ClientUpdate] = {}
     for batch in plan_batches(jobs, batch_clients):
         if len(batch) < 2 or batch[0].data.num_train == 0 or _disabled(slots, method):
             continue  # one client gains nothing from vmap; no examples means no steps
-        done = _train_batch(method, slots, global_state, batch, config, kind)
+        done = _train_batch(method, slots, batch)
         if done is None:
             slots.memo(("batched-off", id(method)), dict)["off"] = True
             continue
@@ -88,9 +70,9 @@ def batched_client_steps(
 
 
 def batchable(method: Method, model: nn.Module) -> bool:
-    """Whether the method trains with the default client step and the model can be stacked."""
-    cls = type(method)
-    if any(getattr(cls, name) is not getattr(Method, name) for name in _DEFAULT_STEP):
+    """Whether the method declares it trains with the default client step, and the model can
+    be stacked."""
+    if not method.batchable:
         return False
     if any(name.rpartition(".")[2] in _RUNNING_STATS for name, _ in model.named_buffers()):
         return False
@@ -117,35 +99,33 @@ def _disabled(slots: StateSlots, method: Method) -> bool:
 
 
 def _train_batch(
-    method: Method,
-    slots: StateSlots,
-    global_state: Mapping[str, Tensor],
-    batch: Sequence[ClientJob],
-    config: TrainConfig,
-    kind: str,
+    method: Method, slots: StateSlots, batch: Sequence[ClientJob]
 ) -> dict[int, ClientUpdate] | None:
     """Train one batch of clients; None when it cannot run batched."""
-    optimizer = method.local_optimizer(slots, config)
-    private_names = list(batch[0].private)
+    first = batch[0]
+    optimizer = method.local_optimizer(slots, first.config)
+    private_names = list(first.private_state)
     if type(optimizer) is not torch.optim.SGD or any(
-        list(job.private) != private_names for job in batch
+        list(job.private_state) != private_names for job in batch
     ):
         return None
-    stacked = _stack(slots, global_state, batch)
+    stacked = _stack(slots, first.global_state, batch)
     groups = _stacked_groups(optimizer, slots, stacked)
     if groups is None:
         return None
     trained = [name for group in groups for name in group["names"]]
     for name in trained:
         stacked[name].requires_grad_(True)
-    step = _vmapped_step(slots.model, loss_function(kind), trained, _hook(method, slots.model))
-    losses = _run_epochs(step, stacked, torch.optim.SGD(groups), batch, config)
+    hook = method.backward_hook(slots.model)
+    step = _vmapped_step(slots.model, first.objective.loss, trained, hook)
+    losses = _run_epochs(step, stacked, torch.optim.SGD(groups), batch, first.config)
     if losses is None:
         return None
-    return {
-        job.client: _client_update(method, slots, global_state, job, stacked, i, losses[i])
-        for i, job in enumerate(batch)
-    }
+    updates = {}
+    for row, job in enumerate(batch):
+        slots.load({name: value[row] for name, value in stacked.items()})
+        updates[job.client] = method.finish_step(slots, job, losses[row].item())
+    return updates
 
 
 @torch.no_grad()
@@ -157,8 +137,10 @@ def _stack(
     for name, value in global_state.items():
         value = value.to(slots.tensors[name])
         stacked[name] = value.expand(len(batch), *value.shape).clone()
-    for name in batch[0].private:
-        stacked[name] = torch.stack([job.private[name].to(slots.tensors[name]) for job in batch])
+    for name in batch[0].private_state:
+        stacked[name] = torch.stack(
+            [job.private_state[name].to(slots.tensors[name]) for job in batch]
+        )
     return stacked
 
 
@@ -176,12 +158,6 @@ def _stacked_groups(
         settings = {k: v for k, v in group.items() if k != "params"}
         groups.append({**settings, "params": [stacked[n] for n in names], "names": names})
     return groups
-
-
-def _hook(method: Method, model: nn.Module) -> Callable[[], None] | None:
-    if type(method).after_backward is Method.after_backward:
-        return None  # nothing to run between backward and step
-    return lambda: method.after_backward(model)
 
 
 def _vmapped_step(
@@ -299,21 +275,3 @@ def _batch_indices(batch: Sequence[ClientJob], config: TrainConfig) -> Iterator[
         per_client = [epoch_batches(n, config.batch_size, g) for g in generators]
         for pieces in zip(*per_client):
             yield torch.stack(pieces)
-
-
-def _client_update(
-    method: Method,
-    slots: StateSlots,
-    global_state: Mapping[str, Tensor],
-    job: ClientJob,
-    stacked: TensorDict,
-    row: int,
-    loss: Tensor,
-) -> ClientUpdate:
-    """The tail of `Method.client_step` for one client, on its row loaded into the model."""
-    slots.load({name: value[row] for name, value in stacked.items()})
-    n = job.data.num_train
-    weights = method.upload_weights(slots.model, list(global_state), n)
-    upload = weighted_deltas(slots, global_state, weights)
-    private = slots.snapshot(job.private.keys())
-    return ClientUpdate(upload, n, private, {"train_loss": loss.item()})

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from floral.adapters import AdapterSpec, RouterSpec, adaptor_parameter_names
+from floral.adapters import AdapterSpec, RouterSpec, adaptor_parameter_names, precondition_
 from floral.errors import ConfigError
 from floral.methods.base import Role
 from floral.train.loop import TrainConfig
@@ -18,6 +19,7 @@ __all__ = [
     "base_tensor_names",
     "freeze_base",
     "frozen_base_roles",
+    "precondition_hook",
 ]
 
 
@@ -54,6 +56,14 @@ def adapter_spec(
         conv_form=options.conv_form,
         router=router or RouterSpec(),
     )
+
+
+def precondition_hook(options: AdaptorOptions, model: nn.Module) -> Callable[[], None] | None:
+    """The backward hook of `precondition = true`: preconditioned factor gradients."""
+    if not options.precondition:
+        return None
+    eps = options.precondition_eps
+    return lambda: precondition_(model, eps)
 
 
 def adaptor_param_groups(

@@ -1,4 +1,4 @@
-"""The method contract: roles, a client step, and a server update.
+"""The method contract: roles, a client step, a server update, and what the method declares.
 
 A method is a description, not a runner. It says which tensors are global (sent and
 aggregated), private (never leave the client) or frozen (never change), how a client trains,
@@ -12,34 +12,44 @@ Uploads are *sums*: for every global tensor the client sends `w * (theta_k - the
 weight `w` itself (under `name + WEIGHT_SUFFIX`). The server only adds uploads together and
 divides, so per-client quantities such as FLoRAL's router never leave the client and the
 protocol is compatible with secure aggregation.
+
+What engines read of a method is declared here, with defaults, never found by reflection:
+`batchable` (the default client step may run many clients at once), `backward_hook` (between
+backward and the optimizer step), `check_upload` (whether one upload may be aggregated), and
+`init_server_state` (tensors the server keeps between rounds: checkpointed with the run, never
+sent to clients).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from floral.data import ClientData, FederatedTask
-from floral.train.loop import TrainConfig, loss_function, seeded_cpu_rng, sgd, train_epochs
+from floral.methods.checks import contract_problems, value_problems
+from floral.train.loop import TrainConfig, seeded_cpu_rng, sgd, train_epochs
+from floral.train.objective import Objective
 from floral.train.optim import ServerOptimizer
-from floral.train.state import StateSlots, TensorDict
+from floral.train.state import WEIGHT_SUFFIX, StateSlots, TensorDict
 
 __all__ = [
     "WEIGHT_SUFFIX",
+    "ClientJob",
     "ClientUpdate",
     "Method",
     "NoOptions",
     "Role",
+    "ServerState",
     "split_roles",
+    "sum_uploads",
+    "weighted_deltas",
     "weighted_mean_delta",
 ]
-
-WEIGHT_SUFFIX = "::weight"
 
 
 class Role(str, enum.Enum):
@@ -53,6 +63,26 @@ class NoOptions:
     """Methods without options of their own."""
 
 
+@dataclass(frozen=True)
+class ClientJob:
+    """Everything one client step depends on; the step is a pure function of it."""
+
+    global_state: Mapping[str, torch.Tensor]  # as the client received it (download codec)
+    private_state: Mapping[str, torch.Tensor]
+    data: ClientData
+    config: TrainConfig
+    objective: Objective
+    seed: int  # from (run seed, round, client) only
+    round: int = 1
+
+    @property
+    def client(self) -> int:
+        return self.data.client_id
+
+    def with_global(self, global_state: Mapping[str, torch.Tensor]) -> ClientJob:
+        return replace(self, global_state=global_state)
+
+
 @dataclass
 class ClientUpdate:
     """What one client step produces."""
@@ -63,12 +93,25 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class ServerState:
+    """What the server holds between rounds: the global tensors (all that is ever sent down)
+    and the method's own tensors (`Method.init_server_state`), which stay on the server."""
+
+    global_state: TensorDict
+    method_state: TensorDict = field(default_factory=dict)
+
+
 class Method:
     """FedAvg behaviour; subclasses override the hooks that make them what they are."""
 
     name: ClassVar[str] = "fedavg"
     description: ClassVar[str] = "Federated averaging of the whole model, weighted by examples."
     Options: ClassVar[type] = NoOptions
+    # Whether engines may run this method's clients as one batch (floral.engines.batched),
+    # which reproduces the default client step (SGD over `param_groups`, then
+    # `upload_weights`): a method that replaces `client_step` or `train_locally` sets False.
+    batchable: ClassVar[bool] = True
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -99,57 +142,52 @@ class Method:
         """SGD parameter groups with their learning rates; trainable parameters only."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
 
-    def after_backward(self, model: nn.Module) -> None:
-        """Called between backward and the optimizer step (gradient preconditioning, ...)."""
+    def backward_hook(self, model: nn.Module) -> Callable[[], None] | None:
+        """What runs between backward and the optimizer step (gradient preconditioning), or
+        None. The batched engine runs it on each client's view of the model."""
+        return None
 
     def upload_weights(self, model: nn.Module, global_names: Sequence[str], n: int) -> TensorDict:
         """Aggregation weight of each global tensor, broadcastable to its shape."""
         weight = torch.tensor(float(n))
         return {name: weight for name in global_names}
 
-    def client_step(
-        self,
-        slots: StateSlots,
-        global_state: Mapping[str, torch.Tensor],
-        private_state: Mapping[str, torch.Tensor],
-        data: ClientData,
-        config: TrainConfig,
-        kind: str,
-        seed: int,
-    ) -> ClientUpdate:
-        """Train on one client's data: a pure function of its inputs (the model is scratch)."""
-        model = slots.model
-        slots.load(global_state)
-        slots.load(private_state)
-        train_loss = self.train_locally(slots, data, config, kind, seed)
-        n = data.num_train
-        weights = self.upload_weights(model, list(global_state), n)
-        upload = weighted_deltas(slots, global_state, weights)
-        private = slots.snapshot(private_state.keys())
+    def client_step(self, slots: StateSlots, job: ClientJob) -> ClientUpdate:
+        """Train on one client's data: a pure function of `job` (the model is scratch)."""
+        slots.load(job.global_state)
+        slots.load(job.private_state)
+        train_loss = self.train_locally(slots, job)
+        return self.finish_step(slots, job, train_loss)
+
+    def finish_step(self, slots: StateSlots, job: ClientJob, train_loss: float) -> ClientUpdate:
+        """The upload and the new private state of the trained model loaded in `slots`."""
+        n = job.data.num_train
+        weights = self.upload_weights(slots.model, list(job.global_state), n)
+        upload = weighted_deltas(slots, job.global_state, weights)
+        private = slots.snapshot(job.private_state.keys())
         return ClientUpdate(upload, n, private, {"train_loss": train_loss})
 
-    def train_locally(
-        self, slots: StateSlots, data: ClientData, config: TrainConfig, kind: str, seed: int
-    ) -> float:
+    def train_locally(self, slots: StateSlots, job: ClientJob) -> float:
         """The local epochs of SGD on the model as loaded; returns the mean training loss.
 
         Methods whose upload is not a delta of the global tensors (FLoRA sends its trained
         factors) call this and build their upload themselves.
         """
         model = slots.model
-        generator = torch.Generator().manual_seed(seed)
+        config = job.config
+        generator = torch.Generator().manual_seed(job.seed)
         optimizer = self.local_optimizer(slots, config)
-        with seeded_cpu_rng(seed):  # router noise, dropout
+        with seeded_cpu_rng(job.seed):  # router noise, dropout
             return train_epochs(
                 model,
                 optimizer,
-                data.x_train,
-                data.y_train,
-                loss_function(kind),
+                job.data.x_train,
+                job.data.y_train,
+                job.objective.loss,
                 batch_size=config.batch_size,
                 epochs=config.local_epochs,
                 generator=generator,
-                after_backward=self._after_backward_hook(model),
+                after_backward=self.backward_hook(model),
             )
 
     def local_optimizer(self, slots: StateSlots, config: TrainConfig) -> torch.optim.Optimizer:
@@ -163,22 +201,33 @@ class Method:
         optimizer.state.clear()
         return optimizer
 
-    def _after_backward_hook(self, model: nn.Module):  # noqa: ANN202
-        if type(self).after_backward is Method.after_backward:
-            return None  # nothing to call between backward and step
-        return lambda: self.after_backward(model)
-
     # -- the server --------------------------------------------------------------------------
+    def init_server_state(
+        self, model: nn.Module, global_state: Mapping[str, torch.Tensor]
+    ) -> TensorDict:
+        """Tensors the server keeps for this method, from the freshly built model and its
+        global tensors: passed to and returned by `server_update`, checkpointed with the run,
+        never sent to clients. A server that builds no model (Flower's) gets them with the
+        initial global tensors from a client node, which built the same model."""
+        return {}
+
+    def check_upload(self, state: ServerState, upload: Mapping[str, torch.Tensor]) -> list[str]:
+        """What is wrong with one decoded upload, as short phrases; empty when it may be
+        aggregated. The default: finite values, non-negative floating-point weights, and for
+        every global tensor a delta of its shape and dtype and a weight broadcastable to it."""
+        return value_problems(upload) or contract_problems(state.global_state, upload)
+
     def server_update(
         self,
-        global_state: Mapping[str, torch.Tensor],
+        state: ServerState,
         uploads: Sequence[Mapping[str, torch.Tensor]],
         optimizer: ServerOptimizer,
-    ) -> TensorDict:
-        """New global tensors from the round's uploads."""
-        if not uploads or not global_state:
-            return dict(global_state)
-        return optimizer.step(global_state, weighted_mean_delta(uploads))
+    ) -> ServerState:
+        """The server's new state from the round's uploads."""
+        if not uploads or not state.global_state:
+            return ServerState(dict(state.global_state), dict(state.method_state))
+        new_global = optimizer.step(state.global_state, weighted_mean_delta(uploads))
+        return ServerState(new_global, dict(state.method_state))
 
 
 def _default_role(tensor: torch.Tensor) -> Role:

@@ -31,12 +31,13 @@ from torch.nn.utils import parametrize
 
 from floral.adapters import attach
 from floral.adapters.attach import ROUTER_ATTRIBUTE, adapted_layers
-from floral.data import ClientData, FederatedTask
+from floral.data import FederatedTask
 from floral.errors import ConfigError
 from floral.methods.adaptor_options import AdaptorOptions, adapter_spec
-from floral.methods.base import Method, Role
+from floral.methods.base import ClientJob, Method, Role
 from floral.methods.phases import Phase, Phased
-from floral.train.loop import TrainConfig, loss_function
+from floral.train.loop import TrainConfig
+from floral.train.objective import LossFn
 from floral.train.state import StateSlots
 
 __all__ = [
@@ -82,6 +83,7 @@ class FDLoRA(Phased, Method):
     name = "fdlora"
     description = "Personal and global LoRA per client, fused with learned weights; global shared."
     Options = FDLoRAOptions
+    batchable = False  # phases and a fusion search per step
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: FDLoRAOptions = self.options
@@ -117,18 +119,16 @@ class FDLoRA(Phased, Method):
         return Role.GLOBAL if self.options.train_base else Role.FROZEN
 
     # -- the client step ---------------------------------------------------------------------
-    def train_locally(
-        self, slots: StateSlots, data: ClientData, config: TrainConfig, kind: str, seed: int
-    ) -> float:
+    def train_locally(self, slots: StateSlots, job: ClientJob) -> float:
         """The global LoRA alone, the personal LoRA alone, then a new fusion of the two."""
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(job.seed)
         fusion = slots.tensors[FUSION_WEIGHTS]
         learned = fusion.detach().clone()
         loss = float("nan")
         for phase, weights in _PHASES.items():
             fusion.data.copy_(torch.tensor(weights))
-            loss = self.train_phase(slots, data, config, kind, generator, phase)
-        fusion.data.copy_(self.search_fusion(slots.model, learned, data, kind, generator))
+            loss = self.train_phase(slots, job, generator, phase)
+        fusion.data.copy_(self.search_fusion(slots.model, learned, job, generator))
         return loss
 
     def phase(self, model: nn.Module, config: TrainConfig, name: str) -> Phase:
@@ -142,30 +142,30 @@ class FDLoRA(Phased, Method):
 
     @torch.no_grad()
     def search_fusion(
-        self, model: nn.Module, current: Tensor, data: ClientData, kind: str,
-        generator: torch.Generator,
+        self, model: nn.Module, current: Tensor, job: ClientJob, generator: torch.Generator
     ) -> Tensor:
         """The best of `current` and `fusion_candidates` Gaussian perturbations of it, scored by
         `fusion_objective` on a few training samples. Keeping `current` among the candidates
         makes the objective non-increasing from round to round."""
         opts: FDLoRAOptions = self.options
+        data, loss = job.data, job.objective.loss
         few = torch.randperm(data.num_train, generator=generator)[: opts.fusion_samples]
         x, y = data.x_train[few], data.y_train[few]
         noise = torch.randn(opts.fusion_candidates, current.numel(), generator=generator)
         candidates = torch.cat([current[None], current + opts.fusion_sigma * noise])
-        scores = [fusion_objective(model, w, x, y, kind, opts.fusion_l1) for w in candidates]
+        scores = [fusion_objective(model, w, x, y, loss, opts.fusion_l1) for w in candidates]
         return candidates[int(torch.tensor(scores).argmin())]
 
 
 @torch.no_grad()
 def fusion_objective(
-    model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, kind: str, l1: float
+    model: nn.Module, weights: Tensor, x: Tensor, y: Tensor, loss_fn: LossFn, l1: float
 ) -> float:
     """Loss of `model` with fusion weights `weights`, plus `l1` times their L1 norm."""
     if model.training:
         model.eval()
     getattr(model, ROUTER_ATTRIBUTE).fixed.copy_(weights)
-    loss = loss_function(kind)(model(x), y)
+    loss = loss_fn(model(x), y)
     return float(loss) + l1 * float(weights.abs().sum())
 
 

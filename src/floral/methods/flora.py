@@ -26,21 +26,21 @@ import torch
 from torch import nn
 
 from floral.adapters import adaptor_parameter_names
-from floral.data import ClientData, FederatedTask
+from floral.data import FederatedTask
 from floral.errors import ConfigError
-from floral.methods.base import WEIGHT_SUFFIX, ClientUpdate, Role
+from floral.methods.base import WEIGHT_SUFFIX, ClientJob, ClientUpdate, Role, ServerState
 from floral.methods.lora_common import (
     LoraMethod,
     UploadShapeError,
     first_ranks,
-    is_ranked,
     local_name,
 )
-from floral.train.loop import TrainConfig
 from floral.train.optim import ServerOptimizer
 from floral.train.state import StateSlots, TensorDict
 
-__all__ = ["FLoRA", "factor_product", "stack_factors"]
+__all__ = ["FLoRA", "factor_product", "fresh_factors", "stack_factors"]
+
+SHAPE_PREFIX = "factor_shape/"  # server state: each factor's full shape
 
 _MERGEABLE = ("linear", "conv2d")
 
@@ -79,6 +79,7 @@ class FLoRA(LoraMethod):
         "lora_bias": Role.FROZEN,
     }
     ranked_uploads = True
+    batchable = False  # a fresh LoRA per step, and factors uploaded instead of deltas
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         unsupported = sorted(set(self.options.layer_types) - set(_MERGEABLE))
@@ -88,10 +89,8 @@ class FLoRA(LoraMethod):
                 f"not {', '.join(unsupported)}"
             )
         model = super().build_model(model, task)
-        names = adaptor_parameter_names(model)
-        self.factor_shapes = {n: p.shape for n, p in model.named_parameters() if n in names}
         state = model.state_dict()
-        for name in names:
+        for name in adaptor_parameter_names(model):
             prefix = name.rpartition(".")[0]
             if local_name(name) == "lora_bias" and prefix + ".base.bias" not in state:
                 raise ConfigError(
@@ -108,80 +107,59 @@ class FLoRA(LoraMethod):
         return adaptor
 
     # -- the client step ---------------------------------------------------------------------
-    def client_step(
-        self,
-        slots: StateSlots,
-        global_state: Mapping[str, torch.Tensor],
-        private_state: Mapping[str, torch.Tensor],
-        data: ClientData,
-        config: TrainConfig,
-        kind: str,
-        seed: int,
-    ) -> ClientUpdate:
-        slots.load(global_state)
-        slots.load(private_state)
-        rank = self.rank_of(data.client_id)
-        slots.load(self.fresh_factors(rank, seed))
-        train_loss = self.train_locally(slots, data, config, kind, seed)
-        trained = slots.snapshot(self.factor_shapes)
+    def client_step(self, slots: StateSlots, job: ClientJob) -> ClientUpdate:
+        shapes = factor_shapes(slots)
+        slots.load(job.global_state)
+        slots.load(job.private_state)
+        rank = self.rank_of(job.client)
+        slots.load(fresh_factors(shapes, rank, job.seed))
+        train_loss = self.train_locally(slots, job)
+        trained = slots.snapshot(shapes)
         upload = first_ranks(trained, rank) if rank is not None else trained
-        weight = torch.tensor(float(data.num_train))
+        weight = torch.tensor(float(job.data.num_train))
         upload.update({n + WEIGHT_SUFFIX: weight for n in trained if local_name(n) != "lora_B"})
         # Back to B = 0, so the scratch model is the merged base again (what is evaluated).
-        slots.load(self.fresh_factors(None, seed))
-        private = slots.snapshot(private_state.keys())
-        return ClientUpdate(upload, data.num_train, private, {"train_loss": train_loss})
-
-    def fresh_factors(self, rank: int | None, seed: int) -> TensorDict:
-        """A new LoRA: A uniform in +-1/sqrt(fan_in) (PyTorch's Linear init) on the first
-        `rank` ranks, zero elsewhere; B and the bias zero."""
-        generator = torch.Generator().manual_seed(seed)
-        fresh = {}
-        for name, shape in self.factor_shapes.items():
-            tensor = torch.zeros(shape)
-            if local_name(name) == "lora_A":
-                bound = shape[2:].numel() ** -0.5
-                tensor.uniform_(-bound, bound, generator=generator)
-                if rank is not None:
-                    tensor[:, rank:] = 0.0
-            fresh[name] = tensor
-        return fresh
+        slots.load(fresh_factors(shapes, None, job.seed))
+        private = slots.snapshot(job.private_state.keys())
+        return ClientUpdate(upload, job.data.num_train, private, {"train_loss": train_loss})
 
     # -- the server --------------------------------------------------------------------------
-    def server_update(
-        self,
-        global_state: Mapping[str, torch.Tensor],
-        uploads: Sequence[Mapping[str, torch.Tensor]],
-        optimizer: ServerOptimizer,
+    def init_server_state(
+        self, model: nn.Module, global_state: Mapping[str, torch.Tensor]
     ) -> TensorDict:
-        # A server that never built the model (Flower's ServerApp) learns the factors' shapes
-        # from what the clients sent this round: the largest rank of each factor.
-        built = getattr(self, "factor_shapes", None)
-        self._round_shapes = built if built is not None else shapes_from_uploads(uploads)
-        return super().server_update(global_state, uploads, optimizer)
+        """The factors' full shapes, which uploads are checked against: the factors are not
+        global tensors, so a server that builds no model learns them only from here."""
+        names = adaptor_parameter_names(model)
+        return {
+            SHAPE_PREFIX + name: torch.tensor(list(p.shape))
+            for name, p in model.named_parameters() if name in names
+        }
 
-    def upload_shapes(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
-        return dict(self._round_shapes)
+    def upload_shapes(self, state: ServerState) -> dict[str, torch.Size]:
+        return {
+            name.removeprefix(SHAPE_PREFIX): torch.Size(shape.tolist())
+            for name, shape in state.method_state.items() if name.startswith(SHAPE_PREFIX)
+        }
 
     def aggregate(
         self,
-        global_state: Mapping[str, torch.Tensor],
+        state: ServerState,
         uploads: Sequence[Mapping[str, torch.Tensor]],
         optimizer: ServerOptimizer,
     ) -> TensorDict:
         delta: TensorDict = {}
         alpha = float(self.options.alpha)
-        for name in self._round_shapes:
+        for name in self.upload_shapes(state):
             prefix, _, local = name.rpartition(".")
             if local == "lora_A":
-                weight = global_state[prefix + ".base.weight"]
+                weight = state.global_state[prefix + ".base.weight"]
                 a, b = self._stacked(uploads, prefix)
                 delta[prefix + ".base.weight"] = alpha * factor_product(a, b, weight.shape)
             elif local == "lora_bias":
                 p = _shares(uploads, name)
                 biases = torch.stack([upload[name][0] for upload in uploads])
                 delta[prefix + ".base.bias"] = alpha * (p @ biases)
-        return optimizer.step(global_state, delta)
+        return optimizer.step(state.global_state, delta)
 
     def _stacked(
         self, uploads: Sequence[Mapping[str, torch.Tensor]], prefix: str
@@ -198,20 +176,33 @@ class FLoRA(LoraMethod):
         return stack_factors(a, b, _shares(uploads, a_name))
 
 
+def factor_shapes(slots: StateSlots) -> dict[str, torch.Size]:
+    """The LoRA factors of the scratch model and their shapes (at the model's full rank)."""
+    def build() -> dict[str, torch.Size]:
+        names = set(adaptor_parameter_names(slots.model))
+        return {n: p.shape for n, p in slots.model.named_parameters() if n in names}
+
+    shapes: dict[str, torch.Size] = slots.memo("flora-factor-shapes", build)
+    return shapes
+
+
+def fresh_factors(shapes: Mapping[str, torch.Size], rank: int | None, seed: int) -> TensorDict:
+    """A new LoRA: A uniform in +-1/sqrt(fan_in) (PyTorch's Linear init) on the first `rank`
+    ranks, zero elsewhere; B and the bias zero."""
+    generator = torch.Generator().manual_seed(seed)
+    fresh = {}
+    for name, shape in shapes.items():
+        tensor = torch.zeros(shape)
+        if local_name(name) == "lora_A":
+            bound = shape[2:].numel() ** -0.5
+            tensor.uniform_(-bound, bound, generator=generator)
+            if rank is not None:
+                tensor[:, rank:] = 0.0
+        fresh[name] = tensor
+    return fresh
+
+
 def _shares(uploads: Sequence[Mapping[str, torch.Tensor]], name: str) -> torch.Tensor:
     """p_k = w_k / sum_j w_j from the weights the clients sent with `name`."""
     weights = torch.stack([upload[name + WEIGHT_SUFFIX].reshape(()) for upload in uploads])
     return weights / weights.sum()
-
-
-def shapes_from_uploads(uploads: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Size]:
-    """Each uploaded factor's shape at the largest rank any client sent."""
-    shapes: dict[str, torch.Size] = {}
-    for upload in uploads:
-        for name, tensor in upload.items():
-            if name.endswith(WEIGHT_SUFFIX):
-                continue
-            known = shapes.get(name)
-            if known is None or (is_ranked(name) and tensor.shape[1] > known[1]):
-                shapes[name] = tensor.shape
-    return shapes

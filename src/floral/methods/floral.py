@@ -8,13 +8,13 @@ the router itself never leaves the client.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from floral.adapters import RouterSpec, attach, mixture_weights, precondition_
+from floral.adapters import RouterSpec, attach, mixture_weights
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
 from floral.methods.adaptor_options import (
@@ -23,6 +23,7 @@ from floral.methods.adaptor_options import (
     adaptor_param_groups,
     freeze_base,
     frozen_base_roles,
+    precondition_hook,
 )
 from floral.methods.base import Method, Role
 from floral.methods.routing import (
@@ -95,9 +96,8 @@ class Floral(Method):
     def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
         return adaptor_param_groups(model, config, ROUTER_PREFIX)
 
-    def after_backward(self, model: nn.Module) -> None:
-        if self.options.precondition:
-            precondition_(model, self.options.precondition_eps)
+    def backward_hook(self, model: nn.Module) -> Callable[[], None] | None:
+        return precondition_hook(self.options, model)
 
     def upload_weights(self, model: nn.Module, global_names: Sequence[str], n: int) -> TensorDict:
         weights = super().upload_weights(model, global_names, n)

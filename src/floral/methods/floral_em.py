@@ -20,14 +20,17 @@ the clusters: the E-step compares adaptors by loss, and small adaptors differ to
 between some clusters (rotations, with ~10 samples per client) for the comparison to find
 them, while larger ones find them early. Then the server restarts the model at rank `rank`
 from its initial tensors and every client keeps the adaptor it was on (no more E-steps): of
-the rank-R model only the assignment carries over. With `warmup_restart = false` training goes
-on from the warm-up's model instead, each adaptor cut to its best rank-`rank` approximation
-(SVD), with E-steps; docs/results.md measures both.
+the rank-R model only the assignment carries over (docs/results.md measures it).
 
 With `holdout = h`, a fixed random fraction h of each client's training samples is never
 trained on and the E-step reads only those: a client that trained an adaptor has made it fit
 its own samples, and with ~10 samples per client that bias can hold a wrong assignment in
 place (docs/results.md measures when this helps).
+
+The server keeps its own state (`init_server_state`), never sent to clients: a moving average
+of each adaptor's share of the upload weight (an adaptor whose share falls below a quarter of
+1/C is reseeded as a copy of the most used one, k-means' cure for an empty cluster), and, with
+a warm-up, the rounds run so far and the initial global tensors to restart from.
 
 Nothing here knows the clusters: a client's choice uses only its own data and the global
 tensors it receives, and it stays private (the fixed router weights are the client's private
@@ -46,14 +49,14 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from floral.adapters.layers import AdaptedLayer, AdaptedLinear
-from floral.adapters.rank import resolve_rank, truncate_rank
+from floral.adapters.rank import resolve_rank
 from floral.adapters.spec import check_rank
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
-from floral.methods.base import WEIGHT_SUFFIX
+from floral.methods.base import WEIGHT_SUFFIX, ClientJob, ServerState
 from floral.methods.floral import Floral, FloralOptions
 from floral.methods.routing import ROUTER_PREFIX
-from floral.train.loop import TrainConfig, loss_function
+from floral.train.objective import LossFn
 from floral.train.optim import ServerOptimizer
 from floral.train.state import StateSlots, TensorDict
 
@@ -68,29 +71,27 @@ __all__ = [
 ]
 
 FIXED = ROUTER_PREFIX + "fixed"
-ROUNDS = "floral_em_rounds"  # server rounds so far, when the rank warms up
-USAGE = "floral_em_usage"  # moving average of each adaptor's share of the upload weight
+# The server's own state.
+USAGE = "usage"  # moving average of each adaptor's share of the upload weight
+ROUNDS = "rounds"  # server rounds so far, with a rank warm-up
+INITIAL = "initial/"  # + a global name: that tensor as first built, with a rank warm-up
+USAGE_DECAY = 0.9  # per round, of the moving average
+RESEED_BELOW = 0.25  # reseed an adaptor whose share falls below this / C
+TIE_RTOL = 1e-5  # E-step losses this close (relative) count as a tie
 
 
 @dataclass
 class FloralEMOptions(FloralOptions):
-    assign_samples: int = 0  # E-step on at most this many local training samples; 0 = all
-    usage_decay: float = 0.9  # per round, of the moving average of each adaptor's share
-    reseed_below: float = 0.25  # reseed an adaptor whose share falls below this / C
-    tie_rtol: float = 1e-5  # losses this close (relative) count as a tie
     # Fraction of each client's training samples kept for the E-step and never trained on
     # (at least one when > 0): the loss of an adaptor the client has itself trained is biased
     # towards that adaptor, and with few samples the bias locks a wrong assignment in.
     holdout: float = 0.0
     # Rank warm-up: the adaptors start at this rank (an int or a fraction, as `rank`; 0 = off)
     # for `warmup_rounds` rounds. Larger adaptors differ more between clusters, so the E-step
-    # finds the clusters while small ones would still tie.
+    # finds the clusters while small ones would still tie. Then the model starts afresh at
+    # `rank` and every client stays on the adaptor the warm-up found.
     warmup_rank: int | float = 0
     warmup_rounds: int = 150
-    # After the warm-up, start the model afresh at `rank` and keep every client on the adaptor
-    # the warm-up found: the warm-up only clusters. False: go on from the warm-up's model, its
-    # adaptors cut to `rank` by SVD, and keep the E-step.
-    warmup_restart: bool = True
 
 
 class FloralEM(Floral):
@@ -100,22 +101,15 @@ class FloralEM(Floral):
         "lowest loss on its data (EM), no oracle."
     )
     Options = FloralEMOptions
-    # The global tensors a warm-up restart goes back to (set by build_model, or by the first
-    # server_update on a server that builds no model, as Flower's).
-    initial_global: TensorDict | None = None
+    batchable = False  # an E-step before the local epochs
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         if not 0 <= self.options.holdout < 1:
             raise ConfigError(f"method.holdout: a fraction in [0, 1), got {self.options.holdout}")
         check_warmup(self.options)
         model = super().build_model(model, task)
-        num_adaptors = model.get_buffer(FIXED).shape[-1]
-        # Global, so the server's moving average travels with the state and its checkpoints.
-        model.register_buffer(USAGE, torch.full((num_adaptors,), 1.0 / num_adaptors))
         if self.options.warmup_rank:
             check_linear_only(model)
-            model.register_buffer(ROUNDS, torch.zeros(()))  # global too: rounds the server ran
-            self.initial_global = {k: v.clone() for k, v in model.state_dict().items()}
         return model
 
     @property
@@ -132,82 +126,71 @@ class FloralEM(Floral):
             return None
         return fixed.mean(dim=0) if fixed.dim() == 2 else fixed
 
-    def train_locally(
-        self, slots: StateSlots, data: ClientData, config: TrainConfig, kind: str, seed: int
-    ) -> float:
+    def train_locally(self, slots: StateSlots, job: ClientJob) -> float:
         """E-step on the loaded model, then FLoRAL's local training routed one-hot on the
         chosen adaptor; the choice is written into the router's slot, so it becomes the
         client's private state and sets the upload weights."""
-        data, check = holdout_split(data, self.options.holdout)
-        if not self._assignment_fixed(slots):
-            x, y = self._assign_batch(check, seed)
-            losses = adaptor_losses(slots.model, x, y, kind)
-            choice = pick_adaptor(losses, seed, self.options.tie_rtol)
+        data, check = holdout_split(job.data, self.options.holdout)
+        if not self._assignment_fixed(slots, job.round):
+            losses = adaptor_losses(slots.model, check.x_train, check.y_train, job.objective.loss)
+            choice = pick_adaptor(losses, job.seed)
             one_hot = torch.zeros_like(slots.tensors[FIXED])
             one_hot[..., choice] = 1.0
             slots.load({FIXED: one_hot})
-        return super().train_locally(slots, data, config, kind, seed)
+        return super().train_locally(slots, replace(job, data=data))
 
-    def _assignment_fixed(self, slots: StateSlots) -> bool:
-        """After a warm-up with restart, a client the warm-up assigned keeps its adaptor."""
-        if not (self.options.warmup_rank and self.options.warmup_restart):
+    def _assignment_fixed(self, slots: StateSlots, round_: int) -> bool:
+        """After the warm-up, a client the warm-up assigned keeps its adaptor."""
+        if not self.options.warmup_rank or round_ <= self.options.warmup_rounds:
             return False
-        past_warmup = int(slots.model.get_buffer(ROUNDS)) >= self.options.warmup_rounds
-        return past_warmup and bool((slots.tensors[FIXED] == 1).any())
+        return bool((slots.tensors[FIXED] == 1).any())
+
+    # -- the server --------------------------------------------------------------------------
+    def init_server_state(
+        self, model: nn.Module, global_state: Mapping[str, torch.Tensor]
+    ) -> TensorDict:
+        num_adaptors = model.get_buffer(FIXED).shape[-1]
+        state = {USAGE: torch.full((num_adaptors,), 1.0 / num_adaptors)}
+        if self.options.warmup_rank:
+            state[ROUNDS] = torch.zeros((), dtype=torch.int64)
+            state.update({INITIAL + name: t.clone() for name, t in global_state.items()})
+        return state
 
     def server_update(
         self,
-        global_state: Mapping[str, torch.Tensor],
+        state: ServerState,
         uploads: Sequence[Mapping[str, torch.Tensor]],
         optimizer: ServerOptimizer,
-    ) -> TensorDict:
-        new = super().server_update(global_state, uploads, optimizer)
-        if ROUNDS in global_state:
-            if int(global_state[ROUNDS]) == 0:
-                self.initial_global = {k: v.clone() for k, v in global_state.items()}
-            new[ROUNDS] = global_state[ROUNDS] + 1
-            if int(new[ROUNDS]) == self.options.warmup_rounds:
+    ) -> ServerState:
+        new = super().server_update(state, uploads, optimizer)
+        own = new.method_state
+        if ROUNDS in own:
+            own[ROUNDS] = own[ROUNDS] + 1
+            if int(own[ROUNDS]) == self.options.warmup_rounds:
                 self._end_warmup(new)
-        if not uploads or USAGE not in global_state:
+        if not uploads:
             return new
         names, share = adaptor_share(uploads)
         if share is None:
             return new
-        decay = self.options.usage_decay
-        usage = decay * global_state[USAGE] + (1 - decay) * share
-        new[USAGE] = usage
-        threshold = self.options.reseed_below / len(usage)
-        if usage.min() < threshold:
+        usage = USAGE_DECAY * own[USAGE] + (1 - USAGE_DECAY) * share
+        own[USAGE] = usage
+        if usage.min() < RESEED_BELOW / len(usage):
             reseed(new, names, target=int(usage.argmin()), source=int(usage.argmax()))
         return new
 
-    def _end_warmup(self, state: TensorDict) -> None:
-        """Cut every adaptor to its final rank, in place; with restart, from the initial
-        model (its first A rows, B = 0), so that only the clients' assignments carry over.
-        Only global tensors are read, so a server without the model runs it too."""
+    def _end_warmup(self, state: ServerState) -> None:
+        """Restart every global tensor from the initial model, with each adaptor at its final
+        rank (A's first rows as initialized, B = 0), so that only the clients' assignments
+        carry over."""
         opts = self.options
-        if opts.warmup_restart:
-            if self.initial_global is None:
-                raise ConfigError("method.warmup_restart: this server did not see the "
-                                  "initial model (resumed mid-warm-up?); start afresh")
-            for name in state:
-                if name not in (ROUNDS, USAGE):
-                    state[name] = self.initial_global[name].clone()
-        for a in [name for name in state if name.endswith("lora_A")]:
+        model = state.global_state
+        for name in model:
+            model[name] = state.method_state[INITIAL + name].clone()
+        for a in [name for name in model if name.endswith("lora_A")]:
             b = a.removesuffix("lora_A") + "lora_B"
-            rank = resolve_rank(opts.rank, state[a].shape[-1], state[b].shape[-1], opts.min_rank)
-            if opts.warmup_restart:  # B = 0: keep A's first rows, as initialized
-                state[a][:, rank:] = 0.0
-            else:
-                state[a], state[b] = truncate_rank(state[a], state[b], rank)
-
-    def _assign_batch(self, data: ClientData, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        limit = self.options.assign_samples
-        if not limit or data.num_train <= limit:
-            return data.x_train, data.y_train
-        generator = torch.Generator().manual_seed(seed ^ 0xE5)
-        index = torch.randperm(data.num_train, generator=generator)[:limit]
-        return data.x_train[index], data.y_train[index]
+            rank = resolve_rank(opts.rank, model[a].shape[-1], model[b].shape[-1], opts.min_rank)
+            model[a][:, rank:] = 0.0
 
 
 def check_warmup(options: FloralEMOptions) -> None:
@@ -247,7 +230,9 @@ def holdout_split(data: ClientData, fraction: float) -> tuple[ClientData, Client
 
 
 @torch.no_grad()
-def adaptor_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+def adaptor_losses(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: LossFn
+) -> torch.Tensor:
     """Mean loss (C,) of (x, y) under each adaptor alone: pi one-hot on c, all c in one vmap."""
     was_training = model.training
     model.eval()  # no router noise, no dropout: the E-step compares the adaptors themselves
@@ -262,7 +247,6 @@ def adaptor_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str
 
     out = vmap(outputs)(one_hots)  # (C, n, outputs)
     model.train(was_training)
-    loss = loss_function(kind)
     return vmap(lambda o: loss(o, y))(out)
 
 
@@ -288,7 +272,7 @@ def adaptor_share(
 
 
 @torch.no_grad()
-def reseed(state: TensorDict, names: Sequence[str], target: int, source: int) -> None:
+def reseed(state: ServerState, names: Sequence[str], target: int, source: int) -> None:
     """k-means' cure for an empty cluster: adaptor `target` (starving) becomes a copy of
     `source` (the most used, likely serving several clusters), and the two share its usage.
 
@@ -296,15 +280,15 @@ def reseed(state: TensorDict, names: Sequence[str], target: int, source: int) ->
     their training pulls the two copies apart, one cluster each.
     """
     for name in names:
-        tensor = state[name].clone()
+        tensor = state.global_state[name].clone()
         tensor[target] = tensor[source]
-        state[name] = tensor
-    usage = state[USAGE].clone()
+        state.global_state[name] = tensor
+    usage = state.method_state[USAGE].clone()
     usage[target] = usage[source] = usage[source] / 2
-    state[USAGE] = usage
+    state.method_state[USAGE] = usage
 
 
-def pick_adaptor(losses: torch.Tensor, seed: int, rtol: float = 1e-5) -> int:
+def pick_adaptor(losses: torch.Tensor, seed: int, rtol: float = TIE_RTOL) -> int:
     """argmin of `losses`; ties (within `rtol`) broken uniformly at random from `seed`.
 
     A NaN loss (a diverged adaptor) counts as infinitely bad; when all are, all tie.

@@ -24,9 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from floral.data import ClientData, FederatedTask
+from floral.data import FederatedTask
 from floral.errors import ConfigError
-from floral.methods.base import WEIGHT_SUFFIX, ClientUpdate, weighted_mean_delta
+from floral.methods.base import (
+    WEIGHT_SUFFIX,
+    ClientJob,
+    ClientUpdate,
+    ServerState,
+    weighted_mean_delta,
+)
 from floral.methods.lora_common import (
     LoraMethod,
     LoraOptions,
@@ -34,7 +40,6 @@ from floral.methods.lora_common import (
     is_ranked,
     truncated,
 )
-from floral.train.loop import TrainConfig
 from floral.train.optim import ServerOptimizer
 from floral.train.state import StateSlots, TensorDict
 
@@ -79,6 +84,7 @@ class HetLoRA(LoraMethod):
     description = "Ranks per client; zero-padded mean of LoRA factors, clients take the first r_k."
     Options = HetLoRAOptions
     ranked_uploads = True
+    batchable = False  # each client trains the first r_k ranks of the global factors
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         if self.options.aggregation not in AGGREGATIONS:
@@ -88,31 +94,20 @@ class HetLoRA(LoraMethod):
             )
         return super().build_model(model, task)
 
-    def client_step(
-        self,
-        slots: StateSlots,
-        global_state: Mapping[str, torch.Tensor],
-        private_state: Mapping[str, torch.Tensor],
-        data: ClientData,
-        config: TrainConfig,
-        kind: str,
-        seed: int,
-    ) -> ClientUpdate:
-        rank = self.rank_of(data.client_id)
+    def client_step(self, slots: StateSlots, job: ClientJob) -> ClientUpdate:
+        rank = self.rank_of(job.client)
         if rank is None:
-            return super().client_step(slots, global_state, private_state, data, config, kind, seed)
-        update = super().client_step(
-            slots, truncated(global_state, rank), private_state, data, config, kind, seed
-        )
+            return super().client_step(slots, job)
+        update = super().client_step(slots, job.with_global(truncated(job.global_state, rank)))
         update.upload = first_ranks(update.upload, rank)
         return update
 
     def aggregate(
         self,
-        global_state: Mapping[str, torch.Tensor],
+        state: ServerState,
         uploads: Sequence[Mapping[str, torch.Tensor]],
         optimizer: ServerOptimizer,
     ) -> TensorDict:
         per_rank = self.options.aggregation == "per-rank"
-        full = [zero_padded(upload, global_state, per_rank) for upload in uploads]
-        return optimizer.step(global_state, weighted_mean_delta(full))
+        full = [zero_padded(upload, state.global_state, per_rank) for upload in uploads]
+        return optimizer.step(state.global_state, weighted_mean_delta(full))

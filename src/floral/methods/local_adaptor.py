@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 
-from floral.adapters import adaptor_parameter_names, attach, precondition_
+from floral.adapters import adaptor_parameter_names, attach
 from floral.data import FederatedTask
 from floral.methods.adaptor_options import (
     AdaptorOptions,
@@ -14,6 +15,7 @@ from floral.methods.adaptor_options import (
     adaptor_param_groups,
     freeze_base,
     frozen_base_roles,
+    precondition_hook,
 )
 from floral.methods.base import Method, Role
 from floral.train.loop import TrainConfig
@@ -46,6 +48,5 @@ class LocalAdaptor(Method):
     def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
         return adaptor_param_groups(model, config)
 
-    def after_backward(self, model: nn.Module) -> None:
-        if self.options.precondition:
-            precondition_(model, self.options.precondition_eps)
+    def backward_hook(self, model: nn.Module) -> Callable[[], None] | None:
+        return precondition_hook(self.options, model)

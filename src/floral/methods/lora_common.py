@@ -15,18 +15,30 @@ rank R; a client of rank r uses the first r ranks, the others held at zero.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from floral.adapters import adaptor_parameter_names, attach, precondition_
+from floral.adapters import adaptor_parameter_names, attach
 from floral.data import FederatedTask
 from floral.errors import ConfigError, FloralError
-from floral.methods.adaptor_options import AdaptorOptions, adapter_spec, adaptor_param_groups
-from floral.methods.base import WEIGHT_SUFFIX, Method, Role
+from floral.methods.adaptor_options import (
+    AdaptorOptions,
+    adapter_spec,
+    adaptor_param_groups,
+    precondition_hook,
+)
+from floral.methods.base import (
+    WEIGHT_SUFFIX,
+    Method,
+    Role,
+    ServerState,
+    weighted_mean_delta,
+)
+from floral.methods.checks import aggregation_problems, value_problems
 from floral.train.loop import TrainConfig
 from floral.train.optim import ServerOptimizer
 from floral.train.state import TensorDict
@@ -161,9 +173,15 @@ class LoraMethod(Method):
     factor_roles: ClassVar[Mapping[str, Role]] = {}
     ranked_uploads: ClassVar[bool] = False  # clients may send fewer ranks than the global model
 
+    def __init__(self, options: LoraOptions | None = None) -> None:
+        super().__init__(options)
+        # Client id -> rank (empty: every client the full rank), from `ranks` or `rank_tiers`
+        # and the federation's size, known when the model is built (as every client does).
+        self.client_rank: list[int] = []
+
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         ranks = client_ranks(self.options, len(task.clients))
-        self.client_rank = ranks  # client id -> rank; empty = every client the full rank
+        self.client_rank = ranks
         options = self.adaptor_options(model)
         if ranks:
             options = dataclasses.replace(options, rank=max(ranks))
@@ -177,8 +195,7 @@ class LoraMethod(Method):
 
     def rank_of(self, client_id: int) -> int | None:
         """The client's rank, or None when every client uses the model's full rank."""
-        ranks = getattr(self, "client_rank", [])
-        return ranks[client_id] if ranks else None
+        return self.client_rank[client_id] if self.client_rank else None
 
     # -- roles -------------------------------------------------------------------------------
     def roles(self, model: nn.Module) -> dict[str, Role]:
@@ -213,34 +230,38 @@ class LoraMethod(Method):
     def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
         return adaptor_param_groups(model, config)
 
-    def after_backward(self, model: nn.Module) -> None:
-        if self.options.precondition:
-            precondition_(model, self.options.precondition_eps)
+    def backward_hook(self, model: nn.Module) -> Callable[[], None] | None:
+        return precondition_hook(self.options, model)
 
     # -- the server --------------------------------------------------------------------------
+    def check_upload(self, state: ServerState, upload: Mapping[str, torch.Tensor]) -> list[str]:
+        if not self.ranked_uploads:
+            return super().check_upload(state, upload)
+        # Ranks per client break the default contract (fewer ranks, or factors for deltas):
+        # the upload is judged by this method's own aggregation, on it alone.
+        return value_problems(upload) or aggregation_problems(self, state, upload)
+
     def server_update(
         self,
-        global_state: Mapping[str, torch.Tensor],
+        state: ServerState,
         uploads: Sequence[Mapping[str, torch.Tensor]],
         optimizer: ServerOptimizer,
-    ) -> TensorDict:
+    ) -> ServerState:
         """Check every upload's shapes (naming the upload that does not fit), then aggregate."""
         if not uploads:
-            return dict(global_state)
-        check_upload_shapes(
-            self.name, uploads, self.upload_shapes(global_state), self.ranked_uploads
-        )
-        return self.aggregate(global_state, uploads, optimizer)
+            return ServerState(dict(state.global_state), dict(state.method_state))
+        check_upload_shapes(self.name, uploads, self.upload_shapes(state), self.ranked_uploads)
+        return ServerState(self.aggregate(state, uploads, optimizer), dict(state.method_state))
 
-    def upload_shapes(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
+    def upload_shapes(self, state: ServerState) -> dict[str, torch.Size]:
         """The shape each uploaded tensor must have (with `ranked_uploads`: at most that rank)."""
-        return {name: tensor.shape for name, tensor in global_state.items()}
+        return {name: tensor.shape for name, tensor in state.global_state.items()}
 
     def aggregate(
         self,
-        global_state: Mapping[str, torch.Tensor],
+        state: ServerState,
         uploads: Sequence[Mapping[str, torch.Tensor]],
         optimizer: ServerOptimizer,
     ) -> TensorDict:
         """New global tensors from uploads that fit: the examples-weighted mean by default."""
-        return super().server_update(global_state, uploads, optimizer)
+        return optimizer.step(state.global_state, weighted_mean_delta(uploads))

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from floral.adapters import adaptor_parameter_names, attach, precondition_
+from floral.adapters import adaptor_parameter_names, attach
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
-from floral.methods.adaptor_options import AdaptorOptions, adapter_spec
-from floral.methods.base import Method, Role
+from floral.methods.adaptor_options import AdaptorOptions, adapter_spec, precondition_hook
+from floral.methods.base import ClientJob, Method, Role
 from floral.methods.local import LocalOnly
 from floral.methods.phases import Phase, Phased
 from floral.models.hetero import (
@@ -70,6 +70,7 @@ class PFedLoRA(Phased, Method):
     name = "pfedlora"
     description = "Own model per client (any architecture), one shared small adapter; alternating."
     Options = PFedLoRAOptions
+    batchable = False  # two phases per step
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: PFedLoRAOptions = self.options
@@ -87,21 +88,18 @@ class PFedLoRA(Phased, Method):
     def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:
         return own_architecture(initial, client)
 
-    def after_backward(self, model: nn.Module) -> None:
-        if self.options.precondition:
-            precondition_(model, self.options.precondition_eps)
+    def backward_hook(self, model: nn.Module) -> Callable[[], None] | None:
+        return precondition_hook(self.options, model)
 
     # -- the client step ---------------------------------------------------------------------
-    def train_locally(
-        self, slots: StateSlots, data: ClientData, config: TrainConfig, kind: str, seed: int
-    ) -> float:
+    def train_locally(self, slots: StateSlots, job: ClientJob) -> float:
         """The model phase, then the adapter phase; the upload is the adapter's delta."""
-        generator = torch.Generator().manual_seed(seed)
-        losses = [self.train_phase(slots, data, config, kind, generator, p) for p in PHASES]
+        generator = torch.Generator().manual_seed(job.seed)
+        losses = [self.train_phase(slots, job, generator, p) for p in PHASES]
         return losses[-1]
 
     def phase_hook(self, model: nn.Module, name: str) -> Callable[[], None] | None:
-        return self._after_backward_hook(model) if name == "adapter" else None
+        return self.backward_hook(model) if name == "adapter" else None
 
     def phase(self, model: nn.Module, config: TrainConfig, name: str) -> Phase:
         """What phase `name` trains: the adapter's tensors, or all the others."""

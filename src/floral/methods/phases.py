@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from floral.data import ClientData
-from floral.train.loop import TrainConfig, loss_function, sgd, train_epochs
+from floral.methods.base import ClientJob
+from floral.train.loop import TrainConfig, sgd, train_epochs
 from floral.train.state import StateSlots
 
 __all__ = ["Phase", "Phased", "run_phase", "train_only"]
@@ -49,14 +49,12 @@ def train_only(model: nn.Module, names: Collection[str]) -> Iterator[None]:
 def run_phase(
     slots: StateSlots,
     phase: Phase,
-    data: ClientData,
-    config: TrainConfig,
-    kind: str,
+    job: ClientJob,
     generator: torch.Generator,
     after_backward: Callable[[], None] | None = None,
 ) -> float:
     """SGD on the phase's parameters only, over the client's data; returns the mean loss."""
-    model = slots.model
+    model, config = slots.model, job.config
 
     def build() -> torch.optim.SGD:
         params = [p for n, p in model.named_parameters() if n in phase.names]
@@ -68,9 +66,9 @@ def run_phase(
         return train_epochs(
             model,
             optimizer,
-            data.x_train,
-            data.y_train,
-            loss_function(kind),
+            job.data.x_train,
+            job.data.y_train,
+            job.objective.loss,
             batch_size=config.batch_size,
             epochs=phase.epochs,
             generator=generator,
@@ -91,16 +89,10 @@ class Phased(ABC):
         return None
 
     def train_phase(
-        self,
-        slots: StateSlots,
-        data: ClientData,
-        config: TrainConfig,
-        kind: str,
-        generator: torch.Generator,
-        name: str,
+        self, slots: StateSlots, job: ClientJob, generator: torch.Generator, name: str
     ) -> float:
         """Run phase `name` on the client's data; returns its mean training loss."""
-        key = ("phase-spec", type(self).__name__, name, id(config))
-        spec = slots.memo(key, lambda: self.phase(slots.model, config, name))
+        key = ("phase-spec", type(self).__name__, name, id(job.config))
+        spec = slots.memo(key, lambda: self.phase(slots.model, job.config, name))
         hook = self.phase_hook(slots.model, name)
-        return run_phase(slots, spec, data, config, kind, generator, hook)
+        return run_phase(slots, spec, job, generator, hook)

@@ -9,17 +9,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from floral.train.objective import LossFn
+
 __all__ = [
     "TrainConfig",
     "epoch_batches",
-    "loss_function",
-    "next_token_loss",
     "seeded_cpu_rng",
     "sgd",
     "train_epochs",
 ]
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -41,22 +40,6 @@ class TrainConfig:
     server_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     server_eps: float = 1e-8
     eval_batch_size: int = 2048
-
-
-def loss_function(kind: str) -> LossFn:
-    """Cross-entropy for classification, mean squared error for regression, next-token
-    cross-entropy for causal language models."""
-    if kind == "classification":
-        return nn.functional.cross_entropy
-    if kind == "causal-lm":
-        return next_token_loss
-    return nn.functional.mse_loss
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every position: logits (..., vocab), targets (...) already
-    shifted by one token (the task stores the next tokens as y)."""
-    return nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
 
 def train_epochs(

@@ -8,9 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TensorDict", "StateSlots", "payload_bytes"]
+__all__ = ["WEIGHT_SUFFIX", "StateSlots", "TensorDict", "payload_bytes"]
 
 TensorDict = dict[str, torch.Tensor]
+# An upload holds, for every global tensor `name`, a weighted delta and its weight under
+# `name + WEIGHT_SUFFIX` (floral.methods.base); codecs send weights exact.
+WEIGHT_SUFFIX = "::weight"
 
 
 class StateSlots:

@@ -1,8 +1,10 @@
 """The client side: one ClientApp that runs any floral method's client step on its node's data.
 
 Every message carries the experiment (TOML) and the round, so a ClientApp started in a fresh
-process rebuilds the same task, model and method as the local engine (`build_setup`) and needs
-nothing else. The client's private tensors live in `context.state` and never enter a reply.
+process rebuilds the same task, model and method as the local engine and needs nothing else:
+`make_client_app(build)` takes the function that builds a `ClientRuntime` from the experiment
+text (floral.flower_app passes the experiment layer's). The client's private tensors live in
+`context.state` and never enter a reply.
 
 Node config (`flower-supernode --node-config`): `partition-id` and `num-partitions` choose the
 client; the optional `audit-file` names a JSON-lines file where the node records, for every
@@ -18,80 +20,50 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomli_w
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from floral.comm import Codec, build_codec
-from floral.config import tomllib
-from floral.data import ClientData, FederatedTask
-from floral.engines.flower.checks import tensors_digest
+from floral.comm import Codec
+from floral.data import FederatedTask
+from floral.engines.driver import client_seed, router_summary
 from floral.engines.flower.records import (
     CONFIG,
     EVAL,
     GLOBAL,
     INITIAL,
+    INITIAL_STATE,
     METRICS,
     NODE,
     PRIVATE,
     UPLOAD,
     from_record,
+    initial_digest,
+    tensors_digest,
     to_record,
 )
-from floral.engines.local import client_seed
 from floral.errors import ConfigError
-from floral.experiment import ExperimentConfig, build_setup, resolve_config
-from floral.methods.base import Method, split_roles
-from floral.train.evaluate import evaluate
+from floral.methods.base import ClientJob, Method, ServerState
+from floral.train.loop import TrainConfig
+from floral.train.objective import Objective
 from floral.train.state import StateSlots, TensorDict
 
-__all__ = ["ClientRuntime", "client_app", "experiment_text", "runtime_for"]
+__all__ = ["ClientRuntime", "make_client_app", "partition_of"]
 
 
 @dataclass
 class ClientRuntime:
     """Everything a client rebuilds from the experiment: the same on every node."""
 
-    config: ExperimentConfig
     method: Method
     task: FederatedTask
     slots: StateSlots
-    initial_global: TensorDict
+    initial: ServerState  # what the server starts from, sent when it asks
     initial_private: TensorDict
+    train: TrainConfig
+    objective: Objective
+    seed: int
     down: Codec
     up: Codec
-
-    @classmethod
-    def build(cls, config: ExperimentConfig) -> ClientRuntime:
-        method, task, model = build_setup(config)
-        slots = StateSlots(model)
-        global_names, private_names = split_roles(method.roles(model))
-        return cls(
-            config, method, task, slots, slots.snapshot(global_names),
-            slots.snapshot(private_names),
-            build_codec(config.comm.download, "comm.download"),
-            build_codec(config.comm.upload, "comm.upload"),
-        )
-
-
-def experiment_text(config: ExperimentConfig) -> str:
-    """The experiment as the server sends it: the resolved config, as TOML."""
-    return tomli_w.dumps(config.to_dict())
-
-
-# A cache, not state: a runtime is a pure function of the experiment text, and its scratch model
-# is fully reloaded (global + private tensors) before every use. It saves rebuilding the task for
-# every message when Flower reuses the process (simulation actors).
-_RUNTIMES: dict[str, ClientRuntime] = {}
-
-
-def runtime_for(text: str) -> ClientRuntime:
-    runtime = _RUNTIMES.get(text)
-    if runtime is None:
-        runtime = ClientRuntime.build(resolve_config(tomllib.loads(text)))
-        _RUNTIMES.clear()  # one experiment per process at a time: keep memory bounded
-        _RUNTIMES[text] = runtime
-    return runtime
 
 
 def partition_of(context: Context, num_clients: int) -> int:
@@ -114,32 +86,31 @@ def partition_of(context: Context, num_clients: int) -> int:
 
 # -- handlers -----------------------------------------------------------------------------------
 def _hello(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> RecordDict:
-    data = runtime.task.clients[k]
     info = ConfigRecord({
         "partition_id": k,
-        "cluster": data.cluster,
+        "cluster": runtime.task.clients[k].cluster,
         "kind": runtime.task.kind,
-        "initial_digest": tensors_digest(runtime.initial_global),
+        "initial_digest": initial_digest(runtime.initial),
     })
     content = RecordDict({NODE: info})
     if msg.content[CONFIG].get("send_initial", False):
-        content[INITIAL] = to_record(runtime.initial_global)
+        content[INITIAL] = to_record(runtime.initial.global_state)
+        content[INITIAL_STATE] = to_record(runtime.initial.method_state)
     return content
 
 
 def _train(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> RecordDict:
-    config = runtime.config
     round_ = int(msg.content[CONFIG]["round"])
-    received = runtime.down.decode(from_record(msg.content[GLOBAL]))
-    update = runtime.method.client_step(
-        runtime.slots,
-        received,
+    job = ClientJob(
+        runtime.down.decode(from_record(msg.content[GLOBAL])),
         _private_state(runtime, k, context),
         runtime.task.clients[k],
-        config.train,
-        runtime.task.kind,
-        client_seed(config.seed, round_, k),
+        runtime.train,
+        runtime.objective,
+        client_seed(runtime.seed, round_, k),
+        round_,
     )
+    update = runtime.method.client_step(runtime.slots, job)
     context.state[PRIVATE] = to_record(update.private)
     metrics = MetricRecord({
         "train_loss": float(update.metrics.get("train_loss", float("nan"))),
@@ -153,18 +124,16 @@ def _evaluate(runtime: ClientRuntime, k: int, msg: Message, context: Context) ->
     private = _private_state(runtime, k, context)
     sums: dict[str, int | float] = {}
     if GLOBAL in msg.content:
-        data: ClientData = runtime.task.clients[k]
+        data = runtime.task.clients[k]
         runtime.slots.load(from_record(msg.content[GLOBAL]))
         runtime.slots.load(private)
-        result = evaluate(
-            runtime.slots.model, data.x_test, data.y_test, runtime.task.kind,
-            runtime.config.train.eval_batch_size,
+        result = runtime.objective.evaluate(
+            runtime.slots.model, data.x_test, data.y_test, runtime.train.eval_batch_size
         )
         sums.update(loss_sum=result.loss_sum, score_sum=result.score_sum, count=result.count)
-    weights = runtime.method.router_weights(private)
-    if weights is not None:
-        # Cluster recovery needs which adaptor leads and by how much, never the router itself.
-        sums.update(router_choice=int(weights.argmax()), router_confidence=float(weights.max()))
+    router = router_summary(runtime.method, private)
+    if router is not None:
+        sums.update(router_choice=router[0], router_confidence=router[1])
     return RecordDict({EVAL: MetricRecord(sums)})
 
 
@@ -176,16 +145,6 @@ def _private_state(runtime: ClientRuntime, k: int, context: Context) -> TensorDi
 
 
 Handler = Callable[[ClientRuntime, int, Message, Context], RecordDict]
-
-
-def _serve(handler: Handler, msg: Message, context: Context) -> Message:
-    runtime = runtime_for(str(msg.content[CONFIG]["experiment"]))
-    k = partition_of(context, len(runtime.task.clients))
-    reply = Message(handler(runtime, k, msg, context), reply_to=msg)
-    audit = context.node_config.get("audit-file")
-    if audit:
-        _audit(Path(str(audit)), msg, reply, context)
-    return reply
 
 
 # -- the audit trail ----------------------------------------------------------------------------
@@ -220,19 +179,42 @@ def _describe(content: RecordDict) -> dict[str, dict[str, list]]:
 
 
 # -- the ClientApp ------------------------------------------------------------------------------
-client_app = ClientApp()
+def make_client_app(build: Callable[[str], ClientRuntime]) -> ClientApp:
+    """A ClientApp whose runtime is `build(experiment text)`.
 
+    Runtimes are cached, not state: a runtime is a pure function of the experiment text, and
+    its scratch model is fully reloaded (global + private tensors) before every use. The cache
+    saves rebuilding the task for every message when Flower reuses the process (simulation).
+    """
+    cache: dict[str, ClientRuntime] = {}
 
-@client_app.query()
-def _query(msg: Message, context: Context) -> Message:
-    return _serve(_hello, msg, context)
+    def runtime_for(text: str) -> ClientRuntime:
+        if text not in cache:
+            cache.clear()  # one experiment per process at a time: keep memory bounded
+            cache[text] = build(text)
+        return cache[text]
 
+    def serve(handler: Handler, msg: Message, context: Context) -> Message:
+        runtime = runtime_for(str(msg.content[CONFIG]["experiment"]))
+        k = partition_of(context, len(runtime.task.clients))
+        reply = Message(handler(runtime, k, msg, context), reply_to=msg)
+        audit = context.node_config.get("audit-file")
+        if audit:
+            _audit(Path(str(audit)), msg, reply, context)
+        return reply
 
-@client_app.train()
-def _train_message(msg: Message, context: Context) -> Message:
-    return _serve(_train, msg, context)
+    app = ClientApp()
 
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return serve(_hello, msg, context)
 
-@client_app.evaluate()
-def _evaluate_message(msg: Message, context: Context) -> Message:
-    return _serve(_evaluate, msg, context)
+    @app.train()
+    def _train_message(msg: Message, context: Context) -> Message:
+        return serve(_train, msg, context)
+
+    @app.evaluate()
+    def _evaluate_message(msg: Message, context: Context) -> Message:
+        return serve(_evaluate, msg, context)
+
+    return app

@@ -6,6 +6,7 @@ bfloat16, so such tensors travel as their raw little-endian bytes under a stype 
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Mapping
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from floral.methods.base import ServerState
 from floral.train.state import TensorDict
 
 __all__ = [
@@ -20,11 +22,14 @@ __all__ = [
     "EVAL",
     "GLOBAL",
     "INITIAL",
+    "INITIAL_STATE",
     "METRICS",
     "NODE",
     "PRIVATE",
     "UPLOAD",
     "from_record",
+    "initial_digest",
+    "tensors_digest",
     "to_record",
 ]
 
@@ -33,6 +38,7 @@ CONFIG = "floral.config"  # server -> client: the experiment (TOML) and the roun
 GLOBAL = "floral.global"  # server -> client: the global tensors (encoded on train rounds)
 NODE = "floral.node"  # client -> server, on query: partition, cluster, task kind, digest
 INITIAL = "floral.initial"  # client -> server, on request: the initial global tensors
+INITIAL_STATE = "floral.initial-state"  # ... and the method's initial server state
 UPLOAD = "floral.upload"  # client -> server: the encoded upload
 METRICS = "floral.metrics"  # client -> server: train loss and number of examples
 EVAL = "floral.eval"  # client -> server: test sums (loss, score, count)
@@ -82,3 +88,20 @@ def _from_array(array: Array) -> torch.Tensor:
     values = array.numpy()  # np.load with allow_pickle=False: object arrays are refused
     # np.ascontiguousarray makes a 0-d array 1-d; reshape keeps a scalar tensor a scalar.
     return torch.from_numpy(np.ascontiguousarray(values).reshape(values.shape))
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of names, dtypes, shapes and bytes: equal digests mean identical tensors."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def initial_digest(state: ServerState) -> str:
+    """One digest of the initial global tensors and the method's initial server state."""
+    tensors = {f"global/{k}": v for k, v in state.global_state.items()}
+    tensors.update({f"method/{k}": v for k, v in state.method_state.items()})
+    return tensors_digest(tensors)

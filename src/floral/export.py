@@ -1,6 +1,6 @@
 """A finished run's adaptors as PEFT LoRA folders: each client's mixture, and the shared ones.
 
-    from floral.llm.export import export_run
+    from floral.export import export_run
     export_run("results/austen-floral", "adapters/austen-floral")
 
 writes `client-<k>/` (client k's personalized adaptor: its mixture merged, rank C*r) for every

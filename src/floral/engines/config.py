@@ -1,0 +1,41 @@
+"""The `[engine]` table: which engine runs, how often it evaluates and checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from floral.errors import ConfigError
+
+__all__ = ["EngineConfig", "check_engine_config"]
+
+ENGINES = ("local", "flower")
+
+
+@dataclass
+class EngineConfig:
+    """The `[engine]` table."""
+
+    name: str = "local"  # local | flower
+    eval_every: int = 10  # evaluate every N rounds (and after the last)
+    eval_clients: str = "all"  # all | sampled
+    checkpoint_every: int = 0  # 0 = only the final state
+    # Train up to N sampled clients of equal data size at once (vmap); 0 = one by one.
+    batch_clients: int = 0
+
+
+def check_engine_config(config: EngineConfig) -> None:
+    """Value checks, each a one-line error naming the key."""
+    if config.name not in ENGINES:
+        raise ConfigError(f"engine.name: unknown {config.name!r} (choose from local, flower)")
+    if config.eval_every < 1:
+        raise ConfigError(f"engine.eval_every: must be at least 1, got {config.eval_every}")
+    if config.eval_clients not in ("all", "sampled"):
+        raise ConfigError(
+            f"engine.eval_clients: unknown {config.eval_clients!r} (choose from all, sampled)"
+        )
+    if config.checkpoint_every < 0:
+        raise ConfigError(
+            f"engine.checkpoint_every: must be 0 or more, got {config.checkpoint_every}"
+        )
+    if config.batch_clients < 0:
+        raise ConfigError(f"engine.batch_clients: must be >= 0, got {config.batch_clients}")

@@ -1,0 +1,330 @@
+"""The round loop, written once: a server-side driver over a transport that runs client steps.
+
+A round samples clients from (seed, round) alone, encodes the global tensors once with the
+download codec, has the transport run the sampled clients' steps where they live (in this
+process, or on Flower nodes), decodes and checks every upload (`Method.check_upload`: a bad
+one is logged and dropped, and the round goes on), and hands the rest, in client order, to the
+method's server update with the server's state (`ServerState`: global tensors and the method's
+own) and the server optimizer. Evaluation runs on the schedule of `[engine]`, the same for
+every transport; cluster recovery is judged from each client's (argmax pi, max pi), never from
+the router itself.
+
+Everything a resumed run needs is in `state_dict`: the global tensors, the method's server
+state, the server optimizer, the round, and what the transport keeps for its clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from floral.comm import CommConfig, build_codec
+from floral.engines.config import EngineConfig, check_engine_config
+from floral.errors import ConfigError
+from floral.methods.base import Method, ServerState
+from floral.train.loop import TrainConfig
+from floral.train.objective import EvalResult, Objective
+from floral.train.optim import build_server_optimizer
+from floral.train.recovery import router_recovery
+from floral.train.state import TensorDict, payload_bytes
+
+__all__ = [
+    "Driver",
+    "Evaluated",
+    "RoundResult",
+    "Trained",
+    "Transport",
+    "check_state_names",
+    "client_seed",
+    "router_summary",
+    "sample_clients",
+    "summarize",
+]
+
+
+@dataclass
+class RoundResult:
+    round: int
+    seconds: float
+    bytes_down: int
+    bytes_up: int
+    clients: list[int]
+    train_loss: float
+    eval: dict[str, float] = field(default_factory=dict)  # empty on rounds without evaluation
+
+
+@dataclass
+class Trained:
+    """One client's reply to a training message, as it reached the server."""
+
+    payload: TensorDict  # the upload as the upload codec encoded it: what crossed the network
+    train_loss: float
+
+
+@dataclass
+class Evaluated:
+    """One client's reply to an evaluation message."""
+
+    result: EvalResult | None  # test sums, when the message carried the global tensors
+    router: tuple[int, float] | None  # (argmax pi, max pi) for methods that learn a router
+
+
+class Transport(Protocol):
+    """Runs client steps where the clients are; knows no method and no schedule.
+
+    A reply is the client's answer, or a one-line reason why there is none (the driver logs
+    it and goes on without that client)."""
+
+    clusters: Mapping[int, int]  # the reachable clients: id -> true cluster
+
+    def train(
+        self, round_: int, clients: Sequence[int], payload: TensorDict
+    ) -> Mapping[int, Trained | str]: ...
+
+    def evaluate(
+        self, round_: int, clients: Sequence[int], global_state: TensorDict | None
+    ) -> Mapping[int, Evaluated | str]: ...
+
+    def state_dict(self) -> TensorDict: ...
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, fraction: float) -> list[int]:
+    """The clients of one round: a seeded draw without replacement, sorted."""
+    count = max(1, round(fraction * num_clients))
+    rng = np.random.default_rng([seed, round_, 0x5A])
+    return sorted(rng.choice(num_clients, size=count, replace=False).tolist())
+
+
+def client_seed(seed: int, round_: int, client: int) -> int:
+    """A 63-bit seed that depends only on (seed, round, client): splitmix64 over the three."""
+    mask = (1 << 64) - 1
+    z = seed & mask
+    for value in (round_, client):
+        z = (z ^ value) + 0x9E3779B97F4A7C15 & mask
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
+        z ^= z >> 31
+    return z >> 1
+
+
+def router_summary(method: Method, private: Mapping[str, torch.Tensor]) -> tuple[int, float] | None:
+    """What cluster recovery needs of a client's router: which adaptor leads and by how much."""
+    weights = method.router_weights(private)
+    if weights is None:
+        return None
+    return int(weights.argmax()), float(weights.max())
+
+
+class Driver:
+    """Runs a method's rounds over a transport: sampling, codecs, checks, the server update,
+    evaluation and checkpoints."""
+
+    def __init__(
+        self,
+        method: Method,
+        transport: Transport,
+        initial: ServerState,
+        objective: Objective,
+        num_clients: int,
+        train: TrainConfig,
+        config: EngineConfig | None = None,
+        comm: CommConfig | None = None,
+        seed: int = 0,
+        log: logging.Logger | None = None,
+    ) -> None:
+        config, comm = config or EngineConfig(), comm or CommConfig()
+        check_engine_config(config)
+        if not 0 < train.clients_per_round <= 1:
+            raise ConfigError(
+                f"train.clients_per_round: must be in (0, 1], got {train.clients_per_round}"
+            )
+        self.method, self.transport, self.objective = method, transport, objective
+        self.num_clients, self.train, self.config, self.seed = num_clients, train, config, seed
+        self.down = build_codec(comm.download, "comm.download")
+        self.up = build_codec(comm.upload, "comm.upload")
+        self.state = initial
+        self.server_optimizer = build_server_optimizer(train)
+        self.log = log or logging.getLogger("floral")
+        self.round = 0
+
+    @property
+    def global_state(self) -> TensorDict:
+        return self.state.global_state
+
+    def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
+        """Run rounds until `train.rounds`; returns what each round reported."""
+        results = []
+        while self.round < self.train.rounds:
+            results.append(self.run_round())
+            if on_round is not None:
+                on_round(results[-1])
+        return results
+
+    # -- one round ---------------------------------------------------------------------------
+    def run_round(self) -> RoundResult:
+        """Train the sampled clients, check and aggregate their uploads, evaluate when due."""
+        self.round += 1
+        start = time.perf_counter()
+        sampled = sample_clients(
+            self.seed, self.round, self.num_clients, self.train.clients_per_round
+        )
+        clients = self._reachable(sampled)
+        # Every sampled client receives the same payload: encode once, count it per client.
+        payload = self.down.encode(self.state.global_state)
+        replies = self.transport.train(self.round, clients, payload)
+        uploads, losses, bytes_up = [], [], 0
+        for k in sorted(replies):  # client order: sums do not depend on the transport
+            reply = replies[k]
+            if isinstance(reply, str):
+                self._drop(k, reply)
+                continue
+            bytes_up += payload_bytes(reply.payload)  # what crossed the network, kept or not
+            upload = self._checked(k, reply.payload)
+            if upload is not None:
+                uploads.append(upload)
+                losses.append(reply.train_loss)
+        self.state = self.method.server_update(self.state, uploads, self.server_optimizer)
+        result = RoundResult(
+            self.round, time.perf_counter() - start, payload_bytes(payload) * len(clients),
+            bytes_up, clients, float(np.mean(losses)) if losses else math.nan,
+        )
+        if self.is_eval_round(self.round):
+            result.eval = self.evaluate(clients if self.config.eval_clients == "sampled" else None)
+        return result
+
+    def is_eval_round(self, round_: int) -> bool:
+        return round_ % self.config.eval_every == 0 or round_ == self.train.rounds
+
+    def _reachable(self, sampled: Sequence[int]) -> list[int]:
+        absent = [k for k in sampled if k not in self.transport.clusters]
+        if absent:
+            self.log.warning("round %d: clients %s have no node; skipped", self.round, absent)
+        return [k for k in sampled if k in self.transport.clusters]
+
+    def _checked(self, k: int, payload: TensorDict) -> TensorDict | None:
+        """The decoded upload, or None when it may not be aggregated (logged)."""
+        try:
+            upload = self.up.decode(payload)
+            problems = self.method.check_upload(self.state, upload)
+        except (ValueError, KeyError, TypeError, RuntimeError) as error:
+            problems = [str(error)]
+        if not problems:
+            return upload
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        self._drop(k, "; ".join(problems[:3]) + more)
+        return None
+
+    def _drop(self, k: int, reason: str) -> None:
+        self.log.warning("round %d: dropped the reply of client %d: %s", self.round, k, reason)
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate(self, clients: Sequence[int] | None = None) -> dict[str, float]:
+        """Test metrics summed over clients, overall and per cluster, and cluster recovery.
+
+        The server's exact global tensors are evaluated, not the download codec's view, and
+        evaluation traffic is not part of a round's bytes."""
+        everyone = sorted(self.transport.clusters)
+        targets = everyone if clients is None else self._reachable(clients)
+        results, routers = self._evaluations(targets, self.state.global_state)
+        others = [k for k in everyone if k not in set(targets)]
+        if routers and others:  # recovery is judged over all clients: ask the rest for routers
+            routers.update(self._evaluations(others, None)[1])
+        metrics = summarize(results, self.transport.clusters, self.objective)
+        if routers:
+            metrics.update(self._router_recovery(routers))
+        return metrics
+
+    def _evaluations(
+        self, clients: Sequence[int], global_state: TensorDict | None
+    ) -> tuple[dict[int, EvalResult], dict[int, tuple[int, float]]]:
+        replies = self.transport.evaluate(self.round, clients, global_state)
+        results: dict[int, EvalResult] = {}
+        routers: dict[int, tuple[int, float]] = {}
+        for k in sorted(replies):
+            reply = replies[k]
+            if isinstance(reply, str):
+                self._drop(k, f"evaluation: {reply}")
+                continue
+            if reply.result is not None:
+                results[k] = reply.result
+            if reply.router is not None:
+                routers[k] = reply.router
+        return results, routers
+
+    def _router_recovery(self, routers: Mapping[int, tuple[int, float]]) -> dict[str, float]:
+        """`router_recovery` on weights rebuilt from (argmax, max) per client: a row holding only
+        its max at its argmax has the same argmax and max as the client's pi."""
+        ks = sorted(routers)
+        choices = torch.tensor([routers[k][0] for k in ks])
+        weights = torch.zeros(len(ks), int(choices.max()) + 1)
+        weights[torch.arange(len(ks)), choices] = torch.tensor([routers[k][1] for k in ks])
+        clusters = torch.tensor([self.transport.clusters[k] for k in ks])
+        return router_recovery(weights, clusters)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> TensorDict:
+        """Everything a resumed run needs, as one flat dict of tensors."""
+        state = {f"global/{k}": v for k, v in self.state.global_state.items()}
+        state.update({f"method/{k}": v for k, v in self.state.method_state.items()})
+        state.update({f"server/{k}": v for k, v in self.server_optimizer.state_dict().items()})
+        state.update(self.transport.state_dict())
+        state["engine/round"] = torch.tensor(self.round)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for prefix, tensors in (("global", self.state.global_state),
+                                ("method", self.state.method_state)):
+            check_state_names(prefix, _under(state, prefix), set(tensors))
+        self.transport.load_state_dict(state)
+        self.state = ServerState(
+            {k: v.clone() for k, v in _under(state, "global").items()},
+            {k: v.clone() for k, v in _under(state, "method").items()},
+        )
+        self.server_optimizer.load_state_dict(_under(state, "server"))
+        self.round = int(state["engine/round"])
+
+
+def _under(state: Mapping[str, torch.Tensor], prefix: str) -> TensorDict:
+    start = len(prefix) + 1
+    return {k[start:]: v for k, v in state.items() if k.startswith(prefix + "/")}
+
+
+def check_state_names(kind: str, found: Mapping[str, object], expected: set[str]) -> None:
+    """A saved state must hold exactly the model's tensors: one written by another method,
+    model or version of a method stops here, in one line, instead of mid-run."""
+    problem = None
+    if extra := sorted(set(found) - expected):
+        problem = f"has {kind} tensor {extra[0]!r}"
+    elif missing := sorted(expected - set(found)):
+        problem = f"lacks {kind} {missing[0]!r}"
+    if problem is not None:
+        raise ConfigError(
+            f"the saved state {problem}, which this run's model does not match: it was "
+            "written by another method, model or floral version; delete it to start afresh"
+        )
+
+
+def summarize(
+    results: Mapping[int, EvalResult], clusters: Mapping[int, int], objective: Objective
+) -> dict[str, float]:
+    """Weighted metrics over clients, overall and per cluster: accuracy (%), MSE or perplexity
+    (of all test tokens together), and loss."""
+    groups: dict[str, list[EvalResult]] = {"": list(results.values())}
+    for k, result in results.items():
+        groups.setdefault(f"_cluster{clusters[k]}", []).append(result)
+    metrics: dict[str, float] = {}
+    for suffix, items in sorted(groups.items()):
+        count = sum(r.count for r in items)
+        score = sum(r.score_sum for r in items) / max(count, 1)
+        metrics[objective.metric + suffix] = objective.headline(score)
+        metrics["loss" + suffix] = sum(r.loss_sum for r in items) / max(count, 1)
+    return metrics

@@ -1,0 +1,190 @@
+"""floral's Flower apps: the ServerApp and ClientApp of an experiment, and its simulation.
+
+    [tool.flwr.app.components]
+    serverapp = "floral.flower_app:server_app"
+    clientapp = "floral.flower_app:client_app"
+
+The engine parts (floral.engines.flower) know no experiment: the ServerApp here resolves the run
+config into an experiment and drives the round driver over a `FlowerTransport`; the ClientApp
+rebuilds a client's runtime from the experiment text every message carries. `simulate` runs an
+experiment as a Flower simulation (ServerApp in this process, one virtual SuperNode per client
+in Ray), each virtual node's config naming its partition, exactly as on a real deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import tomli_w
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from floral.comm import build_codec
+from floral.config import tomllib
+from floral.engines.driver import Driver, RoundResult
+from floral.engines.flower.client import ClientRuntime, make_client_app
+from floral.engines.flower.options import (
+    RESUME_UNAVAILABLE,
+    FlowerOptions,
+    experiment_from_run_config,
+    options_from_run_config,
+)
+from floral.engines.flower.server import FlowerTransport, log
+from floral.engines.local import LocalTransport
+from floral.errors import ConfigError, FloralError
+from floral.experiment import (
+    ExperimentConfig,
+    ProgressFn,
+    RunSummary,
+    build_setup,
+    resolve_config,
+    run_rounds,
+)
+from floral.train.objective import get_objective
+
+__all__ = ["client_app", "experiment_text", "runtime_for", "serve", "server_app", "simulate"]
+
+
+def experiment_text(config: ExperimentConfig) -> str:
+    """The experiment as the server sends it: the resolved config, as TOML."""
+    return tomli_w.dumps(config.to_dict())
+
+
+def runtime_for(text: str) -> ClientRuntime:
+    """A client's runtime from the experiment text: the local engine's model, method and data."""
+    config = resolve_config(tomllib.loads(text))
+    method, task, model = build_setup(config)
+    # The local engine's own set-up, so a node starts from exactly the local engine's state.
+    local = LocalTransport(
+        method, task, model, config.train, config.engine, config.seed, config.comm
+    )
+    return ClientRuntime(
+        method, task, local.slots, local.initial, local.initial_private, config.train,
+        local.objective, config.seed,
+        build_codec(config.comm.download, "comm.download"),
+        build_codec(config.comm.upload, "comm.upload"),
+    )
+
+
+client_app = make_client_app(runtime_for)
+
+
+def serve(
+    grid: Grid,
+    config: ExperimentConfig,
+    out: Path,
+    options: FlowerOptions | None = None,
+    on_round: ProgressFn | None = None,
+) -> RunSummary:
+    """Run `config` over the grid's nodes, writing the usual results folder to `out`."""
+    transport = FlowerTransport(grid, experiment_text(config), config.task.num_clients, options)
+    driver = Driver(
+        config.build_method(), transport, transport.initial, get_objective(transport.kind),
+        config.task.num_clients, config.train, config.engine, config.comm, config.seed, log,
+    )
+    return run_rounds(driver, config, out, on_round=on_round)
+
+
+def _log_round(result: RoundResult, latest: Mapping[str, float]) -> None:
+    headline = ("accuracy", "mse", "perplexity", "loss", "router_ari")
+    shown = {k: round(v, 4) for k, v in latest.items() if k in headline}
+    suffix = f" {shown}" if result.eval else ""
+    log.info("round %d: %d clients, train loss %.4f%s", result.round, len(result.clients),
+             result.train_loss, suffix)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    data, overrides = experiment_from_run_config(context.run_config)
+    config = resolve_config(data, [*overrides, "engine.name=flower"])
+    out = Path(config.output.dir or Path("results") / config.name).absolute()
+    summary = serve(grid, config, out, options_from_run_config(context.run_config), _log_round)
+    log.info("%s: final %s = %.4f; results in %s", config.name, summary.metric,
+             summary.final[summary.metric], out)
+
+
+# -- simulation -----------------------------------------------------------------------------------
+def simulate(
+    config: ExperimentConfig,
+    out: Path,
+    *,
+    resume: bool | str = False,
+    on_round: ProgressFn | None = None,
+    options: FlowerOptions | None = None,
+    app: ClientApp | None = None,
+    verbose: bool = False,
+) -> RunSummary:
+    """Run `config` as a Flower simulation with one virtual SuperNode per client.
+
+    `resume="auto"` starts afresh: the clients' private state lived in the previous simulation's
+    nodes and ended with it. `app` replaces floral's ClientApp (tests inject faults).
+    """
+    if resume is True:
+        raise ConfigError(RESUME_UNAVAILABLE)
+    build_setup(config)  # bad data settings stop here, before Ray starts or anything is written
+    results: list[RunSummary] = []
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        results.append(serve(grid, config, out, options, on_round))
+
+    with _quiet_flower(verbose), _kept_environment("PYTHONPATH"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # Ray's notices about its own future
+        run_simulation(
+            server,
+            app or client_app,
+            num_supernodes=config.task.num_clients,
+            backend_config=_backend_config(verbose),
+        )
+    if not results:
+        raise FloralError("the Flower simulation ended without a result (see the log above)")
+    return results[0]
+
+
+def _backend_config(verbose: bool) -> dict:
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+            "log_to_driver": verbose,
+        },
+    }
+
+
+@contextmanager
+def _quiet_flower(verbose: bool) -> Iterator[None]:
+    """Flower's per-message chatter off (unless verbose); floral's warnings about replies on."""
+    flower, ours = logging.getLogger("flwr"), logging.getLogger("flwr.floral")
+    saved = flower.level, ours.level
+    if not verbose:
+        flower.setLevel(logging.ERROR)
+        ours.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        flower.setLevel(saved[0])
+        ours.setLevel(saved[1])
+
+
+@contextmanager
+def _kept_environment(name: str) -> Iterator[None]:
+    """Flower's Ray backend rewrites an environment variable for its workers; put it back."""
+    saved = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved

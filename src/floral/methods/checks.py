@@ -1,0 +1,91 @@
+"""Checks on one upload before the server adds it to anything (`Method.check_upload`).
+
+An upload that would poison the aggregate is dropped by the engine, and the round goes on
+without it. These are the default rules; none of them names a method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from floral.train.optim import ServerOptimizer
+from floral.train.state import WEIGHT_SUFFIX
+
+if TYPE_CHECKING:
+    from floral.methods.base import Method, ServerState
+
+__all__ = ["aggregation_problems", "contract_problems", "value_problems"]
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+def value_problems(upload: Tensors) -> list[str]:
+    """Floating-point tensors are finite; weights (`name::weight`) are floating-point and
+    non-negative."""
+    problems = []
+    for name, tensor in upload.items():
+        is_weight = name.endswith(WEIGHT_SUFFIX)
+        if is_weight and not tensor.is_floating_point():
+            problems.append(f"{name!r} has dtype {tensor.dtype}, expected a floating-point weight")
+        elif tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            problems.append(f"{name!r} has NaN or infinite values")
+        elif is_weight and bool((tensor < 0).any()):
+            problems.append(f"{name!r} has negative weights")
+    return problems
+
+
+def contract_problems(global_state: Tensors, upload: Tensors) -> list[str]:
+    """For every global tensor `g`, a delta of `g`'s shape and dtype and a weight that
+    broadcasts to it, and no other name."""
+    expected = [n for name in global_state for n in (name, name + WEIGHT_SUFFIX)]
+    problems = [f"missing {name!r}" for name in expected if name not in upload]
+    for name, tensor in upload.items():
+        base = name.removesuffix(WEIGHT_SUFFIX)
+        reference = global_state.get(base)
+        if reference is None:
+            problems.append(f"unexpected {name!r}")
+            continue
+        check = _weight_problem if base != name else _delta_problem
+        problem = check(tensor, reference)
+        if problem is not None:
+            problems.append(f"{name!r} {problem}")
+    return problems
+
+
+def _delta_problem(tensor: torch.Tensor, reference: torch.Tensor) -> str | None:
+    if tensor.shape != reference.shape:
+        return f"has shape {tuple(tensor.shape)}, expected {tuple(reference.shape)}"
+    if tensor.dtype != reference.dtype:
+        return f"has dtype {tensor.dtype}, expected {reference.dtype}"
+    return None
+
+
+def _weight_problem(weight: torch.Tensor, reference: torch.Tensor) -> str | None:
+    try:
+        broadcast = torch.broadcast_shapes(weight.shape, reference.shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != reference.shape:
+        return f"has shape {tuple(weight.shape)}, not broadcastable to {tuple(reference.shape)}"
+    return None
+
+
+def aggregation_problems(method: Method, state: ServerState, upload: Tensors) -> list[str]:
+    """For uploads outside the default contract (a rank per client, stacked factors): the
+    method's own aggregation, of this upload alone (with a fresh plain server optimizer), must
+    accept it and give finite global tensors of the global shapes and dtypes."""
+    try:
+        result = method.server_update(state, [upload], ServerOptimizer()).global_state
+    except Exception as error:  # noqa: BLE001 - untrusted input meets the method's own checks
+        return [f"the method's aggregation refuses it ({type(error).__name__}: {error})"]
+    bad = [
+        name for name, reference in state.global_state.items()
+        if name not in result
+        or result[name].shape != reference.shape
+        or result[name].dtype != reference.dtype
+        or (reference.is_floating_point() and not bool(result[name].isfinite().all()))
+    ]
+    return [f"aggregated alone, it gives a bad {name!r}" for name in bad]

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_overhead import TASKS, bare_loop  # noqa: E402  (a sibling script, not a package)
 
 from floral.data import FederatedTask, build_task  # noqa: E402
-from floral.engines.local import EngineConfig, LocalEngine  # noqa: E402
+from floral.engines import EngineConfig, LocalEngine  # noqa: E402
 from floral.methods import get_method  # noqa: E402
 from floral.models import ModelConfig, build_model  # noqa: E402
 from floral.train.loop import TrainConfig  # noqa: E402

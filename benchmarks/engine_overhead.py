@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from floral.data import TaskConfig, build_task
-from floral.engines.local import EngineConfig, LocalEngine, client_seed, sample_clients
+from floral.engines import EngineConfig, LocalEngine
+from floral.engines.driver import client_seed, sample_clients
 from floral.methods import get_method
 from floral.models import ModelConfig, build_model
 from floral.train.loop import TrainConfig

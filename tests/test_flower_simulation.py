@@ -22,9 +22,9 @@ from flower_support import tiny_experiment  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from floral.cli import main  # noqa: E402
-from floral.flower_app import simulate  # noqa: E402
 from floral.engines.flower.options import FlowerOptions  # noqa: E402
 from floral.experiment import resolve_config  # noqa: E402
+from floral.flower_app import simulate  # noqa: E402
 from floral.run import run_experiment  # noqa: E402
 
 TOLERANCE = 1e-6

@@ -192,8 +192,6 @@ def test_missing_extra_names_it():
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from floral.train.objective import get_objective  # noqa: E402
-
 from floral.adapters import AdapterSpec, attach  # noqa: E402
 from floral.adapters.attach import adapted_layers  # noqa: E402
 from floral.experiment import build_engine, resolve_config  # noqa: E402
@@ -207,6 +205,7 @@ from floral.llm import (  # noqa: E402
 )
 from floral.methods import Role, get_method  # noqa: E402
 from floral.run import run_experiment  # noqa: E402
+from floral.train.objective import get_objective  # noqa: E402
 
 VOCAB = 64
 # float32 throughout; the PEFT model and ours sum the same products in another order.

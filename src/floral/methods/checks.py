@@ -25,16 +25,30 @@ Tensors = Mapping[str, torch.Tensor]
 def value_problems(upload: Tensors) -> list[str]:
     """Floating-point tensors are finite; weights (`name::weight`) are floating-point and
     non-negative."""
+    suspect = _maybe_not_finite(upload)
     problems = []
     for name, tensor in upload.items():
         is_weight = name.endswith(WEIGHT_SUFFIX)
         if is_weight and not tensor.is_floating_point():
             problems.append(f"{name!r} has dtype {tensor.dtype}, expected a floating-point weight")
-        elif tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+        elif name in suspect and not bool(tensor.isfinite().all()):
             problems.append(f"{name!r} has NaN or infinite values")
         elif is_weight and bool((tensor < 0).any()):
             problems.append(f"{name!r} has negative weights")
     return problems
+
+
+def _maybe_not_finite(upload: Tensors) -> set[str]:
+    """Names of the floating-point tensors whose sum is not finite: a superset of those holding
+    NaN or infinity (a sum of finite values may overflow), found at the cost of one reduction
+    per tensor rather than a full elementwise test."""
+    names = [name for name, tensor in upload.items() if tensor.is_floating_point()]
+    if not names:
+        return set()
+    sums = torch.stack([upload[name].sum(dtype=torch.float32) for name in names])
+    if bool(sums.isfinite().all()):
+        return set()
+    return {name for name, finite in zip(names, sums.isfinite().tolist()) if not finite}
 
 
 def contract_problems(global_state: Tensors, upload: Tensors) -> list[str]:
@@ -64,12 +78,13 @@ def _delta_problem(tensor: torch.Tensor, reference: torch.Tensor) -> str | None:
 
 
 def _weight_problem(weight: torch.Tensor, reference: torch.Tensor) -> str | None:
-    try:
-        broadcast = torch.broadcast_shapes(weight.shape, reference.shape)
-    except RuntimeError:
-        broadcast = None
-    if broadcast != reference.shape:
-        return f"has shape {tuple(weight.shape)}, not broadcastable to {tuple(reference.shape)}"
+    shape, target = tuple(weight.shape), tuple(reference.shape)
+    # Broadcasting to exactly `target`: each trailing axis of the weight is 1 or target's.
+    fits = len(shape) <= len(target) and all(
+        size in (1, want) for size, want in zip(reversed(shape), reversed(target))
+    )
+    if not fits:
+        return f"has shape {shape}, not broadcastable to {target}"
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from sklearn.metrics import adjusted_rand_score
 
 from floral.data import ClientData
@@ -303,3 +304,26 @@ def test_floral_em_warmup_names_a_conv_layer_it_cannot_cut():
                              "method": {"name": "floral-em", "warmup_rank": 0.1}})
     with pytest.raises(ConfigError, match="warmup_rank: layer '.*' is a Conv2d"):
         build_engine(config)
+
+
+def test_floral_em_resumed_mid_warmup_ends_as_an_uninterrupted_run(tmp_path):
+    # The warm-up's initial tensors and round counter are server state in the checkpoint, so a
+    # run stopped before the restart resumes and restarts from the same tensors.
+    settings = {**TINY, "train": {**TINY["train"], "rounds": 4, "clients_per_round": 1.0},
+                "engine": {"eval_every": 1, "checkpoint_every": 1},
+                "method": {**WARMUP, "warmup_rounds": 3}}
+    config = resolve_config(settings)
+
+    def stop_after_round_1(result, latest):  # noqa: ANN001
+        if result.round == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config, tmp_path / "resumed", on_round=stop_after_round_1)
+    resumed = run_experiment(config, tmp_path / "resumed", resume=True)
+    fresh = run_experiment(config, tmp_path / "fresh")
+    assert resumed.final == fresh.final
+    a = load_file(tmp_path / "resumed" / "state.safetensors")
+    b = load_file(tmp_path / "fresh" / "state.safetensors")
+    assert a.keys() == b.keys() and "method/rounds" in a
+    assert all(torch.equal(a[name], b[name]) for name in a)

@@ -80,7 +80,7 @@ def _add_grid(
         "--methods",
         default=methods,
         help="comma-separated; options as name:key=value[:key=value...], e.g. "
-        "floral:rank=0.1 or floral-em:warmup_rank=0.1:warmup_restart=true "
+        "floral:rank=0.1 or floral-em:warmup_rank=0.1:warmup_rounds=100 "
         f"(default: {methods})",
     )
     parser.add_argument("--seeds", default=seeds, help=f"comma-separated (default: {seeds})")

@@ -11,7 +11,7 @@ import sys
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from floral.errors import ConfigError
 
@@ -110,7 +110,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
     elif dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, key)
+        # A type hint is the dataclass itself, never an instance of it.
+        return from_dict(cast("type[Any]", hint), value, key)
     raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
 
 

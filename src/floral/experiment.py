@@ -109,16 +109,16 @@ def read_experiment(path: str | os.PathLike) -> dict[str, Any]:
 
 def resolve_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
     """An `ExperimentConfig` from nested dicts; every key and type checked, method included."""
-    data = json.loads(json.dumps(data))  # a private deep copy
+    tables: dict[str, Any] = json.loads(json.dumps(data))  # a private deep copy
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
-        set_dotted(data, key.strip(), parse_value(value.strip()))
-    method = data.get("method", {"name": "floral"})
+        set_dotted(tables, key.strip(), parse_value(value.strip()))
+    method = tables.get("method", {"name": "floral"})
     if not isinstance(method, dict) or not isinstance(method.get("name"), str):
         raise ConfigError("method.name: required, e.g. name = \"floral\"")
-    config = from_dict(ExperimentConfig, {**data, "method": {}}, "")
+    config = from_dict(ExperimentConfig, {**tables, "method": {}}, "")
     config.method = dict(method)
     config.build_method()  # checks the method's name and options now, before any work
     check_values(config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +51,8 @@ def router_weights_of_run(run_dir: Path) -> RouterMap | None:
         if key.startswith("private/"):
             _, client, name = key.split("/", 2)
             private.setdefault(int(client), {})[name] = value
-    found = {k: method.router_weights(state) for k, state in private.items()}
-    found = {k: pi for k, pi in found.items() if pi is not None}
+    weights_of = {k: method.router_weights(state) for k, state in private.items()}
+    found = {k: pi for k, pi in weights_of.items() if pi is not None}
     if not found:
         return None
     num_adaptors = next(iter(found.values())).shape[-1]
@@ -94,7 +95,7 @@ def plot_router_heatmap(maps: Mapping[str, RouterMap], path: Path, title: str) -
     return _save(fig, path)
 
 
-def _mark_clusters(ax: object, sorted_clusters: np.ndarray) -> None:
+def _mark_clusters(ax: Any, sorted_clusters: np.ndarray) -> None:
     bounds = np.flatnonzero(np.diff(sorted_clusters)) + 0.5
     for x in bounds:
         ax.axvline(x, color="white", linewidth=0.8)
@@ -132,7 +133,7 @@ def plot_cluster_bars(
     return save_figure(fig, path)
 
 
-def _save(fig: object, path: Path) -> Path:
+def _save(fig: Any, path: Path) -> Path:
     # A constrained layout places the colorbar itself; tight_layout would fight it.
     import matplotlib.pyplot as plt
 

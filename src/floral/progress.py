@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -71,7 +72,7 @@ class GridProgress:
     def __init__(self, runs: Sequence[Any], disable: bool = False) -> None:
         self.runs = runs
         self.progress = _bar(disable)
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> GridProgress:
         self.progress.start()
@@ -92,7 +93,7 @@ class GridProgress:
             task, completed=done, latest=_latest(latest), visible=done < total
         )
         runs = [t for t in self.progress.tasks if t.id != self.overall]
-        finished = sum(t.completed >= t.total for t in runs)
+        finished = sum(t.completed >= cast(float, t.total) for t in runs)  # all have totals
         self.progress.update(
             self.overall,
             completed=sum(t.completed for t in runs),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from fnmatch import fnmatchcase
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -173,7 +174,8 @@ def _adapt(name: str, module: nn.Module, spec: AdapterSpec, index: int) -> Adapt
         return AdaptedLinear(module, count, rank, alpha, spec.bias, layer_index=index)
     if isinstance(module, nn.Conv2d):
         return AdaptedConv2d(module, count, rank, alpha, spec.bias, spec.conv_form, index)
-    return AdaptedEmbedding(module, count, rank, alpha, layer_index=index)
+    # factor_sizes accepted the module, so it is an embedding.
+    return AdaptedEmbedding(cast(nn.Embedding, module), count, rank, alpha, layer_index=index)
 
 
 def _merge_weights(layer: AdaptedLayer, router_weights: Tensor | None) -> Tensor:

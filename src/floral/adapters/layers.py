@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TypeAlias, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+_BatchNorm: TypeAlias = "nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d"
+_Norm: TypeAlias = "_BatchNorm | nn.LayerNorm | nn.GroupNorm"  # one of NORM_TYPES
 
 
 class AdaptedLayer(nn.Module, ABC):
@@ -116,22 +119,22 @@ class AdaptedLayer(nn.Module, ABC):
             return torch.mv(lora_bias.t(), pi) * self.alpha
         return torch.addmv(base_bias, lora_bias.t(), pi, alpha=self.alpha)
 
-    def _fold_bias(self, scale: Tensor) -> None:
+    def _fold_bias(self, base: nn.Linear | nn.Conv2d, scale: Tensor) -> None:
         lora_bias = self._parameters.get("lora_bias")
         if lora_bias is None:
             return
         delta = scale @ lora_bias
-        if self.base.bias is None:
-            self.base.bias = nn.Parameter(delta, requires_grad=self.base.weight.requires_grad)
+        if base.bias is None:
+            base.bias = nn.Parameter(delta, requires_grad=base.weight.requires_grad)
         else:
-            self.base.bias.add_(delta)
+            base.bias.add_(delta)
 
     def _new_factors(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], bias_size: int,
                      bias: bool, reference: Tensor) -> None:
-        factory = {"device": reference.device, "dtype": reference.dtype}
-        self.lora_A = nn.Parameter(torch.empty(self.num_adaptors, *a_shape, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.num_adaptors, *b_shape, **factory))
-        lora_bias = torch.zeros(self.num_adaptors, bias_size, **factory) if bias else None
+        count, device, dtype = self.num_adaptors, reference.device, reference.dtype
+        self.lora_A = nn.Parameter(torch.empty(count, *a_shape, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(count, *b_shape, device=device, dtype=dtype))
+        lora_bias = torch.zeros(count, bias_size, device=device, dtype=dtype) if bias else None
         self.register_parameter("lora_bias", None if lora_bias is None else nn.Parameter(lora_bias))
         with torch.no_grad():
             for factor in self.lora_A:
@@ -142,6 +145,7 @@ class AdaptedLayer(nn.Module, ABC):
 class AdaptedLinear(AdaptedLayer):
     """nn.Linear plus the mixture; A (C, r, in), B (C, r, out), bias (C, out)."""
 
+    base: nn.Linear
     factor_names = ("lora_A", "lora_B", "lora_bias")
 
     def __init__(self, base: nn.Linear, num_adaptors: int, rank: int, alpha: float = 1.0,
@@ -162,7 +166,7 @@ class AdaptedLinear(AdaptedLayer):
     def fold(self, pi: Tensor) -> nn.Module:
         scale = pi * self.alpha
         self.base.weight.add_(torch.einsum("c,cro,cri->oi", scale, self.lora_B, self.lora_A))
-        self._fold_bias(scale)
+        self._fold_bias(self.base, scale)
         return self.base
 
     def extra_repr(self) -> str:
@@ -193,6 +197,7 @@ class AdaptedConv2d(AdaptedLayer):
     B (C, r, out, 1, 1); bias (C, out).
     """
 
+    base: nn.Conv2d
     factor_names = ("lora_A", "lora_B", "lora_bias")
 
     def __init__(self, base: nn.Conv2d, num_adaptors: int, rank: int, alpha: float = 1.0,
@@ -237,7 +242,7 @@ class AdaptedConv2d(AdaptedLayer):
             b = self.lora_B.reshape(c, r, -1)  # (C, r, out)
             kernel = torch.einsum("c,cjo,cjiyx->oiyx", scale, b, self.lora_A)
         self.base.weight.add_(kernel)
-        self._fold_bias(scale)
+        self._fold_bias(self.base, scale)
         return self.base
 
     def extra_repr(self) -> str:
@@ -252,6 +257,7 @@ class AdaptedEmbedding(AdaptedLayer):
     the base's.
     """
 
+    base: nn.Embedding
     factor_names = ("lora_A", "lora_B")
 
     def __init__(self, base: nn.Embedding, num_adaptors: int, rank: int, alpha: float = 1.0,
@@ -289,9 +295,10 @@ class AdaptedNorm(AdaptedLayer):
     adaptor, (C, *affine_shape), starting at zero. A norm without affine parameters acts as
     weight 1, bias 0."""
 
+    base: _Norm
     delta_names = ("norm_weight_delta", "norm_bias_delta")
 
-    def __init__(self, base: nn.Module, num_adaptors: int, alpha: float = 1.0,
+    def __init__(self, base: _Norm, num_adaptors: int, alpha: float = 1.0,
                  layer_index: int = 0):
         super().__init__(base, num_adaptors, alpha, layer_index)
         if isinstance(base, nn.LayerNorm):
@@ -300,12 +307,16 @@ class AdaptedNorm(AdaptedLayer):
             shape = (base.num_channels,)
         else:
             shape = (base.num_features,)
-        reference = next(iter(base.parameters()), None)
+        reference: Tensor | None = next(iter(base.parameters()), None)
         if reference is None:
             reference = next(iter(base.buffers()), torch.empty(0))
-        factory = {"device": reference.device, "dtype": reference.dtype}
-        self.norm_weight_delta = nn.Parameter(torch.zeros(num_adaptors, *shape, **factory))
-        self.norm_bias_delta = nn.Parameter(torch.zeros(num_adaptors, *shape, **factory))
+        device, dtype = reference.device, reference.dtype
+        self.norm_weight_delta = nn.Parameter(
+            torch.zeros(num_adaptors, *shape, device=device, dtype=dtype)
+        )
+        self.norm_bias_delta = nn.Parameter(
+            torch.zeros(num_adaptors, *shape, device=device, dtype=dtype)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         pi = self.mixture()
@@ -381,11 +392,12 @@ def _conv_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     if conv.padding == "same":
         total_h, total_w = dh * (kh - 1), dw * (kw - 1)
         return total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2
-    ph, pw = conv.padding
+    # Any other string is rejected by nn.Conv2d, which stores numeric padding as a pair.
+    ph, pw = cast("tuple[int, int]", conv.padding)
     return pw, pw, ph, ph
 
 
-def _batch_norm(norm: nn.Module, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def _batch_norm(norm: _BatchNorm, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """The forward of nn.BatchNormNd with the given affine, updating running stats once."""
     norm._check_input_dim(x)
     momentum = 0.0 if norm.momentum is None else norm.momentum

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,11 @@ class Router(nn.Module):
 
     logits: nn.Parameter
     fixed: Tensor
+    # The pi of the current forward, its rows for a per-layer router, and what it was drawn
+    # under; all None until the first draw (see `_clear_cache`).
+    _pi: Tensor | None
+    _rows: tuple[Tensor, ...] | None
+    _stamp: tuple[int, int, int, bool, bool] | None
 
     def __init__(
         self, num_adaptors: int, spec: RouterSpec | None = None, num_layers: int = 1
@@ -75,9 +80,10 @@ class Router(nn.Module):
 
     def weights(self, layer_index: int = 0) -> Tensor:
         """The pi (C,) that layer `layer_index` uses in the current forward."""
-        if self._pi is None or self._stamp != self._current_stamp():
-            self.refresh()
-        return self._pi if self._rows is None else self._rows[layer_index]
+        pi = self._pi
+        if pi is None or self._stamp != self._current_stamp():
+            pi = self.refresh()
+        return pi if self._rows is None else self._rows[layer_index]
 
     def forward(self, x: Any) -> Any:
         """Identity. The router acts through `weights`; this only lets a router that sits in an
@@ -92,7 +98,7 @@ class Router(nn.Module):
     def _compute(self, noisy: bool) -> Tensor:
         if self.fixed.numel() > 0:
             return self.fixed
-        logits = self.logits
+        logits: Tensor = self.logits
         if noisy and self.noise > 0:
             logits = torch.add(logits, torch.rand_like(logits), alpha=self.noise)
         if self.temperature != 1.0:
@@ -110,9 +116,9 @@ class Router(nn.Module):
         )
 
     def _clear_cache(self) -> None:
-        self._pi: Tensor | None = None
-        self._rows: tuple[Tensor, ...] | None = None
-        self._stamp: tuple[int, int, int, bool, bool] | None = None
+        self._pi = None
+        self._rows = None
+        self._stamp = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> Router:
         self._clear_cache()
@@ -149,4 +155,4 @@ def refresh_router_hook(module: nn.Module, args: Any) -> None:
     A plain function that finds the router on the module, so a deep copy of the model (whose
     hook dict is copied by reference) refreshes its own router.
     """
-    module.floral_router.refresh()
+    cast(Router, module.floral_router).refresh()

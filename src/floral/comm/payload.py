@@ -39,7 +39,8 @@ def is_exact(name: str, tensor: torch.Tensor) -> bool:
 
 def split_exact(tensors: Mapping[str, torch.Tensor]) -> tuple[TensorDict, TensorDict]:
     """(tensors to compress, tensors to send exact), each in the message's order."""
-    lossy, exact = {}, {}
+    lossy: TensorDict = {}
+    exact: TensorDict = {}
     for name, tensor in tensors.items():
         (exact if is_exact(name, tensor) else lossy)[name] = tensor
     return lossy, exact

@@ -9,6 +9,7 @@ else (closures, environments, byte code) stops with a one-line error: it is not 
 
 from __future__ import annotations
 
+import builtins
 import bz2
 import gzip
 import lzma
@@ -67,7 +68,7 @@ def read_lazyload(stem: str | Path) -> dict[str, Any]:
     """Name -> object of a lazy-load database `<stem>.rdx` + `<stem>.rdb` (e.g. `data/Rdata`)."""
     stem = Path(stem)
     index = read_rds(stem.with_suffix(".rdx"))
-    if not isinstance(index, RObject) or "variables" not in (index.names or []):
+    if not isinstance(index, RObject) or index.names is None or "variables" not in index.names:
         raise RDataError(f"{stem}.rdx: not a lazy-load index (no 'variables')")
     variables = index.value[index.names.index("variables")]
     blob = stem.with_suffix(".rdb").read_bytes()
@@ -139,7 +140,9 @@ class _Reader:
     def int(self) -> int:
         return struct.unpack(">i", self.take(4))[0]
 
-    def length(self) -> int:
+    # From here on `int` in this class body is the method above, so annotations name the type
+    # as builtins.int.
+    def length(self) -> builtins.int:
         size = self.int()
         if size == -1:  # a long vector: two more ints
             upper, lower = self.int(), self.int()
@@ -189,7 +192,7 @@ class _Reader:
         pairs = self.item()
         return dict(pairs.value) if isinstance(pairs, RObject) else {}
 
-    def string(self, levels: int) -> str | None:
+    def string(self, levels: builtins.int) -> str | None:
         size = self.int()
         if size == -1:
             return None  # NA_character_
@@ -197,7 +200,7 @@ class _Reader:
         return raw.decode("latin-1" if levels & _LATIN1 and not levels & _UTF8 else "utf-8",
                           errors="replace")
 
-    def vector(self, kind: int) -> list[Any]:
+    def vector(self, kind: builtins.int) -> list[Any]:
         if kind in (STRSXP, VECSXP, EXPRSXP):
             return [self.item() for _ in range(self.length())]
         if kind in (LGLSXP, INTSXP):

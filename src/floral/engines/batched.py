@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -153,10 +154,11 @@ def _stacked_groups(
     groups = []
     for group in optimizer.param_groups:
         names = [name_of.get(id(p)) for p in group["params"]]
-        if any(name not in stacked for name in names):
+        known = [name for name in names if name is not None and name in stacked]
+        if len(known) < len(names):
             return None
         settings = {k: v for k, v in group.items() if k != "params"}
-        groups.append({**settings, "params": [stacked[n] for n in names], "names": names})
+        groups.append({**settings, "params": [stacked[n] for n in known], "names": known})
     return groups
 
 
@@ -215,7 +217,8 @@ def _after_backward(
         try:
             hook()
             # Read back, not reuse: a hook may assign a new `.grad` instead of editing in place.
-            grads = {name: tensors[name].grad for name in grads}
+            # Never None: vmap returns only tensors.
+            grads = {name: cast(Tensor, tensors[name].grad) for name in grads}
         finally:
             for name in grads:
                 tensors[name].grad = None

@@ -58,7 +58,9 @@ class LocalTransport:
         self.initial = ServerState(global_state, method.init_server_state(model, global_state))
         self.initial_private: TensorDict = self.slots.snapshot(private_names)
         self.private: dict[int, TensorDict] = {}
-        self.clusters = {k: client.cluster for k, client in enumerate(task.clients)}
+        self.clusters: Mapping[int, int] = {
+            k: client.cluster for k, client in enumerate(task.clients)
+        }
 
     def train(
         self, round_: int, clients: Sequence[int], payload: TensorDict

@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -94,6 +94,7 @@ def module_patterns(names: Iterable[str]) -> list[str]:
 def build_causal_lm(name: str, vocab_size: int) -> CausalLM:
     """The model `name` (see the module docstring) for a task of `vocab_size` tokens, in
     float32. Seed torch beforehand: tiny models are randomly initialized."""
+    lm: Any  # a transformers PreTrainedModel, untyped: transformers is imported on first use
     if name in TINY_MODELS:
         lm = _tiny_model(name, vocab_size)
         source = name
@@ -140,14 +141,16 @@ def linearize_conv1d(model: nn.Module) -> list[str]:
     names = [n for n, m in model.named_modules() if isinstance(m, pytorch_utils.Conv1D)]
     for name in names:
         conv = model.get_submodule(name)
-        in_features, out_features = conv.weight.shape
-        linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,
-                           device=conv.weight.device, dtype=conv.weight.dtype)
+        # Conv1D's parameters, which the stubs of nn.Module type as "a tensor or a module".
+        weight, bias = cast(torch.Tensor, conv.weight), cast("torch.Tensor | None", conv.bias)
+        in_features, out_features = weight.shape
+        linear = nn.Linear(in_features, out_features, bias=bias is not None,
+                           device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(conv.weight.t())
-            if conv.bias is not None:
-                linear.bias.copy_(conv.bias)
-        linear.weight.requires_grad_(conv.weight.requires_grad)
+            linear.weight.copy_(weight.t())
+            if bias is not None:
+                linear.bias.copy_(bias)
+        linear.weight.requires_grad_(weight.requires_grad)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, linear)
     return names

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -48,21 +49,22 @@ class EnsembleModel(nn.Module):
         members = [model] + [copy.deepcopy(model) for _ in range(num_models - 1)]
         for member in members[1:]:
             for module in member.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+                reset = getattr(module, "reset_parameters", None)
+                if reset is not None:
+                    reset()
         self.members = nn.ModuleList(members)
         self.floral_router = Router(num_models, spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pi = self.floral_router.refresh()
         fixed = self.floral_router.fixed.numel() > 0
-        out = None
+        out: torch.Tensor | None = None
         for c, member in enumerate(self.members):
             if fixed and pi[c] == 0:
                 continue  # an oracle client never needs the other clusters' models
             term = pi[c] * member(x)
             out = term if out is None else out + term
-        return out
+        return cast(torch.Tensor, out)  # set: only members with pi_c = 0 are skipped
 
 
 class Ensemble(Method):
@@ -107,7 +109,7 @@ class Ensemble(Method):
         with torch.no_grad():
             was_training = model.training
             model.eval()
-            pi = model.floral_router.refresh()
+            pi = cast(Router, model.floral_router).refresh()
             model.train(was_training)
         weights = {}
         for name in global_names:

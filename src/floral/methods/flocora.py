@@ -74,7 +74,7 @@ class FLoCoRA(LoraMethod):
 
 def _own_parameter_names(model: nn.Module, head: list[str]) -> set[str]:
     """Parameters of the head modules and of every normalization layer (trained in full)."""
-    names = set()
+    names: set[str] = set()
     for module_name, module in model.named_modules():
         if module_name in head or isinstance(module, NORM_TYPES):
             prefix = f"{module_name}." if module_name else ""

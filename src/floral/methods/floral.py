@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import nn
 
-from floral.adapters import RouterSpec, attach, mixture_weights
+from floral.adapters import Router, RouterSpec, attach, mixture_weights
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
 from floral.methods.adaptor_options import (
@@ -65,7 +66,7 @@ class Floral(Method):
         attach(model, adapter_spec(replace(opts, rank=self.attached_rank), num_adaptors, router))
         freeze_base(model, opts.train_base)
         if self.fixed_router:
-            prepare_oracle(model.floral_router)
+            prepare_oracle(cast(Router, model.floral_router))  # attach added it
         return model
 
     @property

@@ -16,11 +16,12 @@ what left the node.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from floral.comm import Codec
@@ -46,6 +47,9 @@ from floral.methods.base import ClientJob, Method, ServerState
 from floral.train.loop import TrainConfig
 from floral.train.objective import Objective
 from floral.train.state import StateSlots, TensorDict
+
+if TYPE_CHECKING:
+    from flwr.app import MetricRecordValues
 
 __all__ = ["ClientRuntime", "make_client_app", "partition_of"]
 
@@ -93,16 +97,16 @@ def _hello(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> Re
         "initial_digest": initial_digest(runtime.initial),
     })
     content = RecordDict({NODE: info})
-    if msg.content[CONFIG].get("send_initial", False):
+    if _config(msg).get("send_initial", False):
         content[INITIAL] = to_record(runtime.initial.global_state)
         content[INITIAL_STATE] = to_record(runtime.initial.method_state)
     return content
 
 
 def _train(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> RecordDict:
-    round_ = int(msg.content[CONFIG]["round"])
+    round_ = int(_config(msg)["round"])
     job = ClientJob(
-        runtime.down.decode(from_record(msg.content[GLOBAL])),
+        runtime.down.decode(_tensors(msg.content, GLOBAL)),
         _private_state(runtime, k, context),
         runtime.task.clients[k],
         runtime.train,
@@ -122,10 +126,10 @@ def _train(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> Re
 def _evaluate(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> RecordDict:
     """Test sums when the message carries the global tensors; the router's summary always."""
     private = _private_state(runtime, k, context)
-    sums: dict[str, int | float] = {}
+    sums: dict[str, MetricRecordValues] = {}
     if GLOBAL in msg.content:
         data = runtime.task.clients[k]
-        runtime.slots.load(from_record(msg.content[GLOBAL]))
+        runtime.slots.load(_tensors(msg.content, GLOBAL))
         runtime.slots.load(private)
         result = runtime.objective.evaluate(
             runtime.slots.model, data.x_test, data.y_test, runtime.train.eval_batch_size
@@ -140,8 +144,19 @@ def _evaluate(runtime: ClientRuntime, k: int, msg: Message, context: Context) ->
 def _private_state(runtime: ClientRuntime, k: int, context: Context) -> TensorDict:
     """The client's private tensors: from this node's state, or fresh before its first round."""
     if PRIVATE in context.state:
-        return from_record(context.state[PRIVATE])
+        return _tensors(context.state, PRIVATE)
     return runtime.method.init_private(runtime.initial_private, runtime.task.clients[k])
+
+
+def _config(msg: Message) -> Mapping[str, Any]:
+    """The server's config record. Flower types its values as a union that includes lists;
+    they are read with int() and str()."""
+    return cast(ConfigRecord, msg.content[CONFIG])
+
+
+def _tensors(records: RecordDict, name: str) -> TensorDict:
+    """The tensors of record `name`, which the server (or this node) wrote as an ArrayRecord."""
+    return from_record(cast(ArrayRecord, records[name]))
 
 
 Handler = Callable[[ClientRuntime, int, Message, Context], RecordDict]
@@ -149,10 +164,10 @@ Handler = Callable[[ClientRuntime, int, Message, Context], RecordDict]
 
 # -- the audit trail ----------------------------------------------------------------------------
 def _audit(path: Path, msg: Message, reply: Message, context: Context) -> None:
-    private = from_record(context.state[PRIVATE]) if PRIVATE in context.state else {}
+    private = _tensors(context.state, PRIVATE) if PRIVATE in context.state else {}
     entry = {
         "type": msg.metadata.message_type,
-        "round": int(msg.content[CONFIG].get("round", 0)),
+        "round": int(_config(msg).get("round", 0)),
         "received": _describe(msg.content),
         "sent": _describe(reply.content),
         "sent_values": {
@@ -195,7 +210,7 @@ def make_client_app(build: Callable[[str], ClientRuntime]) -> ClientApp:
         return cache[text]
 
     def serve(handler: Handler, msg: Message, context: Context) -> Message:
-        runtime = runtime_for(str(msg.content[CONFIG]["experiment"]))
+        runtime = runtime_for(str(_config(msg)["experiment"]))
         k = partition_of(context, len(runtime.task.clients))
         reply = Message(handler(runtime, k, msg, context), reply_to=msg)
         audit = context.node_config.get("audit-file")

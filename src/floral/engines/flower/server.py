@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from flwr.app import (
@@ -80,7 +80,7 @@ class FlowerTransport:
         self.round = 0
         self.nodes, self.kind, offered = self._discover(num_clients)
         self.initial = self._initial_state(offered)
-        self.clusters = {k: info.cluster for k, info in self.nodes.items()}
+        self.clusters: Mapping[int, int] = {k: info.cluster for k, info in self.nodes.items()}
 
     # -- setting up ------------------------------------------------------------------------------
     def _discover(self, wanted: int) -> tuple[dict[int, ClientInfo], str, ServerState | None]:
@@ -193,9 +193,9 @@ class FlowerTransport:
         deadline = time.monotonic() + self.options.round_timeout
         while waiting and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(waiting)):
-                key = waiting.pop(reply.metadata.reply_to_message_id, None)
-                if key is not None:
-                    replies[key] = reply
+                replied = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if replied is not None:
+                    replies[replied] = reply
             if waiting:
                 time.sleep(self.options.poll_interval)
         for key in waiting.values():
@@ -206,6 +206,9 @@ class FlowerTransport:
 
 # -- reading replies ------------------------------------------------------------------------------
 R = TypeVar("R")
+# A record's values as the readers see them. Flower types them as a union that includes lists;
+# int() and float() reject those with TypeError, which the readers report as a malformed reply.
+Values = Mapping[str, Any]
 
 
 def _record(reply: Message, name: str, kind: type[R]) -> R:
@@ -223,7 +226,8 @@ def _record(reply: Message, name: str, kind: type[R]) -> R:
 def _read_upload(reply: Message) -> Trained | str:
     try:
         payload = from_record(_record(reply, UPLOAD, ArrayRecord))
-        loss = float(_record(reply, METRICS, MetricRecord).get("train_loss", math.nan))
+        metrics: Values = _record(reply, METRICS, MetricRecord)
+        loss = float(metrics.get("train_loss", math.nan))
     except (ValueError, KeyError, TypeError) as error:
         return str(error)
     return Trained(payload, loss)
@@ -231,7 +235,7 @@ def _read_upload(reply: Message) -> Trained | str:
 
 def _read_evaluation(reply: Message) -> Evaluated | str:
     try:
-        sums = _record(reply, EVAL, MetricRecord)
+        sums: Values = _record(reply, EVAL, MetricRecord)
         result = _eval_result(sums) if "count" in sums else None
         router = None
         if "router_choice" in sums:
@@ -245,15 +249,17 @@ def _initial_state(reply: Message | None) -> ServerState | None:
     if reply is None or reply.has_error() or INITIAL not in reply.content:
         return None
     try:
-        method_state = reply.content.get(INITIAL_STATE, ArrayRecord())
-        return ServerState(from_record(reply.content[INITIAL]), from_record(method_state))
+        # A client sends these as ArrayRecords; from_record rejects a malformed array.
+        method_state = cast(ArrayRecord, reply.content.get(INITIAL_STATE, ArrayRecord()))
+        global_state = cast(ArrayRecord, reply.content[INITIAL])
+        return ServerState(from_record(global_state), from_record(method_state))
     except ValueError as error:
         log.warning("unreadable initial state: %s", error)
         return None
 
 
 def _read_hello(reply: Message, node_id: int) -> tuple[int, ClientInfo, str]:
-    info = _record(reply, NODE, ConfigRecord)
+    info: Values = _record(reply, NODE, ConfigRecord)
     try:
         k, cluster = int(info["partition_id"]), int(info["cluster"])
         return k, ClientInfo(node_id, cluster, str(info["initial_digest"])), str(info["kind"])

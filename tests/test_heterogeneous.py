@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from results_support import assert_final_accuracy_is_the_saved_states, assert_trained
 from torch import nn
 
 from floral.data import ClientData, FederatedTask, TaskConfig, build_task
@@ -313,12 +314,22 @@ def test_bad_label_skew_settings_stop_with_a_one_line_error(settings, key):
 # ------------------------------------------------------------------ end to end
 
 
+# The saved state of a hetero-cnn run does not load back into a new engine while some
+# architecture has had no client sampled yet: its private names then lack that trunk's tensors,
+# and LocalEngine.load_state_dict refuses them (so `--resume` of such a run fails as well).
+# Strict: once it loads, the accuracy check below runs and the marks must go.
+UNLOADABLE_STATE = pytest.mark.xfail(
+    raises=ConfigError, strict=True,
+    reason="hetero-cnn state lacks the private tensors of unsampled architectures",
+)
+
+
 @pytest.mark.parametrize(
     ("method", "model"),
     [
-        ("pfedlora", "hetero-cnn"),
+        pytest.param("pfedlora", "hetero-cnn", marks=UNLOADABLE_STATE),
         ("pfedlora", "mlp"),  # one architecture for all: the adapter on every layer
-        ("local-hetero", "hetero-cnn"),
+        pytest.param("local-hetero", "hetero-cnn", marks=UNLOADABLE_STATE),
         ("fdlora", "mlp"),
     ],
 )
@@ -337,6 +348,8 @@ def test_new_methods_run_two_rounds_end_to_end(tmp_path, method, model):
         }
     )
     summary = run_experiment(config, tmp_path / method)
-    assert summary.rounds == 2 and 0.0 <= summary.final["accuracy"] <= 100.0
+    assert summary.rounds == 2
     assert (summary.bytes_up == 0) == (method == "local-hetero")
     assert (tmp_path / method / "state.safetensors").exists()
+    assert_trained(summary)
+    assert_final_accuracy_is_the_saved_states(config, summary)

@@ -31,7 +31,13 @@ TOLERANCE = 1e-6
 BOUNDED = FlowerOptions(round_timeout=300.0, node_timeout=60.0)
 
 
-@pytest.mark.parametrize("method", ["fedavg", "floral", "local-adaptor"])
+# Each simulation starts Ray (10-50 s): one method in the default tests, the others `-m slow`.
+# test_flower_engine.py runs every method through the same ServerApp and ClientApp in-process.
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param("fedavg", marks=pytest.mark.slow), "floral",
+     pytest.param("local-adaptor", marks=pytest.mark.slow)],
+)
 def test_flower_simulation_matches_the_local_engine(tmp_path, method):
     config = resolve_config(tiny_experiment(method), ["engine.name=flower"])
     local = run_experiment(resolve_config(tiny_experiment(method)), tmp_path / "local")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from results_support import assert_final_accuracy_is_the_saved_states, assert_trained
 from steps import client_step, server_update
 from torch import nn
 
@@ -321,6 +322,8 @@ def test_bad_label_skew_settings_stop_with_a_one_line_error(settings, key):
 @pytest.mark.parametrize(
     ("method", "model"),
     [
+        # Half the clients sampled: some architectures have no private tensors saved yet,
+        # and the saved state must load back all the same.
         ("pfedlora", "hetero-cnn"),
         ("pfedlora", "mlp"),  # one architecture for all: the adapter on every layer
         ("local-hetero", "hetero-cnn"),
@@ -342,6 +345,8 @@ def test_new_methods_run_two_rounds_end_to_end(tmp_path, method, model):
         }
     )
     summary = run_experiment(config, tmp_path / method)
-    assert summary.rounds == 2 and 0.0 <= summary.final["accuracy"] <= 100.0
+    assert summary.rounds == 2
     assert (summary.bytes_up == 0) == (method == "local-hetero")
     assert (tmp_path / method / "state.safetensors").exists()
+    assert_trained(summary)
+    assert_final_accuracy_is_the_saved_states(config, summary)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from results_support import assert_final_accuracy_is_the_saved_states, assert_trained
 from safetensors.torch import save_file
 from steps import client_step, server_update
 from torch import nn
@@ -259,5 +260,7 @@ TINY = {
 def test_method_runs_two_rounds_end_to_end(tmp_path, method, options, settings):
     config = resolve_config({**TINY, "method": {"name": method, **options}}, settings)
     summary = run_experiment(config, tmp_path)
-    assert summary.rounds == 2 and 0.0 <= summary.final["accuracy"] <= 100.0
+    assert summary.rounds == 2
+    assert_trained(summary)
+    assert_final_accuracy_is_the_saved_states(config, summary)
     assert summary.bytes_up > 0 and summary.bytes_down > 0

@@ -131,9 +131,10 @@ class LocalTransport:
             if key.startswith("private/"):
                 _, client, name = key.split("/", 2)
                 private.setdefault(int(client), {})[name] = value.clone()
+        # Extra names only: a client's private state may hold a subset of the model's private
+        # tensors (pFedLoRA's own architecture), and clients not yet trained hold none.
         found = {name for tensors in private.values() for name in tensors}
-        if found:  # a state with no client trained yet matches any private names
-            check_state_names("private", dict.fromkeys(found), set(self.initial_private))
+        check_state_names("private", dict.fromkeys(found), found & set(self.initial_private))
         self.private = private
 
 

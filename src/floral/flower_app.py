@@ -26,7 +26,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from floral.comm import build_codec
 from floral.config import tomllib
 from floral.engines.driver import Driver, RoundResult
 from floral.engines.flower.client import ClientRuntime, make_client_app
@@ -67,9 +66,7 @@ def runtime_for(text: str) -> ClientRuntime:
     )
     return ClientRuntime(
         method, task, local.slots, local.initial, local.initial_private, config.train,
-        local.objective, config.seed,
-        build_codec(config.comm.download, "comm.download"),
-        build_codec(config.comm.upload, "comm.upload"),
+        local.objective, config.seed, local.down, local.up,
     )
 
 

@@ -7,7 +7,7 @@ Both engines run the same experiment and seed (and end with the same metrics, wh
 checks). A round is timed from sampling to aggregation, evaluation excluded; the first round is
 dropped as warm-up (Flower's Ray workers build the model and task there) and the median of the
 others is reported, with the ratio Flower / local. Ray's start-up is reported apart: it is paid
-once per simulation, not per round. Needs `pip install 'floral[flower]'`.
+once per simulation, not per round. Needs `pip install 'floral-lora[flower]'`.
 """
 
 from __future__ import annotations

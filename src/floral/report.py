@@ -102,7 +102,7 @@ def plot_curves(
     """A column of metrics.csv (default: the headline metric) against rounds per method: mean
     over seeds, band from min to max. Methods whose runs lack the column are left out.
 
-    Returns None when matplotlib is not installed (`pip install 'floral[plot]'`), or when no
+    Returns None when matplotlib is not installed (`pip install 'floral-lora[plot]'`), or when no
     method has the column.
     """
     plt = pyplot()

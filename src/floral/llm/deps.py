@@ -21,5 +21,5 @@ def require(module: str) -> ModuleType:
     except ImportError:
         top = module.partition(".")[0]
         raise MissingExtraError(
-            f"{top} is not installed; language models need: pip install 'floral[llm]'"
+            f"{top} is not installed; language models need: pip install 'floral-lora[llm]'"
         ) from None

@@ -35,4 +35,4 @@ def require_flower(simulation: bool = True) -> None:
     """A one-line error naming the extra when Flower (or its simulation backend) is missing."""
     needed = ("flwr", "ray") if simulation else ("flwr",)
     if any(importlib.util.find_spec(name) is None for name in needed):
-        raise ConfigError("engine 'flower' needs Flower: pip install 'floral[flower]'")
+        raise ConfigError("engine 'flower' needs Flower: pip install 'floral-lora[flower]'")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from floral.checkpoint import Checkpoint
 from floral.cli import main
 from floral.experiment import load_config
 from floral.run import run_experiment
@@ -127,8 +128,9 @@ def test_resume_from_half_way_equals_uninterrupted(tiny, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_experiment(full, tmp_path / "resumed", on_round=interrupt)
-    progress = json.loads((tmp_path / "resumed" / "checkpoint" / "progress.json").read_text())
-    assert progress["round"] == 3
+    manifest = json.loads((tmp_path / "resumed" / "checkpoint" / "manifest.json").read_text())
+    assert manifest["round"] == 3 and sorted(manifest["files"]) == [
+        "progress-3.json", "state-3.safetensors"]
     assert main(["run", str(tiny), "--set", "engine.checkpoint_every=3", "--resume", "--quiet",
                  "--out", str(tmp_path / "resumed")]) == 0
     want = _without_time(_rows(tmp_path / "full" / "metrics.csv"))
@@ -162,10 +164,10 @@ def test_resume_refuses_a_checkpoint_of_another_model_in_one_line(tiny, tmp_path
                                                                   words):
     config = load_config(tiny, ["engine.checkpoint_every=3", "method.name=floral"])
     run_experiment(config, tmp_path / "o")
-    path = tmp_path / "o" / "checkpoint" / "state.safetensors"
-    state = load_file(path)
+    checkpoint = Checkpoint(tmp_path / "o" / "checkpoint")
+    state, progress = checkpoint.read()
     edit(state)
-    save_file(state, path)
+    checkpoint.write(state, progress, checkpoint.identity())  # a complete, valid checkpoint
     code = main(["run", str(tiny), "--set", "engine.checkpoint_every=3", "--set",
                  "method.name=floral", "--resume", "--quiet", "--out", str(tmp_path / "o")])
     assert code == 2

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from floral.checkpoint import Checkpoint
 from floral.cli import main
 from floral.compare import finished_summary, parse_method_specs, plan_runs, run_cost
 from floral.run import run_experiment
@@ -115,10 +116,10 @@ def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, t
     saved = run.out_dir / "config.toml"
     saved.write_text(saved.read_text().replace('eval_clients = "all"\n', ""))
     # ... and marked, to tell a resumed run (keeps the checkpoint's rows) from a fresh one.
-    progress = run.out_dir / "checkpoint" / "progress.json"
-    data = json.loads(progress.read_text())
+    checkpoint = Checkpoint(run.out_dir / "checkpoint")
+    state, data = checkpoint.read()
     data["rows"][0]["train_loss"] = 123.0
-    progress.write_text(json.dumps(data))
+    checkpoint.write(state, data, checkpoint.identity())
     assert _sweep(two_tasks[:1], tmp_path / "grid", "floral", "--seeds", "0",
                   "--checkpoint-every", "1") == 0
     resumed = finished_summary(run)

@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(run)
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     run.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the run already in the results folder (otherwise an error)",
+    )
+    run.add_argument(
         "--engine",
         choices=("local", "flower"),
         help="run on this engine (default: the config's engine.name); "
@@ -120,7 +124,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     out = Path(args.out or config.output.dir or Path("results") / config.name)
     with RunProgress(config, disable=args.quiet) as progress:
-        summary = run_experiment(config, out, resume=args.resume, on_round=progress.update)
+        summary = run_experiment(
+            config, out, resume=args.resume, overwrite=args.overwrite, on_round=progress.update
+        )
     print_summary(summary)
     return 0
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["FloralError", "ConfigError", "DatasetNotFoundError", "RunCrashedError"]
+__all__ = [
+    "ConfigError",
+    "DatasetNotFoundError",
+    "DivergedError",
+    "FloralError",
+    "RunCrashedError",
+]
 
 
 class FloralError(Exception):
@@ -19,6 +25,11 @@ class ConfigError(FloralError):
 
 class DatasetNotFoundError(ConfigError):
     """A dataset is not where the experiment says; the message says how to get it."""
+
+
+class DivergedError(ConfigError):
+    """Training diverged: the global model, or every update of a round, is no longer finite.
+    Almost always a setting (a learning rate too large), hence a ConfigError's exit status."""
 
 
 class RunCrashedError(FloralError):

@@ -21,8 +21,11 @@ floral.run.run_experiment picks the engine.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,15 +34,15 @@ from typing import Any
 
 import tomli_w
 import torch
-from safetensors.torch import load_file, save_file
 
+from floral.checkpoint import Checkpoint, atomic_write_text, json_safe, save_tensors
 from floral.comm import CommConfig, build_codec
 from floral.config import from_dict, parse_value, set_dotted, to_dict, tomllib
 from floral.data import FederatedTask, TaskConfig, build_task
 from floral.engines.config import EngineConfig, check_engine_config
 from floral.engines.driver import Driver, RoundResult
 from floral.engines.local import LocalEngine
-from floral.errors import ConfigError
+from floral.errors import ConfigError, DivergedError
 from floral.methods import Method, get_method
 from floral.models import ModelConfig, build_model
 from floral.train.loop import TrainConfig
@@ -197,14 +200,22 @@ def run_rounds(
     out: Path,
     *,
     resume: bool | str = False,
+    overwrite: bool = False,
     on_round: ProgressFn | None = None,
 ) -> RunSummary:
-    """Drive an engine to `train.rounds`, writing the results folder as it goes."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Drive an engine to `train.rounds`, writing the results folder as it goes.
+
+    `resume=True` continues from the folder's checkpoint (an error if it is from another
+    experiment or there is none); `resume="auto"` continues only from a checkpoint of the same
+    experiment, else starts afresh. Starting afresh in a folder that holds a run needs
+    `overwrite` (implied by "auto"). A run whose global model stops being finite saves its last
+    good state as the checkpoint and stops with a one-line error."""
     tracker = _Tracker(out, engine.objective.metric)
-    if resume and _can_resume(config, out, strict=resume is True):
+    identity = _identity(config)
+    if resume and _can_resume(identity, out, strict=resume is True):
         tracker.restore(engine)
     else:
+        _start_afresh(out, overwrite=overwrite or resume == "auto")
         _write_config(config, out)
         tracker.record_initial(engine)
     checkpoint_every = config.engine.checkpoint_every
@@ -215,13 +226,20 @@ def run_rounds(
             if on_round is not None:
                 on_round(result, tracker.latest)
             if checkpoint_every and engine.round % checkpoint_every == 0:
-                tracker.checkpoint(engine)
+                tracker.checkpoint(engine, identity)
+    except DivergedError as error:
+        tracker.checkpoint(engine, identity)
+        raise DivergedError(
+            f"{error}; the last good state (round {engine.round}) is saved in "
+            f"{out / 'checkpoint'}: lower train.lr (or the other rates) and rerun"
+        ) from None
     except KeyboardInterrupt:
-        tracker.checkpoint(engine)
+        tracker.checkpoint(engine, identity)
         raise
-    save_file(_contiguous(engine.state_dict()), out / "state.safetensors")
+    save_tensors(engine.state_dict(), out / "state.safetensors")
     summary = tracker.summary(config, engine)
-    (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    text = json.dumps(json_safe(summary.to_json()), indent=2, allow_nan=False)
+    atomic_write_text(out / "summary.json", text + "\n")
     return summary
 
 
@@ -257,27 +275,22 @@ class _Tracker:
         self._write_csv()
 
     def _write_csv(self) -> None:
-        columns = list(self.rows[0])
-        with open(self.out / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.out / "metrics.csv", text.getvalue())
 
-    def checkpoint(self, engine: Driver) -> None:
-        folder = self.out / "checkpoint"
-        folder.mkdir(exist_ok=True)
-        tmp = folder / "state.safetensors.tmp"
-        save_file(_contiguous(engine.state_dict()), tmp)
+    def checkpoint(self, engine: Driver, identity: Mapping[str, Any]) -> None:
         progress = {"round": engine.round, "rows": self.rows, "totals": self.totals}
-        (folder / "progress.json.tmp").write_text(json.dumps(progress))
-        os.replace(tmp, folder / "state.safetensors")
-        os.replace(folder / "progress.json.tmp", folder / "progress.json")
+        Checkpoint(self.out / "checkpoint").write(engine.state_dict(), progress, identity)
 
     def restore(self, engine: Driver) -> None:
-        folder = self.out / "checkpoint"
-        engine.load_state_dict(load_file(folder / "state.safetensors"))
-        progress = json.loads((folder / "progress.json").read_text())
-        self.rows = [r for r in progress["rows"] if r["round"] <= engine.round]
+        state, progress = Checkpoint(self.out / "checkpoint").read()
+        engine.load_state_dict(state)
+        if progress.get("round") != engine.round:
+            raise ConfigError(f"{self.out / 'checkpoint'}: its files disagree on the round")
+        self.rows = [_numbers(r) for r in progress["rows"] if r["round"] <= engine.round]
         self.totals = progress["totals"]
         self.latest = self.rows[-1] if self.rows else {}
         self._clock = time.perf_counter()
@@ -300,15 +313,33 @@ class _Tracker:
         )
 
 
+def _numbers(row: Mapping[str, Any]) -> dict[str, float]:
+    """A metrics row as saved in JSON, where NaN was written as null."""
+    return {k: math.nan if v is None else v for k, v in row.items()}
+
+
 # Settings that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = {("train", "rounds"), ("engine", "checkpoint_every"), ("output", "dir")}
+# What a results folder holds of a run: starting afresh over them needs --overwrite.
+_RUN_FILES = ("config.toml", "metrics.csv", "summary.json", "state.safetensors", "checkpoint")
 
 
-def _can_resume(config: ExperimentConfig, out: Path, strict: bool) -> bool:
-    if not (out / "checkpoint" / "progress.json").exists():
+def _identity(config: ExperimentConfig) -> dict[str, Any]:
+    """The experiment a checkpoint belongs to: its resolved config, less what may change."""
+    identity = config.to_dict()
+    for table, key in _RESUMABLE_CHANGES:
+        identity.get(table, {}).pop(key, None)
+    return identity
+
+
+def _can_resume(identity: Mapping[str, Any], out: Path, strict: bool) -> bool:
+    checkpoint = Checkpoint(out / "checkpoint")
+    if not checkpoint.exists():
+        if strict:
+            raise ConfigError(f"--resume: {out} holds no complete checkpoint to resume from")
         return False
     try:
-        _check_same_experiment(config, out)
+        _check_same_experiment(identity, checkpoint.identity(), out)
     except ConfigError:
         if strict:
             raise
@@ -316,22 +347,36 @@ def _can_resume(config: ExperimentConfig, out: Path, strict: bool) -> bool:
     return True
 
 
-def _check_same_experiment(config: ExperimentConfig, out: Path) -> None:
-    saved = tomllib.loads((out / "config.toml").read_text())
-    current = config.to_dict()
+def _check_same_experiment(
+    current: Mapping[str, Any], saved: Mapping[str, Any], out: Path
+) -> None:
     for table in TABLES:
-        for key in set(saved.get(table, {})) | set(current.get(table, {})):
-            if (table, key) in _RESUMABLE_CHANGES:
-                continue
-            if saved.get(table, {}).get(key) != current.get(table, {}).get(key):
+        here, there = current.get(table, {}), saved.get(table, {})
+        for key in sorted(set(here) | set(there)):
+            if here.get(key) != there.get(key):
                 raise ConfigError(f"{table}.{key}: differs from the checkpoint's config in {out}")
-    if saved.get("seed") != current["seed"]:
-        raise ConfigError(f"seed: differs from the checkpoint's config in {out}")
+    for key in ("seed",):
+        if current.get(key) != saved.get(key):
+            raise ConfigError(f"{key}: differs from the checkpoint's config in {out}")
+
+
+def _start_afresh(out: Path, overwrite: bool) -> None:
+    """An empty results folder, or one whose run files `overwrite` allows to replace."""
+    found = [name for name in _RUN_FILES if (out / name).exists()]
+    if found and not overwrite:
+        what = "a finished run" if "summary.json" in found else "another run's results"
+        raise ConfigError(
+            f"{out} holds {what} ({', '.join(found)}): pass --overwrite to replace it, "
+            "--resume to continue it, or --out to write elsewhere"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in found:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _write_config(config: ExperimentConfig, out: Path) -> None:
-    (out / "config.toml").write_text(tomli_w.dumps(config.to_dict()))
-
-
-def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in state.items()}
+    atomic_write_text(out / "config.toml", tomli_w.dumps(config.to_dict()))

@@ -79,6 +79,7 @@ def serve(
     out: Path,
     options: FlowerOptions | None = None,
     on_round: ProgressFn | None = None,
+    overwrite: bool = False,
 ) -> RunSummary:
     """Run `config` over the grid's nodes, writing the usual results folder to `out`."""
     transport = FlowerTransport(grid, experiment_text(config), config.task.num_clients, options)
@@ -86,7 +87,7 @@ def serve(
         config.build_method(), transport, transport.initial, get_objective(transport.kind),
         config.task.num_clients, config.train, config.engine, config.comm, config.seed, log,
     )
-    return run_rounds(driver, config, out, on_round=on_round)
+    return run_rounds(driver, config, out, overwrite=overwrite, on_round=on_round)
 
 
 def _log_round(result: RoundResult, latest: Mapping[str, float]) -> None:
@@ -116,6 +117,7 @@ def simulate(
     out: Path,
     *,
     resume: bool | str = False,
+    overwrite: bool = False,
     on_round: ProgressFn | None = None,
     options: FlowerOptions | None = None,
     app: ClientApp | None = None,
@@ -134,7 +136,7 @@ def simulate(
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        results.append(serve(grid, config, out, options, on_round))
+        results.append(serve(grid, config, out, options, on_round, overwrite or resume == "auto"))
 
     with _quiet_flower(verbose), _kept_environment("PYTHONPATH"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # Ray's notices about its own future

@@ -20,18 +20,22 @@ def run_experiment(
     out_dir: str | os.PathLike | None = None,
     *,
     resume: bool | str = False,
+    overwrite: bool = False,
     on_round: ProgressFn | None = None,
 ) -> RunSummary:
     """Run an experiment to the end, writing the results folder as it goes.
 
     `resume=True` continues from the folder's checkpoint (an error if its config differs);
     `resume="auto"` continues only from a checkpoint of the same config, else starts afresh.
+    Starting afresh where a run's results are needs `overwrite` (implied by "auto").
     """
     out = Path(out_dir or config.output.dir or Path("results") / config.name)
     if config.engine.name == "flower":
         require_flower()
         from floral.flower_app import simulate  # optional dependency, imported on use
 
-        return simulate(config, out, resume=resume, on_round=on_round)
+        return simulate(config, out, resume=resume, overwrite=overwrite, on_round=on_round)
     engine, _ = build_engine(config)  # bad data settings stop here, before any output
-    return run_rounds(engine, config, out, resume=resume, on_round=on_round)
+    return run_rounds(
+        engine, config, out, resume=resume, overwrite=overwrite, on_round=on_round
+    )

@@ -27,7 +27,7 @@ import torch
 
 from floral.comm import CommConfig, build_codec
 from floral.engines.config import EngineConfig, check_engine_config
-from floral.errors import ConfigError
+from floral.errors import ConfigError, DivergedError
 from floral.methods.base import Method, ServerState
 from floral.train.loop import TrainConfig
 from floral.train.objective import EvalResult, Objective
@@ -181,7 +181,7 @@ class Driver:
         # Every sampled client receives the same payload: encode once, count it per client.
         payload = self.down.encode(self.state.global_state)
         replies = self.transport.train(self.round, clients, payload)
-        uploads, losses, bytes_up = [], [], 0
+        uploads, losses, bytes_up, diverged = [], [], 0, 0
         for k in sorted(replies):  # client order: sums do not depend on the transport
             reply = replies[k]
             if isinstance(reply, str):
@@ -192,7 +192,14 @@ class Driver:
             if upload is not None:
                 uploads.append(upload)
                 losses.append(reply.train_loss)
-        self.state = self.method.server_update(self.state, uploads, self.server_optimizer)
+            elif not (math.isfinite(reply.train_loss) and all_finite(reply.payload)):
+                diverged += 1
+        if diverged and not uploads:
+            self._diverged(f"every client's update diverged ({diverged} of {len(clients)})")
+        new = self.method.server_update(self.state, uploads, self.server_optimizer)
+        if not all_finite(new.global_state):
+            self._diverged("the global model is no longer finite (NaN or infinity)")
+        self.state = new
         result = RoundResult(
             self.round, time.perf_counter() - start, payload_bytes(payload) * len(clients),
             bytes_up, clients, float(np.mean(losses)) if losses else math.nan,
@@ -222,6 +229,11 @@ class Driver:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         self._drop(k, "; ".join(problems[:3]) + more)
         return None
+
+    def _diverged(self, what: str) -> None:
+        """Stop at the last good state: this round did not happen."""
+        self.round -= 1
+        raise DivergedError(f"round {self.round + 1}: {what}")
 
     def _drop(self, k: int, reason: str) -> None:
         self.log.warning("round %d: dropped the reply of client %d: %s", self.round, k, reason)
@@ -311,6 +323,18 @@ def check_state_names(kind: str, found: Mapping[str, object], expected: set[str]
             f"the saved state {problem}, which this run's model does not match: it was "
             "written by another method, model or floral version; delete it to start afresh"
         )
+
+
+def all_finite(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether no floating-point tensor holds NaN or infinity: one sum per tensor, and the
+    exact test only where a sum is not finite (a sum of finite values may overflow)."""
+    floats = [t for t in tensors.values() if t.is_floating_point() and t.numel()]
+    if not floats:
+        return True
+    sums = torch.stack([t.sum(dtype=torch.float32) for t in floats])
+    if bool(sums.isfinite().all()):
+        return True
+    return all(bool(t.isfinite().all()) for t in floats)
 
 
 def summarize(

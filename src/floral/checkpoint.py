@@ -23,9 +23,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from floral.config import tomllib
 from floral.errors import ConfigError
 
-__all__ = ["Checkpoint", "atomic_write_text", "json_safe", "load_tensors", "save_tensors"]
+__all__ = [
+    "Checkpoint",
+    "atomic_write_text",
+    "json_safe",
+    "load_tensors",
+    "read_json",
+    "read_toml",
+    "save_tensors",
+]
 
 log = logging.getLogger("floral")
 MANIFEST = "manifest.json"
@@ -53,6 +62,26 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{path}: no such file") from None
     except (SafetensorError, OSError, ValueError) as error:
         raise ConfigError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; a missing or corrupt one is a one-line error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file; a missing or corrupt one is a one-line error naming it."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
 
 
 def json_safe(value: Any) -> Any:
@@ -120,12 +149,7 @@ class Checkpoint:
                     f"delete {self.folder} to start afresh"
                 )
         state_name, progress_name = sorted(files, key=lambda n: not n.endswith(".safetensors"))
-        state = load_tensors(self.folder / state_name)
-        try:
-            progress = json.loads((self.folder / progress_name).read_text())
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{self.folder / progress_name}: not valid JSON ({error})") from None
-        return state, progress
+        return load_tensors(self.folder / state_name), read_json(self.folder / progress_name)
 
     def _manifest(self) -> dict[str, Any]:
         path = self.folder / MANIFEST

@@ -21,6 +21,7 @@ from typing import Any
 import tomli_w
 import torch
 
+from floral.checkpoint import read_json
 from floral.config import parse_value, tomllib
 from floral.errors import ConfigError, FloralError, RunCrashedError
 from floral.experiment import ExperimentConfig, RunSummary, read_experiment, resolve_config
@@ -146,7 +147,7 @@ def _results_settings(config: ExperimentConfig) -> dict[str, Any]:
 def _load_summary(out_dir: Path) -> RunSummary:
     import csv
 
-    data = json.loads((out_dir / "summary.json").read_text())
+    data = read_json(out_dir / "summary.json")
     with open(out_dir / "metrics.csv") as f:
         history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
     return RunSummary(**data, history=history)
@@ -242,7 +243,6 @@ def _run_one(run: RunSpec, on_progress: Progress | None) -> RunSummary:
         if on_progress:
             on_progress(run.key, result.round, total, latest)
 
-    _adopt_checkpoint(run)
     resumed = (run.out_dir / "checkpoint" / "progress.json").exists()
     start = time.process_time()
     summary = run_experiment(run.config, run.out_dir, resume="auto", on_round=report)
@@ -261,23 +261,8 @@ def run_cost(out_dir: Path) -> float | None:
     path = out_dir / COST_FILE
     if not path.exists():
         return None
-    cost = json.loads(path.read_text())
+    cost = read_json(path)
     return None if cost["resumed"] else float(cost["cpu_seconds"])
-
-
-def _adopt_checkpoint(run: RunSpec) -> None:
-    """Let a checkpoint written by an older floral resume: when its saved config resolves to
-    this run's settings (new settings at their defaults), save it as this version writes it,
-    so that the experiment's own check, which compares the files key by key, accepts it."""
-    config_path = run.out_dir / "config.toml"
-    if not (run.out_dir / "checkpoint" / "progress.json").exists() or not config_path.exists():
-        return
-    try:
-        saved = resolve_config(tomllib.loads(config_path.read_text()))
-    except (ConfigError, tomllib.TOMLDecodeError):
-        return
-    if _results_settings(saved) == _results_settings(run.config):
-        config_path.write_text(tomli_w.dumps(run.config.to_dict()))
 
 
 def _run_in_worker(run: RunSpec, events: Any) -> RunSummary:

@@ -339,7 +339,9 @@ def _can_resume(identity: Mapping[str, Any], out: Path, strict: bool) -> bool:
             raise ConfigError(f"--resume: {out} holds no complete checkpoint to resume from")
         return False
     try:
-        _check_same_experiment(identity, checkpoint.identity(), out)
+        # Resolved again, so a setting added to floral since the checkpoint takes its default.
+        saved = _identity(resolve_config(checkpoint.identity()))
+        _check_same_experiment(identity, saved, out)
     except ConfigError:
         if strict:
             raise

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from floral.checkpoint import load_tensors
 from floral.errors import ConfigError
 from floral.experiment import build_engine, load_config
-from floral.llm.deps import require
 from floral.llm.peft_io import export_peft, export_shared_peft
 
 __all__ = ["export_run"]
@@ -28,7 +28,7 @@ def export_run(
     if not (run / "state.safetensors").is_file():
         raise ConfigError(f"{run}: no state.safetensors (not a finished run's results folder)")
     engine, task = build_engine(load_config(run / "config.toml"))
-    engine.load_state_dict(require("safetensors.torch").load_file(str(run / "state.safetensors")))
+    engine.load_state_dict(load_tensors(run / "state.safetensors"))
     ids = range(len(task.clients)) if clients is None else clients
     folders = [export_peft(engine.client_model(k), out / f"client-{k}") for k in ids]
     model = engine.client_model(0)

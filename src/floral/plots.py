@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from floral.config import tomllib
+from floral.checkpoint import load_tensors, read_toml
 from floral.data.partition import cluster_of
 from floral.experiment import RunSummary, resolve_config
 from floral.report import pyplot, save_figure
@@ -44,10 +43,10 @@ class RouterMap:
 
 def router_weights_of_run(run_dir: Path) -> RouterMap | None:
     """The learned pi of every client in `run_dir`'s final state; None without a learned router."""
-    config = resolve_config(tomllib.loads((run_dir / "config.toml").read_text()))
+    config = resolve_config(read_toml(run_dir / "config.toml"))
     method = config.build_method()
     private: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(run_dir / "state.safetensors").items():
+    for key, value in load_tensors(run_dir / "state.safetensors").items():
         if key.startswith("private/"):
             _, client, name = key.split("/", 2)
             private.setdefault(int(client), {})[name] = value

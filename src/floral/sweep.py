@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from floral.checkpoint import atomic_write_text, read_json, read_toml
 from floral.compare import (
     MethodSpec,
     Progress,
@@ -39,7 +40,6 @@ from floral.compare import (
     run_all,
     run_cost,
 )
-from floral.config import tomllib
 from floral.errors import ConfigError
 from floral.experiment import RunSummary, resolve_config
 from floral.plots import plot_cluster_bars, plot_router_heatmap, router_weights_of_run
@@ -136,9 +136,9 @@ def write_manifest(
     }
     path = out / "grid.json"
     if path.exists():
-        data = _merge_plans(json.loads(path.read_text()), data)
+        data = _merge_plans(read_json(path), data)
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     return path
 
 
@@ -180,20 +180,23 @@ def load_grid(out: Path) -> tuple[list[TaskPlan], list[MethodSpec], list[int]]:
     manifest = out / "grid.json"
     if not manifest.exists():
         raise ConfigError(f"{out}: no grid.json; give a folder written by floral sweep or compare")
-    data = json.loads(manifest.read_text())
-    methods = {label: _label_spec(label) for label in data["methods"]}
-    tasks = []
-    for task in data["tasks"]:
-        runs = []
-        for run in task["runs"]:
-            folder = out / run["dir"]
-            config_path = folder / "config.toml"
-            if not config_path.exists():
-                continue  # planned, never started
-            config = resolve_config(tomllib.loads(config_path.read_text()))
-            runs.append(RunSpec(methods[run["method"]], run["seed"], config, folder))
-        tasks.append(TaskPlan(task["name"], task["source"], out / task["dir"], tuple(runs)))
-    return tasks, list(methods.values()), list(data["seeds"])
+    data = read_json(manifest)
+    try:
+        methods = {label: _label_spec(label) for label in data["methods"]}
+        tasks = []
+        for task in data["tasks"]:
+            runs = []
+            for run in task["runs"]:
+                folder = out / run["dir"]
+                config_path = folder / "config.toml"
+                if not config_path.exists():
+                    continue  # planned, never started
+                config = resolve_config(read_toml(config_path))
+                runs.append(RunSpec(methods[run["method"]], run["seed"], config, folder))
+            tasks.append(TaskPlan(task["name"], task["source"], out / task["dir"], tuple(runs)))
+        return tasks, list(methods.values()), list(data["seeds"])
+    except (KeyError, TypeError) as error:
+        raise ConfigError(f"{manifest}: not a grid written by floral ({error!r} missing)") from None
 
 
 def _label_spec(label: str) -> MethodSpec:

@@ -188,7 +188,12 @@ def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(f"{folder}: no {CONFIG_FILE} (not a PEFT adapter folder)")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: not a PEFT adapter config (a JSON object)")
     if config.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{path}: peft_type {config.get('peft_type')!r}; only LORA is read")
     if config.get("use_dora"):
@@ -204,7 +209,10 @@ def _read_factors(
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise ConfigError(f"{folder}: no {WEIGHTS_FILE}")
-    state = require("safetensors.torch").load_file(str(path))
+    try:
+        state = require("safetensors.torch").load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+        raise ConfigError(f"{path}: not a readable safetensors file ({error})") from None
     parts: dict[str, dict[str, Tensor]] = {}
     pattern = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)")
     for key, tensor in state.items():

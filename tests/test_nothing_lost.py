@@ -200,3 +200,31 @@ def test_a_garbage_results_config_is_a_one_line_error_for_export(tmp_path, capsy
     (tmp_path / "config.toml").write_text("name = [unclosed")
     with pytest.raises(ConfigError, match="not valid TOML"):
         export_run(tmp_path, tmp_path / "peft")
+
+
+@pytest.mark.parametrize("damage", ["grid.json", "summary.json", "config.toml"])
+def test_floral_plot_on_a_damaged_grid_is_a_one_line_error(tmp_path, capsys, damage):
+    config = tmp_path / "lin.toml"
+    config.write_text(TINY)
+    out = tmp_path / "grid"
+    assert main(["compare", str(config), "--methods", "fedavg", "--set", "train.rounds=2",
+                 "--out", str(out), "--quiet", "--no-plots"]) == 0
+    capsys.readouterr()
+    target = {"grid.json": out / "grid.json",
+              "summary.json": out / "fedavg" / "seed0" / "summary.json",
+              "config.toml": out / "fedavg" / "seed0" / "config.toml"}[damage]
+    target.write_text("{not [valid")
+    assert main(["plot", str(out)]) == 2
+    assert str(target) in _error_line(capsys)
+
+
+def test_a_corrupt_peft_adapter_is_a_one_line_error(tmp_path):
+    pytest.importorskip("peft")
+    from floral.errors import ConfigError
+    from floral.llm.peft_io import import_peft
+
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ConfigError, match="not a readable safetensors file") as error:
+        import_peft(torch.nn.Linear(2, 2), tmp_path)
+    assert "\n" not in str(error.value)

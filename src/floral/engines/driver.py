@@ -28,7 +28,7 @@ import torch
 from floral.comm import CommConfig, build_codec
 from floral.engines.config import EngineConfig, check_engine_config
 from floral.errors import ConfigError, DivergedError
-from floral.methods.base import Method, ServerState
+from floral.methods.base import Method, ServerState, robust_upload
 from floral.train.loop import TrainConfig
 from floral.train.objective import EvalResult, Objective
 from floral.train.optim import build_server_optimizer
@@ -41,6 +41,7 @@ __all__ = [
     "RoundResult",
     "Trained",
     "Transport",
+    "check_aggregation",
     "check_state_names",
     "client_seed",
     "router_summary",
@@ -147,6 +148,7 @@ class Driver:
             raise ConfigError(
                 f"train.clients_per_round: must be in (0, 1], got {train.clients_per_round}"
             )
+        check_aggregation(train.aggregation, method)
         self.method, self.transport, self.objective = method, transport, objective
         self.num_clients, self.train, self.config, self.seed = num_clients, train, config, seed
         self.down = build_codec(comm.download, "comm.download")
@@ -196,6 +198,8 @@ class Driver:
                 diverged += 1
         if diverged and not uploads:
             self._diverged(f"every client's update diverged ({diverged} of {len(clients)})")
+        if self.train.aggregation != "mean" and uploads:
+            uploads = [robust_upload(uploads, self.train.aggregation)]
         new = self.method.server_update(self.state, uploads, self.server_optimizer)
         if not all_finite(new.global_state):
             self._diverged("the global model is no longer finite (NaN or infinity)")
@@ -322,6 +326,33 @@ def check_state_names(kind: str, found: Mapping[str, object], expected: set[str]
         raise ConfigError(
             f"the saved state {problem}, which this run's model does not match: it was "
             "written by another method, model or floral version; delete it to start afresh"
+        )
+
+
+def check_aggregation(rule: str, method: Method | None = None) -> None:
+    """`train.aggregation`: mean, median or trimmed:<fraction in [0, 0.5)>, the robust rules
+    only for methods that declare they allow them."""
+    name, _, argument = rule.partition(":")
+    if name in ("mean", "median") and not argument:
+        pass
+    elif name == "trimmed":
+        try:
+            fraction = float(argument)
+        except ValueError:
+            fraction = math.nan
+        if not 0 <= fraction < 0.5:
+            raise ConfigError(
+                f"train.aggregation: trimmed needs a fraction in [0, 0.5) cut at each end, "
+                f"e.g. trimmed:0.1; got {rule!r}"
+            )
+    else:
+        raise ConfigError(
+            f"train.aggregation: unknown {rule!r} (choose from mean, median, trimmed:<fraction>)"
+        )
+    if name != "mean" and method is not None and not method.robust_aggregation:
+        raise ConfigError(
+            f"train.aggregation: {rule!r} needs uploads combined by a mean with one weight per "
+            f"tensor; {method.name} combines its uploads otherwise"
         )
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "NoOptions",
     "Role",
     "ServerState",
+    "robust_upload",
     "split_roles",
     "sum_uploads",
     "weighted_deltas",
@@ -112,6 +113,11 @@ class Method:
     # which reproduces the default client step (SGD over `param_groups`, then
     # `upload_weights`): a method that replaces `client_step` or `train_locally` sets False.
     batchable: ClassVar[bool] = True
+    # Whether `server_update` takes the weighted mean of the uploads' deltas with one weight per
+    # tensor, so that a robust rule (`train.aggregation`, `robust_upload`) may stand in for the
+    # mean; False where uploads are combined otherwise or weighted per part (FLoRAL's
+    # adaptors, stacking, zero-padding).
+    robust_aggregation: ClassVar[bool] = True
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -297,3 +303,40 @@ def sum_uploads(uploads: Sequence[Mapping[str, torch.Tensor]]) -> TensorDict:
         if rest:
             torch._foreach_add_([totals[n] for n in rest], [upload[n] for n in rest])
     return totals
+
+
+@torch.no_grad()
+def robust_upload(uploads: Sequence[Mapping[str, torch.Tensor]], rule: str) -> TensorDict:
+    """One upload standing for all of them under a robust rule: for every tensor, the
+    coordinate-wise median (`median`) or trimmed mean (`trimmed:<fraction>`: that fraction of
+    the clients cut at each end, coordinate by coordinate) of the clients' deltas, sent with
+    their summed weight, so that the weighted mean of this one upload is that statistic.
+
+    Needs one weight per tensor and client (FedAvg-style uploads); clients of weight 0 (no
+    examples) take no part. Unlike the mean, it needs each client's delta, not only the sum.
+    """
+    name, _, argument = rule.partition(":")
+    trim = float(argument) if name == "trimmed" else 0.0
+    robust: TensorDict = {}
+    for tensor_name in [n for n in uploads[0] if not n.endswith(WEIGHT_SUFFIX)]:
+        weights = [u[tensor_name + WEIGHT_SUFFIX] for u in uploads]
+        if any(w.numel() != 1 for w in weights):
+            raise ValueError(
+                f"{tensor_name!r} is uploaded with a weight per part (as FLoRAL's adaptors are); "
+                f"train.aggregation = {rule!r} needs one weight per tensor"
+            )
+        live = [(u[tensor_name] / w, w) for u, w in zip(uploads, weights) if float(w) > 0]
+        total = sum((w for _, w in live), torch.zeros(()))
+        if not live:
+            robust[tensor_name] = torch.zeros_like(uploads[0][tensor_name])
+        else:
+            ordered = torch.stack([d for d, _ in live]).sort(dim=0).values
+            k = len(live)
+            if name == "median":
+                middle = (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
+            else:
+                cut = min(int(trim * k), (k - 1) // 2)
+                middle = ordered[cut : k - cut].mean(dim=0)
+            robust[tensor_name] = middle * total
+        robust[tensor_name + WEIGHT_SUFFIX] = total
+    return robust

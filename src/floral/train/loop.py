@@ -39,6 +39,9 @@ class TrainConfig:
     server_momentum: float = 0.0
     server_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     server_eps: float = 1e-8
+    # How the server combines the clients' updates: "mean" (weighted by examples), or, robust
+    # to a minority of bad clients, "median" or "trimmed:<fraction cut at each end>".
+    aggregation: str = "mean"
     eval_batch_size: int = 2048
 
 

@@ -529,3 +529,63 @@ def test_precondition_rank_one_is_a_division_by_the_squared_norms() -> None:
     for c in range(3):
         torch.testing.assert_close(layer.lora_A.grad[c], grad_a[c] / (b[c].square().sum() + eps))
         torch.testing.assert_close(layer.lora_B.grad[c], grad_b[c] / (a[c].square().sum() + eps))
+
+
+# -- ranks above what a layer allows: built as asked, never silently ---------------------------
+def _rank_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "is more than" in r.getMessage()]
+
+
+def test_an_integer_rank_above_the_layer_is_never_silent(caplog) -> None:
+    with caplog.at_level("WARNING", logger="floral"):
+        assert resolve_rank(64, 200, 10, layer="fc2") == 64  # built as asked
+        assert resolve_rank(10, 200, 10, layer="fc1") == 10  # exactly min(d_in, d_out): fine
+        assert resolve_rank(3, 2, 784) == 3  # no layer name: the sizes say which
+        assert resolve_rank(0.01, 200, 2, min_rank=3) == 3  # min_rank lifts a fraction above
+    assert _rank_warnings(caplog) == [
+        "rank = 64 is more than layer 'fc2' allows (min(d_in, d_out) = min(200, 10) = 10): "
+        "54 of its ranks only add parameters",
+        "rank = 3 is more than a layer allows (min(d_in, d_out) = min(2, 784) = 2): "
+        "1 of its ranks only adds parameters",
+        "min_rank = 3 is more than a layer allows (min(d_in, d_out) = min(200, 2) = 2): "
+        "1 of its ranks only adds parameters",
+    ]
+
+
+def test_a_fraction_alone_never_exceeds_the_layer(caplog) -> None:
+    with caplog.at_level("WARNING", logger="floral"):
+        for d_in in (1, 2, 3, 10, 784):
+            for d_out in (1, 2, 5, 200):
+                for rho in (0.01, 0.1, 0.5, 0.999, 1.0):
+                    assert resolve_rank(rho, d_in, d_out) <= min(d_in, d_out)
+    assert _rank_warnings(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("layer", "spec", "allowed"),
+    [
+        (nn.Linear(20, 3), {"rank": 4}, "min(20, 3) = 3"),
+        # Separable conv: d_in = in_channels * kw = 3, d_out = out_channels * kh = 24.
+        (nn.Conv2d(1, 8, 3), {"rank": 4, "layer_types": ("conv2d",)}, "min(3, 24) = 3"),
+        (nn.Embedding(5, 16), {"rank": 6, "layer_types": ("embedding",)}, "min(5, 16) = 5"),
+    ],
+)
+def test_attach_names_the_layer_whose_rank_is_too_large(caplog, layer, spec, allowed) -> None:
+    model = nn.Sequential(layer)
+    with caplog.at_level("WARNING", logger="floral"):
+        attach(model, AdapterSpec(**spec))
+    (message,) = _rank_warnings(caplog)
+    assert message.startswith(f"rank = {spec['rank']} is more than layer '0' allows")
+    assert allowed in message
+    assert model[0].rank == spec["rank"]
+
+
+def test_attach_is_quiet_when_every_rank_fits(caplog) -> None:
+    with caplog.at_level("WARNING", logger="floral"):
+        # kxk-1x1 conv: d_in = 1 * 3 * 3 = 9, d_out = 8, so rank 4 fits where separable's 3 not.
+        attach(nn.Sequential(nn.Conv2d(1, 8, 3)),
+               AdapterSpec(rank=4, layer_types=("conv2d",), conv_form="kxk-1x1"))
+        attach(nn.Sequential(nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 10)),
+               AdapterSpec(rank=10, num_adaptors=3))
+        attach(nn.Sequential(nn.Linear(784, 200), nn.Linear(200, 1)), AdapterSpec(rank=0.1))
+    assert _rank_warnings(caplog) == []

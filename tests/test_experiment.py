@@ -207,3 +207,44 @@ def test_evaluation_on_sampled_clients_only(tiny, tmp_path):
     expected = engine.evaluate(result.clients)
     assert result.eval == expected
     assert result.eval != engine.evaluate()  # all clients give other numbers
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=nan", "train.lr: expected a finite number, got nan"),
+        ("train.lr=inf", "train.lr: expected a finite number, got inf"),
+        ("train.lr=-inf", "train.lr: expected a finite number, got -inf"),
+        ("train.router_lr=nan", "train.router_lr: expected a finite number, got nan"),
+        ("train.server_lr=+inf", "train.server_lr: expected a finite number, got inf"),
+        ("train.server_betas=[0.9, nan]",
+         "train.server_betas[1]: expected a finite number, got nan"),
+        ("task.data_fraction=nan", "task.data_fraction: expected a finite number, got nan"),
+        ("method.alpha=inf", "method.alpha: expected a finite number, got inf"),
+        ("method.rank=nan", "method.rank: expected a finite number, got nan"),
+    ],
+)
+def test_nan_and_infinity_stop_with_one_line_and_write_nothing(
+    tiny, tmp_path, capsys, override, message
+):
+    out = tmp_path / "o"
+    code = main(["run", str(tiny), "--set", override, "--out", str(out), "--quiet"])
+    assert code == 2
+    assert _error_line(capsys) == f"floral: error: {message}"
+    assert not out.exists()  # stopped before the results folder was made
+
+
+def test_a_rank_above_a_layer_is_reported_and_trained_as_asked(tiny, tmp_path, caplog):
+    # The tiny MLP is 10 -> 8 -> 1: rank 9 fits neither layer (min(d_in, d_out) = 8 and 1).
+    out = tmp_path / "o"
+    with caplog.at_level("WARNING", logger="floral"):
+        code = main(["run", str(tiny), "--set", "method.rank=9", "--set", "train.rounds=1",
+                     "--set", "engine.eval_every=1", "--out", str(out), "--quiet"])
+    assert code == 0
+    warnings = [r.getMessage() for r in caplog.records if "is more than" in r.getMessage()]
+    assert warnings == [
+        "rank = 9 is more than layer 'fc1' allows (min(d_in, d_out) = min(10, 8) = 8): "
+        "1 of its ranks only adds parameters",
+        "rank = 9 is more than layer 'fc2' allows (min(d_in, d_out) = min(8, 1) = 1): "
+        "8 of its ranks only add parameters",
+    ]

@@ -1,12 +1,14 @@
 """Typed settings from TOML tables: dataclasses in, one-line errors out.
 
-Every table of an experiment maps onto a dataclass; unknown keys and values of the wrong type
-stop with a `ConfigError` that names the full dotted key, before any work starts.
+Every table of an experiment maps onto a dataclass; unknown keys, values of the wrong type and
+numbers that are not finite (nan, inf, -inf) stop with a `ConfigError` that names the full
+dotted key, before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -35,7 +37,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
     for key, value in data.items():
         if key not in fields:
             choices = ", ".join(sorted(fields))
-            raise ConfigError(f"{_join(prefix, key)}: unknown key (known: {choices})")
+            raise ConfigError(f"{_join(prefix, _show_key(key))}: unknown key (known: {choices})")
         kwargs[key] = _coerce(value, hints[key], _join(prefix, key))
     return cls(**kwargs)
 
@@ -76,9 +78,27 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+def _show_key(key: object) -> str:
+    """A key as written in a message: as is, or quoted when it is not a plain printable name
+    (a quoted TOML key may hold a newline, which would break the one-line error)."""
+    if isinstance(key, str) and key and key.isprintable() and not any(c.isspace() for c in key):
+        return key
+    return repr(key)
+
+
+def _is_non_finite_float(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _finite_error(key: str, value: Any) -> ConfigError:
+    return ConfigError(f"{key}: expected a finite number, got {value!r}")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
+        if float in typing.get_args(hint) and _is_non_finite_float(value):
+            raise _finite_error(key, value)  # the precise reason, not "expected X or Y"
         for option in typing.get_args(hint):
             try:
                 return _coerce(value, option, key)
@@ -105,7 +125,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
     elif hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            # NaN passes every `x <= 0` check downstream, and inf is never a sensible
+            # setting: every float setting must be finite. An int beyond float's range
+            # (TOML integers are unbounded in tomllib) overflows to inf.
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise _finite_error(key, value)
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

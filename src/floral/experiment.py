@@ -20,6 +20,7 @@ floral.run.run_experiment picks the engine.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -112,7 +113,7 @@ def read_experiment(path: str | os.PathLike) -> dict[str, Any]:
 
 def resolve_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
     """An `ExperimentConfig` from nested dicts; every key and type checked, method included."""
-    tables: dict[str, Any] = json.loads(json.dumps(data))  # a private deep copy
+    tables: dict[str, Any] = copy.deepcopy(dict(data))  # a private copy
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

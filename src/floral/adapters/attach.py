@@ -169,7 +169,7 @@ def _adapt(name: str, module: nn.Module, spec: AdapterSpec, index: int) -> Adapt
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         raise ConfigError(f"layer {name!r}: an embedding with max_norm cannot be adapted")
     d_in, d_out = factor_sizes(module, spec.conv_form)
-    rank = resolve_rank(spec.rank, d_in, d_out, spec.min_rank)
+    rank = resolve_rank(spec.rank, d_in, d_out, spec.min_rank, layer=name)
     if isinstance(module, nn.Linear):
         return AdaptedLinear(module, count, rank, alpha, spec.bias, layer_index=index)
     if isinstance(module, nn.Conv2d):

@@ -190,7 +190,9 @@ class FloralEM(Floral):
             model[name] = state.method_state[INITIAL + name].clone()
         for a in [name for name in model if name.endswith("lora_A")]:
             b = a.removesuffix("lora_A") + "lora_B"
-            rank = resolve_rank(opts.rank, model[a].shape[-1], model[b].shape[-1], opts.min_rank)
+            d_in, d_out = model[a].shape[-1], model[b].shape[-1]
+            layer = a.removesuffix(".lora_A")
+            rank = resolve_rank(opts.rank, d_in, d_out, opts.min_rank, layer=layer)
             model[a][:, rank:] = 0.0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_experiment import TINY as BASE
 
 from floral import checkpoint as checkpoint_module
 from floral.checkpoint import Checkpoint, json_safe
@@ -19,29 +20,10 @@ from floral.cli import main
 from floral.experiment import load_config
 from floral.run import run_experiment
 
-TINY = """
-name = "tiny"
-seed = 3
-[task]
-dataset = "synthetic-mlp"
-shift = "none"
-num_clients = 8
-num_clusters = 2
-samples_per_client = 40
-[model]
-name = "mlp"
-hidden = [8]
-[method]
-name = "fedavg"
-[train]
-rounds = 6
-clients_per_round = 0.5
-batch_size = 8
-lr = 0.05
-[engine]
-eval_every = 2
-checkpoint_every = 2
-"""
+# test_experiment.py's tiny experiment, with FedAvg and a checkpoint every 2 rounds.
+TINY = BASE.replace('name = "floral"', 'name = "fedavg"').replace(
+    "eval_every = 2", "eval_every = 2\ncheckpoint_every = 2"
+)
 
 
 @pytest.fixture

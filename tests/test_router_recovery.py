@@ -246,6 +246,8 @@ def test_floral_em_rejects_a_holdout_outside_zero_one(bad):
     [
         ({"warmup_rank": -2}, "method.warmup_rank = -2"),
         ({"warmup_rank": 0.1, "warmup_rounds": 0}, "method.warmup_rounds: must be >= 1, got 0"),
+        ({"warmup_rank": 2, "rank": 3}, "method.rank = 3 is more than method.warmup_rank = 2"),
+        ({"warmup_rank": 0.05, "rank": 0.1}, "method.rank = 0.1 is more than method.warmup_rank"),
     ],
 )
 def test_floral_em_rejects_bad_warmup_settings(options, message):

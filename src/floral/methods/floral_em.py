@@ -205,6 +205,12 @@ def check_warmup(options: FloralEMOptions) -> None:
         raise ConfigError(f"method.warmup_{error}") from None
     if options.warmup_rounds < 1:
         raise ConfigError(f"method.warmup_rounds: must be >= 1, got {options.warmup_rounds}")
+    # Comparable only in the same unit; the warm-up starts larger and is cut down to `rank`.
+    if type(options.rank) is type(options.warmup_rank) and options.rank > options.warmup_rank:
+        raise ConfigError(
+            f"method.rank = {options.rank} is more than method.warmup_rank = "
+            f"{options.warmup_rank}: the warm-up's adaptors are cut down to rank, never grown"
+        )
 
 
 def check_linear_only(model: nn.Module) -> None:

@@ -41,7 +41,7 @@ from floral.comm import CommConfig, build_codec
 from floral.config import from_dict, parse_value, set_dotted, to_dict, tomllib
 from floral.data import FederatedTask, TaskConfig, build_task
 from floral.engines.config import EngineConfig, check_engine_config
-from floral.engines.driver import Driver, RoundResult, check_aggregation
+from floral.engines.driver import Driver, RoundResult, check_aggregation, check_privacy
 from floral.engines.local import LocalEngine
 from floral.errors import ConfigError, DivergedError
 from floral.methods import Method, get_method
@@ -147,6 +147,7 @@ def check_values(config: ExperimentConfig) -> None:
         raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
     check_engine_config(config.engine)
     check_aggregation(config.train.aggregation, config.build_method())
+    check_privacy(config.train, config.build_method())
     build_codec(config.comm.download, "comm.download")
     build_codec(config.comm.upload, "comm.upload")
 

@@ -28,10 +28,11 @@ import torch
 from floral.comm import CommConfig, build_codec
 from floral.engines.config import EngineConfig, check_engine_config
 from floral.errors import ConfigError, DivergedError
-from floral.methods.base import Method, ServerState, robust_upload
+from floral.methods.base import Method, ServerState, private_upload, robust_upload
 from floral.train.loop import TrainConfig
 from floral.train.objective import EvalResult, Objective
 from floral.train.optim import build_server_optimizer
+from floral.train.privacy import dp_epsilon
 from floral.train.recovery import router_recovery
 from floral.train.state import TensorDict, payload_bytes
 
@@ -42,6 +43,7 @@ __all__ = [
     "Trained",
     "Transport",
     "check_aggregation",
+    "check_privacy",
     "check_state_names",
     "client_seed",
     "router_summary",
@@ -149,6 +151,7 @@ class Driver:
                 f"train.clients_per_round: must be in (0, 1], got {train.clients_per_round}"
             )
         check_aggregation(train.aggregation, method)
+        check_privacy(train, method)
         self.method, self.transport, self.objective = method, transport, objective
         self.num_clients, self.train, self.config, self.seed = num_clients, train, config, seed
         self.down = build_codec(comm.download, "comm.download")
@@ -200,6 +203,9 @@ class Driver:
             self._diverged(f"every client's update diverged ({diverged} of {len(clients)})")
         if self.train.aggregation != "mean" and uploads:
             uploads = [robust_upload(uploads, self.train.aggregation)]
+        if self.train.dp_clip > 0 and uploads:
+            noise = torch.Generator().manual_seed(client_seed(self.seed, self.round, -1))
+            uploads = [private_upload(uploads, self.train.dp_clip, self.train.dp_noise, noise)]
         new = self.method.server_update(self.state, uploads, self.server_optimizer)
         if not all_finite(new.global_state):
             self._diverged("the global model is no longer finite (NaN or infinity)")
@@ -257,6 +263,10 @@ class Driver:
         metrics = summarize(results, self.transport.clusters, self.objective)
         if routers:
             metrics.update(self._router_recovery(routers))
+        if self.train.dp_clip > 0:
+            q = max(1, round(self.train.clients_per_round * self.num_clients)) / self.num_clients
+            epsilon = dp_epsilon(q, self.train.dp_noise, self.round, self.train.dp_delta)
+            metrics["dp_epsilon"] = epsilon
         return metrics
 
     def _evaluations(
@@ -349,11 +359,31 @@ def check_aggregation(rule: str, method: Method | None = None) -> None:
         raise ConfigError(
             f"train.aggregation: unknown {rule!r} (choose from mean, median, trimmed:<fraction>)"
         )
-    if name != "mean" and method is not None and not method.robust_aggregation:
+    if name != "mean" and method is not None and not method.plain_mean:
         raise ConfigError(
             f"train.aggregation: {rule!r} needs uploads combined by a mean with one weight per "
             f"tensor; {method.name} combines its uploads otherwise"
         )
+
+
+def check_privacy(train: TrainConfig, method: Method | None = None) -> None:
+    """The `train.dp_*` settings: one-line errors naming the key."""
+    if train.dp_clip < 0 or train.dp_noise < 0:
+        raise ConfigError("train.dp_clip and train.dp_noise: must be 0 or more, got "
+                          f"{train.dp_clip} and {train.dp_noise}")
+    if not 0 < train.dp_delta < 1:
+        raise ConfigError(f"train.dp_delta: must be in (0, 1), got {train.dp_delta}")
+    if train.dp_clip == 0:
+        if train.dp_noise > 0:
+            raise ConfigError("train.dp_noise: needs train.dp_clip > 0 (the noise is a "
+                              "multiple of the clipping bound)")
+        return
+    if train.aggregation != "mean":
+        raise ConfigError(f"train.dp_clip: differential privacy takes the mean of the clipped "
+                          f"updates; it does not combine with aggregation = {train.aggregation!r}")
+    if method is not None and not method.plain_mean:
+        raise ConfigError(f"train.dp_clip: needs uploads combined by a mean with one weight per "
+                          f"tensor; {method.name} combines its uploads otherwise")
 
 
 def all_finite(tensors: Mapping[str, torch.Tensor]) -> bool:

@@ -45,6 +45,7 @@ __all__ = [
     "NoOptions",
     "Role",
     "ServerState",
+    "private_upload",
     "robust_upload",
     "split_roles",
     "sum_uploads",
@@ -114,10 +115,11 @@ class Method:
     # `upload_weights`): a method that replaces `client_step` or `train_locally` sets False.
     batchable: ClassVar[bool] = True
     # Whether `server_update` takes the weighted mean of the uploads' deltas with one weight per
-    # tensor, so that a robust rule (`train.aggregation`, `robust_upload`) may stand in for the
-    # mean; False where uploads are combined otherwise or weighted per part (FLoRAL's
-    # adaptors, stacking, zero-padding).
-    robust_aggregation: ClassVar[bool] = True
+    # tensor, so that a robust rule (`train.aggregation`, `robust_upload`) or differential
+    # privacy (`train.dp_clip`, `private_upload`) may stand in for the mean; False where
+    # uploads are combined otherwise or weighted per part (FLoRAL's adaptors, stacking,
+    # zero-padding).
+    plain_mean: ClassVar[bool] = True
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -340,3 +342,35 @@ def robust_upload(uploads: Sequence[Mapping[str, torch.Tensor]], rule: str) -> T
             robust[tensor_name] = middle * total
         robust[tensor_name + WEIGHT_SUFFIX] = total
     return robust
+
+
+@torch.no_grad()
+def private_upload(
+    uploads: Sequence[Mapping[str, torch.Tensor]], clip: float, noise: float,
+    generator: torch.Generator,
+) -> TensorDict:
+    """One upload standing for all under DP-FedAvg: every client's update (its deltas over all
+    tensors together) clipped to L2 norm `clip`, summed with equal weights, plus Gaussian noise
+    of standard deviation `noise * clip` on every coordinate, sent with weight K (the number
+    of clients) so that its mean is the noisy mean of the clipped updates.
+
+    Needs one weight per tensor and client, as `robust_upload` does."""
+    names = [n for n in uploads[0] if not n.endswith(WEIGHT_SUFFIX)]
+    total = {name: torch.zeros_like(uploads[0][name]) for name in names}
+    for upload in uploads:
+        weights = [upload[name + WEIGHT_SUFFIX] for name in names]
+        if any(w.numel() != 1 for w in weights):
+            raise ValueError("differential privacy needs one weight per tensor")
+        deltas = [upload[n] / w if float(w) > 0 else torch.zeros_like(upload[n])
+                  for n, w in zip(names, weights)]
+        norm = torch.linalg.vector_norm(torch.stack([d.norm() for d in deltas]))
+        scale = min(1.0, clip / max(float(norm), 1e-12))
+        for name, delta in zip(names, deltas):
+            total[name] += scale * delta
+    private: TensorDict = {}
+    count = torch.tensor(float(len(uploads)))
+    for name in names:
+        draw = torch.randn(total[name].shape, generator=generator, dtype=total[name].dtype)
+        private[name] = total[name] + noise * clip * draw
+        private[name + WEIGHT_SUFFIX] = count
+    return private

@@ -71,7 +71,7 @@ class Ensemble(Method):
     name = "ensemble"
     description = "C full models mixed by a private per-client router over their outputs."
     Options = EnsembleOptions
-    robust_aggregation = False  # each model is weighted by n_k * pi_kc
+    plain_mean = False  # each model is weighted by n_k * pi_kc
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: EnsembleOptions = self.options

@@ -80,7 +80,7 @@ class FLoRA(LoraMethod):
     }
     ranked_uploads = True
     batchable = False  # a fresh LoRA per step, and factors uploaded instead of deltas
-    robust_aggregation = False  # stacked factors
+    plain_mean = False  # stacked factors
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         unsupported = sorted(set(self.options.layer_types) - set(_MERGEABLE))

@@ -55,7 +55,7 @@ class Floral(Method):
     name = "floral"
     description = "C shared LoRA adaptors per layer mixed by a private per-client router."
     Options = FloralOptions
-    robust_aggregation = False  # each adaptor is weighted by n_k * pi_kc
+    plain_mean = False  # each adaptor is weighted by n_k * pi_kc
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: FloralOptions = self.options

@@ -102,7 +102,7 @@ class FloralEM(Floral):
     )
     Options = FloralEMOptions
     batchable = False  # an E-step before the local epochs
-    robust_aggregation = False  # adaptor usage counted from the weights
+    plain_mean = False  # adaptor usage counted from the weights
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         if not 0 <= self.options.holdout < 1:

@@ -85,7 +85,7 @@ class HetLoRA(LoraMethod):
     Options = HetLoRAOptions
     ranked_uploads = True
     batchable = False  # each client trains the first r_k ranks of the global factors
-    robust_aggregation = False  # zero-padded ranks
+    plain_mean = False  # zero-padded ranks
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         if self.options.aggregation not in AGGREGATIONS:

@@ -1,0 +1,87 @@
+"""User-level differential privacy (DP-FedAvg): clipping and noise by hand, the accountant
+against Opacus' own figure, and the settings' one-line errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from floral.errors import ConfigError
+from floral.experiment import resolve_config
+from floral.methods.base import WEIGHT_SUFFIX, private_upload, weighted_mean_delta
+from floral.run import run_experiment
+from floral.train.privacy import ORDERS, dp_epsilon
+
+
+@pytest.mark.parametrize(("q", "noise", "rounds"), [(0.1, 1.1, 100), (0.5, 0.8, 30),
+                                                    (0.05, 2.0, 1000), (1.0, 3.0, 10)])
+def test_epsilon_is_opacus_own_figure(q, noise, rounds):
+    accountants = pytest.importorskip("opacus.accountants")
+    accountant = accountants.RDPAccountant()
+    accountant.history = [(noise, q, rounds)]
+    theirs = accountant.get_epsilon(1e-5, alphas=list(ORDERS))
+    assert dp_epsilon(q, noise, rounds, 1e-5) == pytest.approx(theirs, rel=1e-9)
+
+
+def test_more_noise_spends_less_and_no_noise_is_no_privacy():
+    spent = [dp_epsilon(0.2, z, 50, 1e-5) for z in (0.5, 1.0, 2.0)]
+    assert spent[0] > spent[1] > spent[2] > 0
+    assert dp_epsilon(0.2, 0.0, 50, 1e-5) == math.inf
+
+
+def test_clipping_and_noise_by_hand():
+    g = torch.Generator().manual_seed(0)
+    deltas = [{"a": torch.randn(3, generator=g), "b": torch.randn(2, 2, generator=g)}
+              for _ in range(3)]
+    deltas[0] = {k: 100 * v for k, v in deltas[0].items()}  # far above the bound: clipped
+    weights = [4.0, 1.0, 7.0]
+    uploads = [{**{k: w * v for k, v in d.items()},
+                **{k + WEIGHT_SUFFIX: torch.tensor(w) for k in d}} for d, w in zip(deltas, weights)]
+    clip, noise = 1.5, 0.3
+    private = private_upload(uploads, clip, noise, torch.Generator().manual_seed(9))
+    mean = weighted_mean_delta([private])
+    draws = torch.Generator().manual_seed(9)
+    expected = {}
+    norms = [math.sqrt(sum(float(v.square().sum()) for v in d.values())) for d in deltas]
+    for name in ("a", "b"):
+        clipped = sum(d[name] * min(1.0, clip / n) for d, n in zip(deltas, norms))
+        noisy = clipped + noise * clip * torch.randn(deltas[0][name].shape, generator=draws)
+        expected[name] = noisy / 3  # unweighted: every client counts once
+    for name in ("a", "b"):
+        torch.testing.assert_close(mean[name], expected[name])
+    assert norms[0] > clip > 0
+
+
+@pytest.mark.parametrize(
+    ("train", "method", "words"),
+    [
+        ({"dp_noise": 1.0}, "fedavg", "train.dp_noise: needs train.dp_clip > 0"),
+        ({"dp_clip": 1.0, "dp_delta": 0.0}, "fedavg", "train.dp_delta: must be in (0, 1)"),
+        ({"dp_clip": 1.0, "aggregation": "median"}, "fedavg", "does not combine"),
+        ({"dp_clip": 1.0}, "floral", "floral combines its uploads otherwise"),
+    ],
+)
+def test_bad_privacy_settings_are_one_line_errors(train, method, words):
+    with pytest.raises(ConfigError) as error:
+        resolve_config({"method": {"name": method}, "train": train})
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_private_run_reports_the_epsilon_it_spent(tmp_path):
+    config = resolve_config({
+        "name": "dp", "seed": 1,
+        "task": {"dataset": "synthetic-mlp", "shift": "none", "num_clients": 10,
+                 "num_clusters": 1, "samples_per_client": 30},
+        "model": {"name": "mlp", "hidden": [8]},
+        "method": {"name": "fedavg"},
+        "train": {"rounds": 4, "clients_per_round": 0.5, "batch_size": 8, "lr": 0.05,
+                  "dp_clip": 0.5, "dp_noise": 1.0},
+        "engine": {"eval_every": 2},
+    })
+    summary = run_experiment(config, tmp_path)
+    assert [round(r["dp_epsilon"], 9) for r in summary.history] == [
+        round(dp_epsilon(0.5, 1.0, r, 1e-5), 9) for r in (0, 2, 4)]
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert "dp_epsilon" in header

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from floral.errors import ConfigError
-from floral.experiment import resolve_config
+from floral.experiment import build_engine, resolve_config
 from floral.methods.base import WEIGHT_SUFFIX, private_upload, weighted_mean_delta
 from floral.run import run_experiment
 from floral.train.privacy import ORDERS, dp_epsilon
@@ -85,3 +85,40 @@ def test_a_private_run_reports_the_epsilon_it_spent(tmp_path):
         round(dp_epsilon(0.5, 1.0, r, 1e-5), 9) for r in (0, 2, 4)]
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
     assert "dp_epsilon" in header
+
+
+def _local_run(noise: float, mode: str = "local"):  # noqa: ANN202
+    config = resolve_config({
+        "name": "ldp", "seed": 2,
+        "task": {"dataset": "synthetic-mlp", "shift": "none", "num_clients": 6,
+                 "num_clusters": 1, "samples_per_client": 30},
+        "model": {"name": "mlp", "hidden": [8]},
+        "method": {"name": "fedavg"},
+        "train": {"rounds": 3, "clients_per_round": 0.5, "batch_size": 8, "lr": 0.5,
+                  "dp_clip": 0.05, "dp_noise": noise, "dp_mode": mode},
+        "engine": {"eval_every": 3},
+    })
+    engine, _ = build_engine(config)
+    seen: list[dict] = []
+    real = engine.method.server_update
+
+    def recording(state, uploads, optimizer):  # noqa: ANN001, ANN202
+        seen.extend(dict(u) for u in uploads)
+        return real(state, uploads, optimizer)
+
+    engine.method.server_update = recording  # type: ignore[method-assign]
+    engine.run()
+    return engine, seen
+
+
+def test_local_privacy_clips_and_weighs_every_update_on_its_client():
+    engine, seen = _local_run(noise=0.0)
+    assert len(seen) == 9  # 3 clients x 3 rounds, each its own noised upload
+    for upload in seen:
+        deltas = [v for k, v in upload.items() if not k.endswith(WEIGHT_SUFFIX)]
+        norm = math.sqrt(sum(float(d.square().sum()) for d in deltas))
+        assert norm <= 0.05 * (1 + 1e-5)  # lr 0.5 moves far more: every update was clipped
+        assert all(float(v) == 1.0 for k, v in upload.items() if k.endswith(WEIGHT_SUFFIX))
+    noisy, _ = _local_run(noise=1.0)
+    assert engine.evaluate()["dp_epsilon"] == math.inf  # no noise, no privacy
+    assert noisy.evaluate()["dp_epsilon"] == pytest.approx(dp_epsilon(1.0, 1.0, 3, 1e-5))

@@ -203,7 +203,7 @@ class Driver:
             self._diverged(f"every client's update diverged ({diverged} of {len(clients)})")
         if self.train.aggregation != "mean" and uploads:
             uploads = [robust_upload(uploads, self.train.aggregation)]
-        if self.train.dp_clip > 0 and uploads:
+        if self.train.dp_clip > 0 and self.train.dp_mode == "central" and uploads:
             noise = torch.Generator().manual_seed(client_seed(self.seed, self.round, -1))
             uploads = [private_upload(uploads, self.train.dp_clip, self.train.dp_noise, noise)]
         new = self.method.server_update(self.state, uploads, self.server_optimizer)
@@ -264,10 +264,18 @@ class Driver:
         if routers:
             metrics.update(self._router_recovery(routers))
         if self.train.dp_clip > 0:
-            q = max(1, round(self.train.clients_per_round * self.num_clients)) / self.num_clients
-            epsilon = dp_epsilon(q, self.train.dp_noise, self.round, self.train.dp_delta)
-            metrics["dp_epsilon"] = epsilon
+            metrics["dp_epsilon"] = self.dp_epsilon()
         return metrics
+
+    def dp_epsilon(self) -> float:
+        """The privacy spent so far at `train.dp_delta`. Central: the server's noisy sums, with
+        the amplification of sampling a fraction of the clients. Local: what one client's own
+        noisy updates reveal, as if it had been sampled every round (an upper bound)."""
+        train = self.train
+        q = max(1, round(train.clients_per_round * self.num_clients)) / self.num_clients
+        if train.dp_mode == "local":
+            q = 1.0
+        return dp_epsilon(q, train.dp_noise, self.round, train.dp_delta)
 
     def _evaluations(
         self, clients: Sequence[int], global_state: TensorDict | None
@@ -371,6 +379,8 @@ def check_privacy(train: TrainConfig, method: Method | None = None) -> None:
     if train.dp_clip < 0 or train.dp_noise < 0:
         raise ConfigError("train.dp_clip and train.dp_noise: must be 0 or more, got "
                           f"{train.dp_clip} and {train.dp_noise}")
+    if train.dp_mode not in ("central", "local"):
+        raise ConfigError(f"train.dp_mode: unknown {train.dp_mode!r} (choose from central, local)")
     if not 0 < train.dp_delta < 1:
         raise ConfigError(f"train.dp_delta: must be in (0, 1), got {train.dp_delta}")
     if train.dp_clip == 0:

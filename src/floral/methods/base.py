@@ -172,6 +172,10 @@ class Method:
         n = job.data.num_train
         weights = self.upload_weights(slots.model, list(job.global_state), n)
         upload = weighted_deltas(slots, job.global_state, weights)
+        config = job.config
+        if config.dp_clip > 0 and config.dp_mode == "local":  # noised here, before it leaves
+            noise = torch.Generator().manual_seed(job.seed ^ 0xD1FF)
+            upload = private_upload([upload], config.dp_clip, config.dp_noise, noise)
         private = slots.snapshot(job.private_state.keys())
         return ClientUpdate(upload, n, private, {"train_loss": train_loss})
 

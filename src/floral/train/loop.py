@@ -42,13 +42,14 @@ class TrainConfig:
     # How the server combines the clients' updates: "mean" (weighted by examples), or, robust
     # to a minority of bad clients, "median" or "trimmed:<fraction cut at each end>".
     aggregation: str = "mean"
-    # User-level differential privacy (DP-FedAvg, central): each client's update is clipped to
-    # L2 norm dp_clip (0 = off), their unweighted mean gets Gaussian noise of standard
-    # deviation dp_noise * dp_clip / clients; the privacy spent is reported as dp_epsilon at
-    # dp_delta.
+    # User-level differential privacy (DP-FedAvg): each client's update is clipped to L2 norm
+    # dp_clip (0 = off) and Gaussian noise of standard deviation dp_noise * dp_clip is added
+    # to their sum by the server ("central"), or to each update by its client ("local"); the
+    # privacy spent is reported as dp_epsilon at dp_delta.
     dp_clip: float = 0.0
     dp_noise: float = 0.0
     dp_delta: float = 1e-5
+    dp_mode: str = "central"
     eval_batch_size: int = 2048
 
 

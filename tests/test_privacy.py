@@ -69,17 +69,21 @@ def test_bad_privacy_settings_are_one_line_errors(train, method, words):
     assert words in str(error.value) and "\n" not in str(error.value)
 
 
-def test_a_private_run_reports_the_epsilon_it_spent(tmp_path):
-    config = resolve_config({
-        "name": "dp", "seed": 1,
-        "task": {"dataset": "synthetic-mlp", "shift": "none", "num_clients": 10,
+def _private_config(num_clients: int, rounds: int, **train: object):  # noqa: ANN202
+    """FedAvg on a small synthetic task, evaluated every 2 rounds, with `train` settings."""
+    return resolve_config({
+        "name": "dp", "seed": num_clients,
+        "task": {"dataset": "synthetic-mlp", "shift": "none", "num_clients": num_clients,
                  "num_clusters": 1, "samples_per_client": 30},
         "model": {"name": "mlp", "hidden": [8]},
         "method": {"name": "fedavg"},
-        "train": {"rounds": 4, "clients_per_round": 0.5, "batch_size": 8, "lr": 0.05,
-                  "dp_clip": 0.5, "dp_noise": 1.0},
+        "train": {"rounds": rounds, "clients_per_round": 0.5, "batch_size": 8, **train},
         "engine": {"eval_every": 2},
     })
+
+
+def test_a_private_run_reports_the_epsilon_it_spent(tmp_path):
+    config = _private_config(10, 4, lr=0.05, dp_clip=0.5, dp_noise=1.0)
     summary = run_experiment(config, tmp_path)
     assert [round(r["dp_epsilon"], 9) for r in summary.history] == [
         round(dp_epsilon(0.5, 1.0, r, 1e-5), 9) for r in (0, 2, 4)]
@@ -87,17 +91,8 @@ def test_a_private_run_reports_the_epsilon_it_spent(tmp_path):
     assert "dp_epsilon" in header
 
 
-def _local_run(noise: float, mode: str = "local"):  # noqa: ANN202
-    config = resolve_config({
-        "name": "ldp", "seed": 2,
-        "task": {"dataset": "synthetic-mlp", "shift": "none", "num_clients": 6,
-                 "num_clusters": 1, "samples_per_client": 30},
-        "model": {"name": "mlp", "hidden": [8]},
-        "method": {"name": "fedavg"},
-        "train": {"rounds": 3, "clients_per_round": 0.5, "batch_size": 8, "lr": 0.5,
-                  "dp_clip": 0.05, "dp_noise": noise, "dp_mode": mode},
-        "engine": {"eval_every": 3},
-    })
+def _local_run(noise: float):  # noqa: ANN202
+    config = _private_config(6, 3, lr=0.5, dp_clip=0.05, dp_noise=noise, dp_mode="local")
     engine, _ = build_engine(config)
     seen: list[dict] = []
     real = engine.method.server_update

@@ -146,8 +146,9 @@ def check_values(config: ExperimentConfig) -> None:
     if config.train.lr <= 0:
         raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
     check_engine_config(config.engine)
-    check_aggregation(config.train.aggregation, config.build_method())
-    check_privacy(config.train, config.build_method())
+    method = config.build_method()
+    check_aggregation(config.train.aggregation, method)
+    check_privacy(config.train, method)
     build_codec(config.comm.download, "comm.download")
     build_codec(config.comm.upload, "comm.upload")
 

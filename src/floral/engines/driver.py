@@ -29,6 +29,7 @@ from floral.comm import CommConfig, build_codec
 from floral.engines.config import EngineConfig, check_engine_config
 from floral.errors import ConfigError, DivergedError
 from floral.methods.base import Method, ServerState, private_upload, robust_upload
+from floral.methods.checks import all_finite
 from floral.train.loop import TrainConfig
 from floral.train.objective import EvalResult, Objective
 from floral.train.optim import build_server_optimizer
@@ -394,18 +395,6 @@ def check_privacy(train: TrainConfig, method: Method | None = None) -> None:
     if method is not None and not method.plain_mean:
         raise ConfigError(f"train.dp_clip: needs uploads combined by a mean with one weight per "
                           f"tensor; {method.name} combines its uploads otherwise")
-
-
-def all_finite(tensors: Mapping[str, torch.Tensor]) -> bool:
-    """Whether no floating-point tensor holds NaN or infinity: one sum per tensor, and the
-    exact test only where a sum is not finite (a sum of finite values may overflow)."""
-    floats = [t for t in tensors.values() if t.is_floating_point() and t.numel()]
-    if not floats:
-        return True
-    sums = torch.stack([t.sum(dtype=torch.float32) for t in floats])
-    if bool(sums.isfinite().all()):
-        return True
-    return all(bool(t.isfinite().all()) for t in floats)
 
 
 def summarize(

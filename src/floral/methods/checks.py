@@ -17,7 +17,7 @@ from floral.train.state import WEIGHT_SUFFIX
 if TYPE_CHECKING:
     from floral.methods.base import Method, ServerState
 
-__all__ = ["aggregation_problems", "contract_problems", "value_problems"]
+__all__ = ["aggregation_problems", "all_finite", "contract_problems", "value_problems"]
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -47,15 +47,27 @@ def _all_clear(upload: Tensors) -> bool:
     weights = [t.reshape(-1) for n, t in upload.items() if n.endswith(WEIGHT_SUFFIX)]
     if any(not w.is_floating_point() for w in weights):
         return False
-    if floats:
-        sums = torch.stack([t.sum(dtype=torch.float32) for t in floats])
-        if not bool(sums.isfinite().all()):
-            return False
+    if not _sums_finite(floats):
+        return False
     if weights:
         every_weight = torch.cat(weights)
         if every_weight.numel() and bool(every_weight.min() < 0):
             return False
     return True
+
+
+def all_finite(tensors: Tensors) -> bool:
+    """Whether no floating-point tensor holds NaN or infinity: one sum per tensor, and the
+    exact test only where a sum is not finite (a sum of finite values may overflow)."""
+    floats = [t for t in tensors.values() if t.is_floating_point()]
+    return _sums_finite(floats) or all(bool(t.isfinite().all()) for t in floats)
+
+
+def _sums_finite(floats: list[torch.Tensor]) -> bool:
+    """Whether every tensor's sum is finite (then none holds NaN or infinity)."""
+    if not floats:
+        return True
+    return bool(torch.stack([t.sum(dtype=torch.float32) for t in floats]).isfinite().all())
 
 
 def contract_problems(global_state: Tensors, upload: Tensors) -> list[str]:

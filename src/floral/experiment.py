@@ -44,9 +44,11 @@ from floral.engines.config import EngineConfig, check_engine_config
 from floral.engines.driver import Driver, RoundResult, check_aggregation, check_privacy
 from floral.engines.local import LocalEngine
 from floral.errors import ConfigError, DivergedError
-from floral.methods import Method, get_method
-from floral.models import ModelConfig, build_model
-from floral.train.loop import TrainConfig
+from floral.methods import Method, Role, get_method
+from floral.models import ModelConfig, build_model, enable_gradient_checkpointing
+from floral.models.quantize import check_quantize, quantize_frozen
+from floral.train.device import DTYPES, Placement, cast_tensors, check_dtype, resolve_device
+from floral.train.loop import TrainConfig, check_local_optimizer
 
 __all__ = [
     "ExperimentConfig",
@@ -55,6 +57,7 @@ __all__ = [
     "build_engine",
     "build_setup",
     "load_config",
+    "placement_of",
     "read_experiment",
     "resolve_config",
     "run_rounds",
@@ -145,7 +148,10 @@ def check_values(config: ExperimentConfig) -> None:
         )
     if config.train.lr <= 0:
         raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
+    check_local_optimizer(config.train)
     check_engine_config(config.engine)
+    placement = placement_of(config)  # an unknown device or a precision it cannot run stops here
+    check_quantize(config.model.quantize, placement.device)
     method = config.build_method()
     check_aggregation(config.train.aggregation, method)
     check_privacy(config.train, method)
@@ -161,15 +167,51 @@ def build_setup(config: ExperimentConfig) -> tuple[Method, FederatedTask, torch.
     task = build_task(config.task, config.seed)
     method = config.build_method()
     torch.manual_seed(config.seed)
-    model = method.build_model(build_model(config.model, task), task)
+    model = build_model(config.model, task)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = method.build_model(model, task)
+    # Only what never changes is stored in low precision: trained tensors stay float32.
+    frozen = [name for name, role in method.roles(model).items() if role is Role.FROZEN]
+    cast_tensors(model, frozen, DTYPES[config.model.dtype])
+    quantize_base(config, method, model, frozen)
     return method, task, model
+
+
+def quantize_base(
+    config: ExperimentConfig, method: Method, model: torch.nn.Module, frozen: list[str]
+) -> None:
+    """`model.quantize`: the frozen linear layers in 8 or 4 bits, checked to stay frozen."""
+    mode = config.model.quantize
+    names = quantize_frozen(model, set(frozen), mode, DTYPES[config.model.dtype])
+    if mode == "none":
+        return
+    if not names:
+        raise ConfigError(
+            f"model.quantize = {mode!r}: {config.method_name} freezes no linear layer to "
+            "quantize (it trains the base; use a method with a frozen base, e.g. fedit, or "
+            "method.train_base = false)"
+        )
+    roles = method.roles(model)
+    moving = [n for n in roles if roles[n] is not Role.FROZEN and n.rpartition(".")[0] in names]
+    if moving:
+        raise ConfigError(f"model.quantize: {moving[0]} would be quantized but is not frozen")
+
+
+def placement_of(config: ExperimentConfig, device: str = "") -> Placement:
+    """Where and how clients train: `engine.device` (or `device`, a node's own choice),
+    `model.dtype` and `engine.compile`, checked against this machine."""
+    key = "engine.device" if not device else "device"
+    target = resolve_device(device or config.engine.device, key)
+    return Placement(target, check_dtype(config.model.dtype, target), config.engine.compile)
 
 
 def build_engine(config: ExperimentConfig) -> tuple[LocalEngine, FederatedTask]:
     """The in-process engine for a config."""
+    placement = placement_of(config)
     method, task, model = build_setup(config)
     engine = LocalEngine(
-        method, task, model, config.train, config.engine, config.seed, config.comm
+        method, task, model, config.train, config.engine, config.seed, config.comm, placement
     )
     return engine, task
 
@@ -323,7 +365,11 @@ def _numbers(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 # Settings that may change between an interrupted run and its resumption.
-_RESUMABLE_CHANGES = {("train", "rounds"), ("engine", "checkpoint_every"), ("output", "dir")}
+# Where a run executes may change too (resume a GPU run on a CPU): numbers then follow the device.
+_RESUMABLE_CHANGES = {
+    ("train", "rounds"), ("engine", "checkpoint_every"), ("output", "dir"),
+    ("engine", "device"), ("engine", "threads"), ("engine", "compile"),
+}
 # What a results folder holds of a run: starting afresh over them needs --overwrite.
 _RUN_FILES = ("config.toml", "metrics.csv", "summary.json", "state.safetensors", "checkpoint")
 

@@ -43,6 +43,7 @@ from floral.experiment import (
     ProgressFn,
     RunSummary,
     build_setup,
+    placement_of,
     resolve_config,
     run_rounds,
 )
@@ -56,17 +57,19 @@ def experiment_text(config: ExperimentConfig) -> str:
     return tomli_w.dumps(config.to_dict())
 
 
-def runtime_for(text: str) -> ClientRuntime:
-    """A client's runtime from the experiment text: the local engine's model, method and data."""
+def runtime_for(text: str, device: str = "") -> ClientRuntime:
+    """A client's runtime from the experiment text: the local engine's model, method and data,
+    on `device` (a node's own choice; "" = the experiment's `engine.device`)."""
     config = resolve_config(tomllib.loads(text))
+    placement = placement_of(config, device)
     method, task, model = build_setup(config)
     # The local engine's own set-up, so a node starts from exactly the local engine's state.
     local = LocalTransport(
-        method, task, model, config.train, config.engine, config.seed, config.comm
+        method, task, model, config.train, config.engine, config.seed, config.comm, placement
     )
     return ClientRuntime(
         method, task, local.slots, local.initial, local.initial_private, config.train,
-        local.objective, config.seed, local.down, local.up,
+        local.objective, config.seed, local.down, local.up, placement,
     )
 
 

@@ -19,7 +19,7 @@ from floral.adapters.layers import (
     factor_sizes,
 )
 from floral.adapters.rank import resolve_rank
-from floral.adapters.router import Router, refresh_router_hook
+from floral.adapters.router import Router, close_router_hook, refresh_router_hook
 from floral.adapters.spec import AdapterSpec
 from floral.errors import ConfigError
 
@@ -47,8 +47,9 @@ def attach(model: nn.Module, spec: AdapterSpec) -> nn.Module:
 
     Each selected layer is replaced by its adapted wrapper, which keeps the layer as `.base`
     (`fc.weight` becomes `fc.base.weight`). With C > 1 the model gets a `floral_router`
-    (a Router; in an nn.Sequential it is the last child, and passes its input through) and
-    a forward pre-hook that draws pi once per forward. Layers are matched by
+    (a Router; in an nn.Sequential it is the last child, and passes its input through), a
+    forward pre-hook that draws pi once per forward, and a forward hook that ends that pi's
+    forward (so compiled code knows when the pi is current). Layers are matched by
     exact type (subclasses may have their own forward), so e.g. the output projection of
     nn.MultiheadAttention is left alone. Outputs are unchanged until the adaptors are trained.
     """
@@ -79,6 +80,7 @@ def attach(model: nn.Module, spec: AdapterSpec) -> nn.Module:
     if router is not None:
         setattr(model, ROUTER_ATTRIBUTE, router)
         model.register_forward_pre_hook(refresh_router_hook)
+        model.register_forward_hook(close_router_hook, always_call=True)
     return model
 
 
@@ -196,9 +198,12 @@ def _merge_weights(layer: AdaptedLayer, router_weights: Tensor | None) -> Tensor
 def _detach_router(model: nn.Module) -> None:
     if hasattr(model, ROUTER_ATTRIBUTE):
         delattr(model, ROUTER_ATTRIBUTE)
-    hooks = model._forward_pre_hooks
-    for key in [k for k, hook in hooks.items() if hook is refresh_router_hook]:
+    pre_hooks, hooks = model._forward_pre_hooks, model._forward_hooks
+    for key in [k for k, hook in pre_hooks.items() if hook is refresh_router_hook]:
+        del pre_hooks[key]
+    for key in [k for k, hook in hooks.items() if hook is close_router_hook]:
         del hooks[key]
+        model._forward_hooks_always_called.pop(key, None)
 
 
 def _reference_tensor(module: nn.Module) -> Tensor | None:

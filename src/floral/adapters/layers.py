@@ -74,6 +74,11 @@ class AdaptedLayer(nn.Module, ABC):
         # A plain attribute, not a submodule: the router belongs to the root model and must
         # appear once in its state_dict.
         object.__setattr__(self, "_router", router)
+        if router is not None and router.per_layer:
+            # The layer's row as a tensor, for compiled code (see Router.traced_weights); not
+            # persistent: it is structure, not state, and stays out of the state_dict.
+            row = torch.tensor([self.layer_index], device=router.logits.device)
+            self.register_buffer("router_row", row, persistent=False)
 
     @property
     def router(self) -> Router | None:
@@ -87,7 +92,12 @@ class AdaptedLayer(nn.Module, ABC):
     def mixture(self) -> Tensor | None:
         """The pi (C,) of the current forward, or None for a single adaptor of weight 1."""
         router = self._router
-        return None if router is None else router.weights(self.layer_index)
+        if router is None:
+            return None
+        if torch.compiler.is_compiling():
+            # No int layer index here: dynamo would specialize on it, once per layer.
+            return router.traced_weights(self._buffers.get("router_row"))
+        return router.weights(self.layer_index)
 
     def eval_mixture(self) -> Tensor:
         """pi (C,) in eval mode (no noise), detached; ones for a single adaptor."""
@@ -158,9 +168,15 @@ class AdaptedLinear(AdaptedLayer):
     def forward(self, x: Tensor) -> Tensor:
         pi = self.mixture()
         base = self.base
-        out = F.linear(x, base.weight, self._mixed_bias(base.bias, pi))
+        if type(base) is nn.Linear:
+            out = F.linear(x, base.weight, self._mixed_bias(base.bias, pi))
+        else:  # a quantized base (bitsandbytes) computes itself; its weight is packed
+            out = base(x)
+            bias = self._mixed_bias(None, pi)
+            out = out if bias is None else out + bias.to(out.dtype)
         hidden = self._mix_hidden(F.linear(x, self.lora_A.flatten(0, 1)), pi, self.rank, False)
-        return _add_product(out, hidden, self.lora_B.flatten(0, 1), self.alpha)
+        return _add_product(out, hidden.to(out.dtype), self.lora_B.flatten(0, 1).to(out.dtype),
+                            self.alpha)
 
     @torch.no_grad()
     def fold(self, pi: Tensor) -> nn.Module:

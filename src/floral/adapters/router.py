@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from floral.adapters.spec import RouterSpec
 from floral.errors import ConfigError
 
-__all__ = ["Router", "refresh_router_hook"]
+__all__ = ["Router", "close_router_hook", "refresh_router_hook"]
 
 
 class Router(nn.Module):
@@ -24,6 +24,11 @@ class Router(nn.Module):
     pi is drawn once per forward of the model the router is attached to (`refresh`, called by a
     forward pre-hook), so every layer of one forward sees the same noisy pi. A layer called on
     its own gets a fresh pi whenever the logits, the mode or the grad mode changed since.
+
+    Under torch.compile that check cannot run (tensor versions are data to dynamo, and reading
+    them breaks the graph), so compiled code asks `traced_weights` instead: the one pi of the
+    model's open forward (between its pre-hook and `close_router_hook`), otherwise a pi drawn
+    on the spot. Nothing there is specialized per layer or per client.
     """
 
     logits: nn.Parameter
@@ -33,6 +38,8 @@ class Router(nn.Module):
     _pi: Tensor | None
     _rows: tuple[Tensor, ...] | None
     _stamp: tuple[int, int, int, bool, bool] | None
+    # True from the model's forward pre-hook to its forward hook: `_pi` belongs to this forward.
+    _forward_open: bool
 
     def __init__(
         self, num_adaptors: int, spec: RouterSpec | None = None, num_layers: int = 1
@@ -48,6 +55,7 @@ class Router(nn.Module):
         shape = (num_layers, num_adaptors) if spec.per_layer else (num_adaptors,)
         self.logits = nn.Parameter(torch.zeros(shape))
         self.register_buffer("fixed", torch.empty(0))
+        self._forward_open = False
         self._clear_cache()
 
     @property
@@ -75,7 +83,9 @@ class Router(nn.Module):
         pi = self._compute(noisy=self.training)
         self._pi = pi
         self._rows = pi.unbind(0) if pi.dim() == 2 else None
-        self._stamp = self._current_stamp()
+        # No stamp in compiled code (it cannot be read there): such a pi is valid only while
+        # the forward that drew it is open, and `close_forward` drops it.
+        self._stamp = None if torch.compiler.is_compiling() else self._current_stamp()
         return pi
 
     def weights(self, layer_index: int = 0) -> Tensor:
@@ -84,6 +94,43 @@ class Router(nn.Module):
         if pi is None or self._stamp != self._current_stamp():
             pi = self.refresh()
         return pi if self._rows is None else self._rows[layer_index]
+
+    def traced_weights(self, row: Tensor | None = None) -> Tensor:
+        """`weights` for compiled code: the pi (C,) of the open forward, else a fresh draw.
+
+        `row` is the layer's row of a per-layer router as a tensor of shape (1,): an int would
+        be a constant to dynamo, so each layer of a regionally compiled model would recompile.
+        """
+        if not self._forward_open:
+            pi = self._compute(noisy=self.training)  # a layer called on its own
+        else:
+            if self._pi is None:
+                self.refresh()  # the first layer of a compiled forward draws its pi
+            pi = cast(Tensor, self._pi)
+        if pi.dim() == 1:
+            return pi
+        if row is None:
+            raise ValueError("a per-layer router needs the layer's row")
+        return pi.index_select(0, row).squeeze(0)
+
+    def open_forward(self) -> None:
+        """The model's forward starts: draw its pi, which every layer reads until it ends.
+
+        In compiled code the first layer draws it instead: torch.compile runs the hooks of the
+        model it compiles as frames of their own, and tensor ops here would be a second graph.
+        """
+        if torch.compiler.is_compiling():
+            self._clear_cache()
+        else:
+            self.refresh()
+        self._forward_open = True
+
+    def close_forward(self) -> None:
+        """The model's forward ended. A pi drawn in compiled code is dropped (it has no stamp
+        to check later, and would keep its autograd graph alive); an eager one stays cached."""
+        self._forward_open = False
+        if self._stamp is None:
+            self._clear_cache()
 
     def forward(self, x: Any) -> Any:
         """Identity. The router acts through `weights`; this only lets a router that sits in an
@@ -139,7 +186,7 @@ class Router(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # The cached pi may hang on an autograd graph, which cannot be copied.
         state = super().__getstate__()
-        state.update(_pi=None, _rows=None, _stamp=None)
+        state.update(_pi=None, _rows=None, _stamp=None, _forward_open=False)
         return state
 
     def extra_repr(self) -> str:
@@ -155,4 +202,10 @@ def refresh_router_hook(module: nn.Module, args: Any) -> None:
     A plain function that finds the router on the module, so a deep copy of the model (whose
     hook dict is copied by reference) refreshes its own router.
     """
-    cast(Router, module.floral_router).refresh()
+    cast(Router, module.floral_router).open_forward()
+
+
+def close_router_hook(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook of an attached model (registered with always_call): the forward's pi
+    is no longer current, so a layer compiled on its own draws its own."""
+    cast(Router, module.floral_router).close_forward()

@@ -19,7 +19,8 @@ For one batch of K clients:
 
 Clients it does not train are left to the engine's sequential step: all of them when the method
 declares that it is not `batchable` (it replaces the default client step or training loop), its
-optimizer is not SGD, or the model keeps running statistics (BatchNorm) or ties tensors; a
+optimizer is not SGD, the step accumulates or clips gradients, runs in mixed precision or
+compiled, or the model keeps running statistics (BatchNorm) or ties tensors; a
 batch whose first vmapped step fails (an operation without a batching rule, a hook that reads a
 tensor into Python) and, from then on, every batch.
 
@@ -40,7 +41,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from floral.methods.base import ClientJob, ClientUpdate, Method
-from floral.train.loop import TrainConfig, epoch_batches, seeded_cpu_rng
+from floral.train.device import seeded_rng
+from floral.train.loop import TrainConfig, epoch_batches
 from floral.train.state import StateSlots, TensorDict
 
 __all__ = ["batchable", "batched_client_steps", "plan_batches"]
@@ -104,7 +106,9 @@ def _train_batch(
 ) -> dict[int, ClientUpdate] | None:
     """Train one batch of clients; None when it cannot run batched."""
     first = batch[0]
-    optimizer = method.local_optimizer(slots, first.config)
+    if not _plain_step(first):
+        return None
+    optimizer = method.local_optimizer(slots, first)
     private_names = list(first.private_state)
     if type(optimizer) is not torch.optim.SGD or any(
         list(job.private_state) != private_names for job in batch
@@ -127,6 +131,14 @@ def _train_batch(
         slots.load({name: value[row] for name, value in stacked.items()})
         updates[job.client] = method.finish_step(slots, job, losses[row].item())
     return updates
+
+
+def _plain_step(job: ClientJob) -> bool:
+    """Whether the job's step is the one this module reproduces: one full-precision, eager
+    optimizer step per minibatch, unclipped."""
+    config, placement = job.config, job.placement
+    return (config.grad_accumulation == 1 and config.max_grad_norm == 0
+            and not placement.mixed and not placement.compile)
 
 
 @torch.no_grad()
@@ -249,13 +261,14 @@ def _run_epochs(
     x = torch.stack([job.data.x_train for job in batch])
     y = torch.stack([job.data.y_train for job in batch])
     rows = torch.arange(len(batch)).unsqueeze(1)
+    device = batch[0].placement.device
     trained = {name: p for group in optimizer.param_groups for name, p in
                zip(group["names"], group["params"])}
     losses: list[Tensor] = []
-    with seeded_cpu_rng(batch[0].seed):
+    with seeded_rng(batch[0].seed, device):
         for index in _batch_indices(batch, config):
             try:
-                grads, loss = step(stacked, x[rows, index], y[rows, index])
+                grads, loss = step(stacked, x[rows, index].to(device), y[rows, index].to(device))
             except Exception:
                 # The first step is the probe: an op without a batching rule, a hook that reads
                 # values into Python. The sequential step then runs these clients and raises

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from floral.errors import ConfigError
+from floral.train.device import resolve_device
 
 __all__ = ["EngineConfig", "check_engine_config"]
 
@@ -21,6 +22,13 @@ class EngineConfig:
     checkpoint_every: int = 0  # 0 = only the final state
     # Train up to N sampled clients of equal data size at once (vmap); 0 = one by one.
     batch_clients: int = 0
+    # Where clients train: auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda |
+    # cuda:N | mps. Uploads, private states, checkpoints and results stay on the CPU.
+    device: str = "auto"
+    compile: bool = False  # run the clients' forward under torch.compile
+    # torch's intra-op threads in this process while clients train and evaluate; 0 = one
+    # for small models (where threads cost more than they save), torch's default otherwise.
+    threads: int = 0
 
 
 def check_engine_config(config: EngineConfig) -> None:
@@ -39,3 +47,6 @@ def check_engine_config(config: EngineConfig) -> None:
         )
     if config.batch_clients < 0:
         raise ConfigError(f"engine.batch_clients: must be >= 0, got {config.batch_clients}")
+    if config.threads < 0:
+        raise ConfigError(f"engine.threads: must be >= 0 (0 = automatic), got {config.threads}")
+    resolve_device(config.device)

@@ -205,8 +205,11 @@ class Driver:
         if self.train.aggregation != "mean" and uploads:
             uploads = [robust_upload(uploads, self.train.aggregation)]
         if self.train.dp_clip > 0 and self.train.dp_mode == "central" and uploads:
+            # Divided by the number of clients sampled, public (it depends only on the
+            # settings), rather than by those that replied.
             noise = torch.Generator().manual_seed(client_seed(self.seed, self.round, -1))
-            uploads = [private_upload(uploads, self.train.dp_clip, self.train.dp_noise, noise)]
+            uploads = [private_upload(uploads, self.train.dp_clip, self.train.dp_noise, noise,
+                                      count=float(len(sampled)))]
         new = self.method.server_update(self.state, uploads, self.server_optimizer)
         if not all_finite(new.global_state):
             self._diverged("the global model is no longer finite (NaN or infinity)")
@@ -392,9 +395,9 @@ def check_privacy(train: TrainConfig, method: Method | None = None) -> None:
     if train.aggregation != "mean":
         raise ConfigError(f"train.dp_clip: differential privacy takes the mean of the clipped "
                           f"updates; it does not combine with aggregation = {train.aggregation!r}")
-    if method is not None and not method.plain_mean:
+    if method is not None and not (method.plain_mean or method.mixture_mean):
         raise ConfigError(f"train.dp_clip: needs uploads combined by a mean with one weight per "
-                          f"tensor; {method.name} combines its uploads otherwise")
+                          f"tensor or per adaptor; {method.name} combines its uploads otherwise")
 
 
 def summarize(

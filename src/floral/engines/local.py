@@ -1,9 +1,10 @@
 """The in-process engine: the round driver over a transport that runs clients in this process.
 
 Clients run one after another on one shared scratch model (or, with `[engine] batch_clients`,
-many at once: floral.engines.batched). Each client's private state lives in a per-client
-store. Randomness comes only from (seed, round, client), so a run resumed from a checkpoint
-ends with exactly the numbers of an uninterrupted one.
+many at once: floral.engines.batched), on the placement's device. Each client's private state
+lives in a per-client store, on the CPU, as does everything the driver sees. Randomness comes
+only from (seed, round, client), so a run resumed from a checkpoint ends with exactly the
+numbers of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from floral.engines.driver import (
     router_summary,
 )
 from floral.methods.base import ClientJob, ClientUpdate, Method, ServerState, split_roles
+from floral.train.device import Placement, default_threads, threads, to_device
 from floral.train.loop import TrainConfig
 from floral.train.objective import get_objective
-from floral.train.state import StateSlots, TensorDict
+from floral.train.state import StateSlots, TensorDict, is_optimizer_key
 
 __all__ = ["LocalEngine", "LocalTransport"]
 
@@ -45,14 +47,17 @@ class LocalTransport:
         config: EngineConfig,
         seed: int,
         comm: CommConfig,
+        placement: Placement | None = None,
     ) -> None:
         self.method, self.task, self.train_config, self.config, self.seed = (
             method, task, train, config, seed
         )
+        self.placement = placement or Placement()
         self.objective = get_objective(task.kind)
         self.down = build_codec(comm.download, "comm.download")
         self.up = build_codec(comm.upload, "comm.upload")
-        self.slots = StateSlots(model)
+        self.slots = StateSlots(model.to(self.placement.device))
+        self.threads = config.threads or default_threads(model, train.batch_size)
         global_names, private_names = split_roles(method.roles(model))
         global_state = self.slots.snapshot(global_names)
         self.initial = ServerState(global_state, method.init_server_state(model, global_state))
@@ -65,21 +70,25 @@ class LocalTransport:
     def train(
         self, round_: int, clients: Sequence[int], payload: TensorDict
     ) -> dict[int, Trained | str]:
-        received = self.down.decode(payload)  # identical on every client: decode once
+        # Identical on every client: decoded and moved to the device once.
+        received = to_device(self.down.decode(payload), self.placement.device)
         jobs = {k: self.job(k, received, round_) for k in clients}
-        batched = self.batched_steps(jobs)
         replies: dict[int, Trained | str] = {}
-        for k, job in jobs.items():
-            update = batched.get(k) or self.method.client_step(self.slots, job)
-            self.private[k] = update.private
-            loss = update.metrics.get("train_loss", float("nan"))
-            replies[k] = Trained(self.up.encode(update.upload), loss)
+        with threads(self.threads):
+            batched = self.batched_steps(jobs)
+            for k, job in jobs.items():
+                update = (batched.get(k) or self.method.client_step(self.slots, job)).on_cpu()
+                self.private[k] = update.private
+                loss = update.metrics.get("train_loss", float("nan"))
+                replies[k] = Trained(self.up.encode(update.upload), loss)
         return replies
 
     def job(self, k: int, global_state: Mapping[str, torch.Tensor], round_: int) -> ClientJob:
+        """Client k's step in round `round_`, its tensors on the device."""
+        private = to_device(self.private_state(k), self.placement.device)
         return ClientJob(
-            global_state, self.private_state(k), self.task.clients[k], self.train_config,
-            self.objective, client_seed(self.seed, round_, k), round_,
+            global_state, private, self.task.clients[k], self.train_config, self.objective,
+            client_seed(self.seed, round_, k), round_, self.placement,
         )
 
     def batched_steps(self, jobs: Mapping[int, ClientJob]) -> dict[int, ClientUpdate]:
@@ -94,16 +103,18 @@ class LocalTransport:
         self, round_: int, clients: Sequence[int], global_state: TensorDict | None
     ) -> dict[int, Evaluated | str]:
         replies: dict[int, Evaluated | str] = {}
-        for k in clients:
-            private = self.private_state(k)
-            result = None
-            if global_state is not None:
-                model = self.client_model(k, global_state)
-                data = self.task.clients[k]
-                result = self.objective.evaluate(
-                    model, data.x_test, data.y_test, self.train_config.eval_batch_size
-                )
-            replies[k] = Evaluated(result, router_summary(self.method, private))
+        with threads(self.threads):
+            for k in clients:
+                private = self.private_state(k)
+                result = None
+                if global_state is not None:
+                    model = self.client_model(k, global_state)
+                    data = self.task.clients[k]
+                    result = self.objective.evaluate(
+                        model, data.x_test, data.y_test, self.train_config.eval_batch_size,
+                        self.placement,
+                    )
+                replies[k] = Evaluated(result, router_summary(self.method, private))
         return replies
 
     def private_state(self, k: int) -> TensorDict:
@@ -133,8 +144,10 @@ class LocalTransport:
                 private.setdefault(int(client), {})[name] = value.clone()
         # Extra names only: a client's private state may hold a subset of the model's private
         # tensors (pFedLoRA's own architecture), and clients not yet trained hold none.
+        # Kept optimizer state (AdamW's moments) travels with the private tensors.
         found = {name for tensors in private.values() for name in tensors}
-        check_state_names("private", dict.fromkeys(found), found & set(self.initial_private))
+        known = {name for name in found if is_optimizer_key(name)} | set(self.initial_private)
+        check_state_names("private", dict.fromkeys(found), found & known)
         self.private = private
 
 
@@ -150,9 +163,10 @@ class LocalEngine(Driver):
         config: EngineConfig | None = None,
         seed: int = 0,
         comm: CommConfig | None = None,
+        placement: Placement | None = None,
     ) -> None:
         config, comm = config or EngineConfig(), comm or CommConfig()
-        self.local = LocalTransport(method, task, model, train, config, seed, comm)
+        self.local = LocalTransport(method, task, model, train, config, seed, comm, placement)
         super().__init__(
             method, self.local, self.local.initial, self.local.objective, len(task.clients),
             train, config, comm, seed,

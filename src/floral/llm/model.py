@@ -36,6 +36,7 @@ __all__ = [
     "CausalLM",
     "HFTokenizer",
     "build_causal_lm",
+    "enable_checkpointing",
     "is_llm_name",
     "linearize_conv1d",
     "load_tokenizer",
@@ -73,6 +74,13 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         with quiet_transformers():  # "sequence longer than the model's maximum" is expected
             return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def enable_checkpointing(model: CausalLM) -> None:
+    """transformers' gradient checkpointing of every decoder block, in its non-reentrant form,
+    which needs no gradient flowing into the frozen embeddings."""
+    lm: Any = model.lm  # a transformers PreTrainedModel
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def is_llm_name(name: str) -> bool:

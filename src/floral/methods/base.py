@@ -32,10 +32,24 @@ from torch import nn
 
 from floral.data import ClientData, FederatedTask
 from floral.methods.checks import contract_problems, value_problems
-from floral.train.loop import TrainConfig, seeded_cpu_rng, sgd, train_epochs
+from floral.train.device import Placement, compiled, on_cpu, seeded_rng
+from floral.train.loop import (
+    TrainConfig,
+    build_optimizer,
+    round_lr_factor,
+    set_lr_factor,
+    train_epochs,
+)
 from floral.train.objective import Objective
 from floral.train.optim import ServerOptimizer
-from floral.train.state import WEIGHT_SUFFIX, StateSlots, TensorDict
+from floral.train.state import (
+    OPTIMIZER_PREFIX,
+    WEIGHT_SUFFIX,
+    StateSlots,
+    TensorDict,
+    frozen_module_names,
+    is_optimizer_key,
+)
 
 __all__ = [
     "WEIGHT_SUFFIX",
@@ -45,7 +59,10 @@ __all__ = [
     "NoOptions",
     "Role",
     "ServerState",
+    "optimizer_state_of",
+    "private_update",
     "private_upload",
+    "restore_optimizer_state",
     "robust_upload",
     "split_roles",
     "sum_uploads",
@@ -76,6 +93,7 @@ class ClientJob:
     objective: Objective
     seed: int  # from (run seed, round, client) only
     round: int = 1
+    placement: Placement = Placement()  # device, precision, compilation: not the numbers' source
 
     @property
     def client(self) -> int:
@@ -93,6 +111,10 @@ class ClientUpdate:
     num_examples: int
     private: TensorDict  # the client's new private state, kept by the engine
     metrics: dict[str, float] = field(default_factory=dict)
+
+    def on_cpu(self) -> ClientUpdate:
+        """This update with its tensors on the CPU, where everything leaving a step lives."""
+        return replace(self, upload=on_cpu(self.upload), private=on_cpu(self.private))
 
 
 @dataclass
@@ -120,6 +142,13 @@ class Method:
     # uploads are combined otherwise or weighted per part (FLoRAL's adaptors, stacking,
     # zero-padding).
     plain_mean: ClassVar[bool] = True
+    # Whether the per-part weights are n times a mixture over the parts (FLoRAL's n * pi per
+    # adaptor) and the server takes their weighted mean: differential privacy may then stand
+    # in for the mean too, clipping the pi-weighted update (`private_upload`).
+    mixture_mean: ClassVar[bool] = False
+    # Whether the state of the local optimizer (AdamW's moments) for the private tensors a
+    # client trains is kept with its private state between its rounds; never uploaded.
+    keeps_optimizer_state: ClassVar[bool] = True
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -130,8 +159,13 @@ class Method:
         return model
 
     def roles(self, model: nn.Module) -> dict[str, Role]:
-        """Role of every tensor in `model.state_dict()`."""
-        return {name: _default_role(t) for name, t in model.state_dict().items()}
+        """Role of every tensor in `model.state_dict()`; a module marked frozen (a quantized
+        base layer) holds only frozen ones."""
+        frozen = tuple(f"{name}." for name in frozen_module_names(model))
+        return {
+            name: Role.FROZEN if name.startswith(frozen) else _default_role(t)
+            for name, t in model.state_dict().items()
+        }
 
     def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:
         """A client's private state before its first round, from the freshly built model's."""
@@ -163,7 +197,7 @@ class Method:
     def client_step(self, slots: StateSlots, job: ClientJob) -> ClientUpdate:
         """Train on one client's data: a pure function of `job` (the model is scratch)."""
         slots.load(job.global_state)
-        slots.load(job.private_state)
+        slots.load(job.private_state)  # the model's tensors; kept optimizer state is skipped
         train_loss = self.train_locally(slots, job)
         return self.finish_step(slots, job, train_loss)
 
@@ -176,20 +210,24 @@ class Method:
         if config.dp_clip > 0 and config.dp_mode == "local":  # noised here, before it leaves
             noise = torch.Generator().manual_seed(job.seed ^ 0xD1FF)
             upload = private_upload([upload], config.dp_clip, config.dp_noise, noise)
-        private = slots.snapshot(job.private_state.keys())
+        names = [name for name in job.private_state if not is_optimizer_key(name)]
+        private = slots.snapshot(names)
+        private.update(self.kept_optimizer_state(slots, job, names))
         return ClientUpdate(upload, n, private, {"train_loss": train_loss})
 
     def train_locally(self, slots: StateSlots, job: ClientJob) -> float:
-        """The local epochs of SGD on the model as loaded; returns the mean training loss.
+        """The local epochs on the model as loaded; returns the mean training loss.
 
         Methods whose upload is not a delta of the global tensors (FLoRA sends its trained
         factors) call this and build their upload themselves.
         """
         model = slots.model
-        config = job.config
+        config, placement = job.config, job.placement
         generator = torch.Generator().manual_seed(job.seed)
-        optimizer = self.local_optimizer(slots, config)
-        with seeded_cpu_rng(job.seed):  # router noise, dropout
+        optimizer = self.local_optimizer(slots, job)
+        forward = slots.memo(("compiled", id(model)), lambda: compiled(model)) \
+            if placement.compile else None
+        with seeded_rng(job.seed, placement.device):  # router noise, dropout
             return train_epochs(
                 model,
                 optimizer,
@@ -200,18 +238,46 @@ class Method:
                 epochs=config.local_epochs,
                 generator=generator,
                 after_backward=self.backward_hook(model),
+                placement=placement,
+                accumulation=config.grad_accumulation,
+                max_grad_norm=config.max_grad_norm,
+                forward=forward,
             )
 
-    def local_optimizer(self, slots: StateSlots, config: TrainConfig) -> torch.optim.Optimizer:
-        """The client's SGD over `param_groups`, built once per model and reset for each step.
+    def local_optimizer(self, slots: StateSlots, job: ClientJob) -> torch.optim.Optimizer:
+        """The client's optimizer over `param_groups`, built once per model and reset for each
+        step, its learning rates set for the round (`train.lr_schedule`), holding the kept
+        state of this client's private tensors (`keeps_optimizer_state`).
 
-        Resetting (no momentum buffers carried over) keeps each client step a pure function
-        of its inputs; reusing the object saves rebuilding groups for every client.
+        Resetting keeps each client step a pure function of its inputs; reusing the object
+        saves rebuilding groups for every client.
         """
-        key = ("local_optimizer", id(self), id(config))
-        optimizer = slots.memo(key, lambda: sgd(self.param_groups(slots.model, config), config))
+        config = job.config
+        optimizer = slots.memo(
+            self._optimizer_key(config),
+            lambda: build_optimizer(self.param_groups(slots.model, config), config),
+        )
         optimizer.state.clear()
+        if config.lr_schedule != "constant" or config.warmup_rounds:
+            set_lr_factor(optimizer, round_lr_factor(config, job.round))
+        if self.keeps_optimizer_state:
+            restore_optimizer_state(optimizer, slots, job.private_state)
         return optimizer
+
+    def kept_optimizer_state(
+        self, slots: StateSlots, job: ClientJob, private_names: Sequence[str]
+    ) -> TensorDict:
+        """The optimizer state of the private tensors just trained, as private state entries
+        (`OPTIMIZER_PREFIX`); none for SGD, which restarts every round as FedAvg's does."""
+        if not self.keeps_optimizer_state or job.config.optimizer == "sgd":
+            return {}
+        optimizer = slots.memo(self._optimizer_key(job.config), lambda: None)
+        if optimizer is None:
+            return {}
+        return optimizer_state_of(optimizer, slots, private_names)
+
+    def _optimizer_key(self, config: TrainConfig) -> tuple:
+        return ("local_optimizer", id(self), id(config))
 
     # -- the server --------------------------------------------------------------------------
     def init_server_state(
@@ -351,30 +417,81 @@ def robust_upload(uploads: Sequence[Mapping[str, torch.Tensor]], rule: str) -> T
 @torch.no_grad()
 def private_upload(
     uploads: Sequence[Mapping[str, torch.Tensor]], clip: float, noise: float,
-    generator: torch.Generator,
+    generator: torch.Generator, count: float | None = None,
 ) -> TensorDict:
-    """One upload standing for all under DP-FedAvg: every client's update (its deltas over all
-    tensors together) clipped to L2 norm `clip`, summed with equal weights, plus Gaussian noise
-    of standard deviation `noise * clip` on every coordinate, sent with weight K (the number
-    of clients) so that its mean is the noisy mean of the clipped updates.
+    """One upload standing for all under DP-FedAvg: every client's update clipped to L2 norm
+    `clip`, summed with equal weights, plus Gaussian noise of standard deviation
+    `noise * clip` on every coordinate, sent with weight `count` (default: the number of
+    uploads) on every tensor and part, so that its mean is the noisy sum divided by `count`.
 
-    Needs one weight per tensor and client, as `robust_upload` does."""
+    A client's update is `private_update`: its deltas over all tensors together, where a
+    tensor uploaded with a weight per part (FLoRAL's adaptor c, weight n * pi_c) has each part
+    scaled by its share of the weight (pi_c, in [0, 1]). The clip bounds that whole vector, so
+    one client, whatever its data, examples n and router pi, moves the sum by at most `clip`
+    in L2 norm: adding or removing a client is the Gaussian mechanism of multiplier `noise`
+    that the accountant counts (`floral.train.privacy`), and nothing else is released. The
+    clients' weights (n, and n * pi, which tell their routers and, summed, the clusters'
+    sizes) never reach the result: every tensor and part is divided by the public `count`,
+    which is post-processing. For an adaptor this is the pi-weighted mean over all `count`
+    clients, its usage share of FLoRAL's own mean (the share is private); a public
+    denominator below `count`, such as count / C, would raise the noise on little-used
+    adaptors above the base's. Every client counts once, not by n.
+    """
     names = [n for n in uploads[0] if not n.endswith(WEIGHT_SUFFIX)]
     total = {name: torch.zeros_like(uploads[0][name]) for name in names}
     for upload in uploads:
-        weights = [upload[name + WEIGHT_SUFFIX] for name in names]
-        if any(w.numel() != 1 for w in weights):
-            raise ValueError("differential privacy needs one weight per tensor")
-        deltas = [upload[n] / w if float(w) > 0 else torch.zeros_like(upload[n])
-                  for n, w in zip(names, weights)]
-        norm = torch.linalg.vector_norm(torch.stack([d.norm() for d in deltas]))
+        update = private_update(upload, names)
+        norm = torch.linalg.vector_norm(torch.stack([update[n].norm() for n in names]))
         scale = min(1.0, clip / max(float(norm), 1e-12))
-        for name, delta in zip(names, deltas):
-            total[name] += scale * delta
+        for name in names:
+            total[name] += scale * update[name]
+    clients = float(len(uploads)) if count is None else count
     private: TensorDict = {}
-    count = torch.tensor(float(len(uploads)))
     for name in names:
         draw = torch.randn(total[name].shape, generator=generator, dtype=total[name].dtype)
         private[name] = total[name] + noise * clip * draw
-        private[name + WEIGHT_SUFFIX] = count
+        weight = uploads[0][name + WEIGHT_SUFFIX]
+        private[name + WEIGHT_SUFFIX] = (
+            torch.tensor(clients) if weight.numel() == 1 else torch.full_like(weight, clients)
+        )
     return private
+
+
+def private_update(upload: Mapping[str, torch.Tensor], names: Sequence[str]) -> TensorDict:
+    """What differential privacy clips of one upload: every tensor's weighted delta divided by
+    the sum of its weights, so a tensor with one weight gives its delta, and a tensor with a
+    weight per part (n * pi_c) gives each part's delta times its share pi_c, in [0, 1]. A
+    tensor whose weights sum to zero gives zeros."""
+    update: TensorDict = {}
+    for name in names:
+        total = float(upload[name + WEIGHT_SUFFIX].sum())
+        update[name] = (upload[name] / total if total > 0
+                        else torch.zeros_like(upload[name]))
+    return update
+
+
+def optimizer_state_of(
+    optimizer: torch.optim.Optimizer, slots: StateSlots, names: Sequence[str]
+) -> TensorDict:
+    """The optimizer's per-tensor state of the named model tensors, on the CPU, as entries
+    `OPTIMIZER_PREFIX + "<state key>/<tensor name>"`."""
+    kept: TensorDict = {}
+    for name in names:
+        for key, value in optimizer.state.get(slots.tensors[name], {}).items():
+            if isinstance(value, torch.Tensor):
+                kept[f"{OPTIMIZER_PREFIX}{key}/{name}"] = value.detach().to("cpu", copy=True)
+    return kept
+
+
+def restore_optimizer_state(
+    optimizer: torch.optim.Optimizer, slots: StateSlots, private: Mapping[str, torch.Tensor]
+) -> None:
+    """Put kept entries (`optimizer_state_of`) back as the state of their tensors."""
+    for entry, value in private.items():
+        if not is_optimizer_key(entry):
+            continue
+        key, _, name = entry[len(OPTIMIZER_PREFIX):].partition("/")
+        tensor = slots.tensors[name]
+        # AdamW keeps its step count on the CPU and its moments beside the tensor.
+        device = "cpu" if key == "step" else tensor.device
+        optimizer.state[tensor][key] = value.to(device, copy=True)

@@ -150,9 +150,10 @@ class FDLoRA(Phased, Method):
         opts: FDLoRAOptions = self.options
         data, loss = job.data, job.objective.loss
         few = torch.randperm(data.num_train, generator=generator)[: opts.fusion_samples]
-        x, y = data.x_train[few], data.y_train[few]
+        device = job.placement.device
+        x, y = data.x_train[few].to(device), data.y_train[few].to(device)
         noise = torch.randn(opts.fusion_candidates, current.numel(), generator=generator)
-        candidates = torch.cat([current[None], current + opts.fusion_sigma * noise])
+        candidates = torch.cat([current[None], current + opts.fusion_sigma * noise.to(current)])
         scores = [fusion_objective(model, w, x, y, loss, opts.fusion_l1) for w in candidates]
         return candidates[int(torch.tensor(scores).argmin())]
 

@@ -4,13 +4,22 @@ Every adapted layer carries C LoRA adaptors, shared by all clients; each client 
 a private router (one logit per adaptor). The base and the adaptors are global; adaptor c is
 averaged with weights n_k * pi_kc. The client uploads the pi-weighted sums and the weights, so
 the router itself never leaves the client.
+
+Under differential privacy (`train.dp_clip`, `mixture_mean`) the weights are private too:
+n_k * pi_kc would tell the server each client's router (central mode) and their sums its
+clusters' sizes. So a client's update is taken as the vector (base deltas, pi_kc times adaptor
+c's deltas), the pi_kc in [0, 1] acting as bounded factors; that whole vector is clipped to
+`dp_clip`, so one client moves the noised sum by at most `dp_clip` in L2 norm, whatever its
+router; and the server divides every tensor by the public number K of clients, not by the
+weight sums (`floral.methods.base.private_upload`, docs/privacy.md). Adaptor c then moves by
+the pi-weighted mean over all K clients: its usage share of FLoRAL's own step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -56,6 +65,10 @@ class Floral(Method):
     description = "C shared LoRA adaptors per layer mixed by a private per-client router."
     Options = FloralOptions
     plain_mean = False  # each adaptor is weighted by n_k * pi_kc
+    # Differential privacy may stand in for the mean (engines.driver.check_privacy): the
+    # weights per adaptor are n_k times the mixture pi_k, and the server takes the weighted
+    # mean of the uploads, so `private_upload` clips the pi-weighted update.
+    mixture_mean: ClassVar[bool] = True
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: FloralOptions = self.options

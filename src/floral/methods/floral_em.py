@@ -133,7 +133,9 @@ class FloralEM(Floral):
         client's private state and sets the upload weights."""
         data, check = holdout_split(job.data, self.options.holdout)
         if not self._assignment_fixed(slots, job.round):
-            losses = adaptor_losses(slots.model, check.x_train, check.y_train, job.objective.loss)
+            device = job.placement.device
+            losses = adaptor_losses(slots.model, check.x_train.to(device),
+                                    check.y_train.to(device), job.objective.loss)
             choice = pick_adaptor(losses, job.seed)
             one_hot = torch.zeros_like(slots.tensors[FIXED])
             one_hot[..., choice] = 1.0
@@ -247,7 +249,7 @@ def adaptor_losses(
     model.eval()  # no router noise, no dropout: the E-step compares the adaptors themselves
     fixed = model.get_buffer(FIXED)
     num_adaptors = fixed.shape[-1]
-    one_hots = torch.eye(num_adaptors, dtype=fixed.dtype)
+    one_hots = torch.eye(num_adaptors, dtype=fixed.dtype, device=fixed.device)
     if fixed.dim() == 2:  # a per-layer router: the same adaptor in every layer
         one_hots = one_hots[:, None, :].expand(-1, fixed.shape[0], -1)
 
@@ -302,7 +304,7 @@ def pick_adaptor(losses: torch.Tensor, seed: int, rtol: float = TIE_RTOL) -> int
 
     A NaN loss (a diverged adaptor) counts as infinitely bad; when all are, all tie.
     """
-    losses = torch.nan_to_num(losses, nan=float("inf"))
+    losses = torch.nan_to_num(losses.cpu(), nan=float("inf"))
     best = losses.min()
     tied = torch.nonzero(losses <= best + rtol * best.abs()).flatten()
     if len(tied) == 1:

@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from floral.methods.base import ClientJob
-from floral.train.loop import TrainConfig, sgd, train_epochs
+from floral.train.loop import (
+    TrainConfig,
+    build_optimizer,
+    round_lr_factor,
+    set_lr_factor,
+    train_epochs,
+)
 from floral.train.state import StateSlots
 
 __all__ = ["Phase", "Phased", "run_phase", "train_only"]
@@ -53,15 +59,18 @@ def run_phase(
     generator: torch.Generator,
     after_backward: Callable[[], None] | None = None,
 ) -> float:
-    """SGD on the phase's parameters only, over the client's data; returns the mean loss."""
+    """The local optimizer on the phase's parameters only, over the client's data; returns the
+    mean loss."""
     model, config = slots.model, job.config
 
-    def build() -> torch.optim.SGD:
+    def build() -> torch.optim.Optimizer:
         params = [p for n, p in model.named_parameters() if n in phase.names]
-        return sgd([{"params": params, "lr": phase.lr}], config)
+        return build_optimizer([{"params": params, "lr": phase.lr}], config)
 
     optimizer = slots.memo(("phase", phase.key, phase.lr, id(config)), build)
     optimizer.state.clear()  # no momentum carried over from another client
+    if config.lr_schedule != "constant" or config.warmup_rounds:
+        set_lr_factor(optimizer, round_lr_factor(config, job.round))
     with train_only(model, phase.names):
         return train_epochs(
             model,
@@ -73,6 +82,9 @@ def run_phase(
             epochs=phase.epochs,
             generator=generator,
             after_backward=after_backward,
+            placement=job.placement,
+            accumulation=config.grad_accumulation,
+            max_grad_norm=config.max_grad_norm,
         )
 
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from floral.models.build import MODEL_NAMES, ModelConfig, build_model, resolve_name
+from floral.models.build import (
+    MODEL_NAMES,
+    ModelConfig,
+    build_model,
+    enable_gradient_checkpointing,
+    resolve_name,
+)
 from floral.models.networks import MLP, VGG8, LinearModel, PaperCNN
 
 __all__ = [
     "MODEL_NAMES",
     "ModelConfig",
     "build_model",
+    "enable_gradient_checkpointing",
     "resolve_name",
     "LinearModel",
     "MLP",

@@ -16,7 +16,14 @@ from floral.errors import ConfigError
 from floral.models.hetero import HETERO_WIDTHS, HeteroCNN, HeteroFamily
 from floral.models.networks import MLP, VGG8, LinearModel, PaperCNN
 
-__all__ = ["MODEL_NAMES", "ModelConfig", "build_model", "load_pretrained", "resolve_name"]
+__all__ = [
+    "MODEL_NAMES",
+    "ModelConfig",
+    "build_model",
+    "enable_gradient_checkpointing",
+    "load_pretrained",
+    "resolve_name",
+]
 
 # hetero-cnn: the family of five CNNs, one per client (floral.models.hetero); hetero-cnn-<i>:
 # architecture i alone, the same for every client.
@@ -50,6 +57,11 @@ class ModelConfig:
     # A safetensors file of pretrained weights: a run's state.safetensors (its "global/"
     # tensors) or plain tensors named as in the model's state_dict. "" = fresh init.
     init_from: str = ""
+    # The frozen tensors' storage and the forward's compute: float32 | bfloat16 | float16
+    # (mixed precision: trained tensors and their optimizer state stay float32).
+    dtype: str = "float32"
+    # A frozen base's linear layers stored in 8 or 4 bits (bitsandbytes): none | int8 | nf4.
+    quantize: str = "none"
 
 
 def resolve_name(cfg: ModelConfig, task: FederatedTask) -> tuple[str, list[int]]:
@@ -72,6 +84,19 @@ def build_model(cfg: ModelConfig, task: FederatedTask) -> nn.Module:
     if cfg.init_from:
         load_pretrained(model, cfg.init_from)
     return model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of keeping
+    them (`train.gradient_checkpointing`): language models only."""
+    from floral.llm.model import CausalLM, enable_checkpointing
+
+    if not isinstance(model, CausalLM):
+        raise ConfigError(
+            "train.gradient_checkpointing: only for language models (hf:<path>, tiny-llama, "
+            f"tiny-gpt2), not {type(model).__name__}"
+        )
+    enable_checkpointing(model)
 
 
 def load_pretrained(model: nn.Module, path: str) -> None:

@@ -1,39 +1,59 @@
-"""The local training loop: a reader can follow one SGD step from top to bottom."""
+"""The local training loop: a reader can follow one optimizer step from top to bottom."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from floral.errors import ConfigError
+from floral.train.device import Placement, seeded_rng
 from floral.train.objective import LossFn
 
 __all__ = [
+    "LR_SCHEDULES",
+    "OPTIMIZERS",
     "TrainConfig",
+    "build_optimizer",
+    "check_local_optimizer",
     "epoch_batches",
+    "round_lr_factor",
     "seeded_cpu_rng",
-    "sgd",
+    "set_lr_factor",
     "train_epochs",
 ]
 
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
 class TrainConfig:
-    """The `[train]` table: rounds, client sampling, local SGD and the server optimizer."""
+    """The `[train]` table: rounds, client sampling, the local optimizer and the server's."""
 
     rounds: int = 100
     clients_per_round: float = 0.1  # fraction of clients sampled each round, in (0, 1]
     local_epochs: int = 1
     batch_size: int = 32
+    optimizer: str = "sgd"  # the clients' optimizer: sgd | adamw
     lr: float = 0.1  # base model
     adaptor_lr: float = 0.0  # adaptors; 0 means "same as lr"
     router_lr: float = 0.1
-    momentum: float = 0.0
+    momentum: float = 0.0  # sgd
     weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    eps: float = 1e-8  # adamw
+    # The local learning rates over rounds: a linear warm-up over the first `warmup_rounds`,
+    # then constant, or decaying to zero by a cosine or a straight line at the last round.
+    lr_schedule: str = "constant"
+    warmup_rounds: int = 0
+    grad_accumulation: int = 1  # minibatches whose gradients add up into one optimizer step
+    max_grad_norm: float = 0.0  # clip each step's gradient to this L2 norm; 0 = no clipping
+    gradient_checkpointing: bool = False  # language models: recompute activations in backward
     server_optimizer: str = "sgd"  # sgd | adam: applied to the mean update as a pseudo-gradient
     server_lr: float = 1.0
     server_momentum: float = 0.0
@@ -64,22 +84,58 @@ def train_epochs(
     epochs: int,
     generator: torch.Generator,
     after_backward: Callable[[], None] | None = None,
+    placement: Placement | None = None,
+    accumulation: int = 1,
+    max_grad_norm: float = 0.0,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """Run `epochs` passes of minibatch SGD over (x, y) in a seeded order; return the mean loss."""
+    """Run `epochs` passes of minibatch training over (x, y) in a seeded order; return the mean
+    loss. Batches move to `placement.device` one at a time; `forward` (the model's compiled
+    forward) stands in for `model(x)` when given."""
     if not model.training:  # train() walks every module: skip it when nothing would change
         model.train()
+    placement = placement or Placement()
+    device, forward = placement.device, forward or model
+    scaler = torch.amp.GradScaler(device.type) if placement.dtype is torch.float16 else None
     n = len(x)
     losses = []
     for _ in range(epochs):
-        for batch in epoch_batches(n, batch_size, generator):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[batch]), y[batch])
-            loss.backward()
-            if after_backward is not None:
-                after_backward()
-            optimizer.step()
+        batches = epoch_batches(n, batch_size, generator)
+        for i, batch in enumerate(batches):
+            if i % accumulation == 0:
+                optimizer.zero_grad(set_to_none=True)
+            xb, yb = x[batch].to(device, non_blocking=True), y[batch].to(device)
+            with placement.autocast():
+                loss = loss_fn(forward(xb), yb)
+            scaled = loss if accumulation == 1 else loss / accumulation
+            (scaled if scaler is None else scaler.scale(scaled)).backward()
             losses.append(loss.detach())  # no .item() per step: it would sync every step
-    return torch.stack(losses).mean().item() if losses else float("nan")
+            if (i + 1) % accumulation and i + 1 < len(batches):
+                continue  # accumulate; an epoch's last minibatch always ends in a step
+            _step(optimizer, scaler, after_backward, max_grad_norm)
+    return torch.stack(losses).float().mean().item() if losses else float("nan")
+
+
+def _step(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    after_backward: Callable[[], None] | None,
+    max_grad_norm: float,
+) -> None:
+    """One optimizer step on the gradients in `.grad`: unscaled (float16), preconditioned by
+    the method's hook, clipped, applied."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if after_backward is not None:
+        after_backward()
+    if max_grad_norm > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
 
 
 def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -88,29 +144,71 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> tuple[
     The one place the batch order is drawn, so the batched engine (floral.engines.batched)
     gives every client exactly the batches it gets here.
     """
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator, device="cpu")  # data stay on the CPU
     return order.split(batch_size) if n else ()  # split() of an empty order gives one batch
 
 
-def sgd(groups: Sequence[dict], config: TrainConfig) -> torch.optim.SGD:
-    """Plain SGD over parameter groups that each carry their own lr; empty groups are dropped."""
+def build_optimizer(groups: Sequence[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """The clients' optimizer (`train.optimizer`) over parameter groups that each carry their
+    own lr; empty groups are dropped."""
     groups = [g for g in groups if g["params"]]
+    if config.optimizer == "adamw":
+        beta1, beta2 = config.betas
+        return torch.optim.AdamW(
+            groups, lr=config.lr, betas=(beta1, beta2), eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
     return torch.optim.SGD(
         groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
 
 
-@contextmanager
-def seeded_cpu_rng(seed: int) -> Iterator[None]:
-    """Seed torch's CPU generator (router noise, dropout) for a block, then restore it.
+def check_local_optimizer(config: TrainConfig) -> None:
+    """Value checks of the local optimizer's settings, each a one-line error naming the key."""
+    if config.optimizer not in OPTIMIZERS:
+        raise ConfigError(
+            f"train.optimizer: unknown {config.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"
+        )
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"train.lr_schedule: unknown {config.lr_schedule!r} "
+                          f"(choose from {', '.join(LR_SCHEDULES)})")
+    if not 0 <= config.warmup_rounds < config.rounds:
+        raise ConfigError(f"train.warmup_rounds: must be in [0, train.rounds), got "
+                          f"{config.warmup_rounds}")
+    if config.grad_accumulation < 1:
+        raise ConfigError(
+            f"train.grad_accumulation: must be at least 1, got {config.grad_accumulation}"
+        )
+    if config.max_grad_norm < 0:
+        raise ConfigError(f"train.max_grad_norm: must be >= 0 (0 = off), got "
+                          f"{config.max_grad_norm}")
+    if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):
+        raise ConfigError(f"train.betas: two numbers in [0, 1), got {config.betas}")
+    if config.eps <= 0:
+        raise ConfigError(f"train.eps: must be positive, got {config.eps}")
 
-    Only the CPU generator: `torch.manual_seed` also queues seeds for every accelerator
-    backend, which costs more than a small client's whole local step.
-    """
-    generator = torch.default_generator
-    saved = generator.get_state()
-    generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        generator.set_state(saved)
+
+def round_lr_factor(config: TrainConfig, round_: int) -> float:
+    """What the learning rates are multiplied by in round `round_` (1-based): the warm-up's
+    round / warmup_rounds, then 1 (constant), or a cosine or a line from 1 down towards 0."""
+    warmup = config.warmup_rounds
+    if round_ <= warmup:
+        return round_ / warmup
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (round_ - warmup - 1) / max(1, config.rounds - warmup)
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def set_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every group's lr set to its base lr (as built) times `factor`."""
+    for group in optimizer.param_groups:
+        base = group.setdefault("base_lr", group["lr"])
+        group["lr"] = base * factor
+
+
+def seeded_cpu_rng(seed: int) -> AbstractContextManager[None]:
+    """Seed torch's CPU generator (router noise, dropout) for a block, then restore it."""
+    return seeded_rng(seed)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from floral.errors import ConfigError
+from floral.train.device import Placement
 
 __all__ = ["EvalResult", "LossFn", "Objective", "get_objective", "next_token_loss"]
 
@@ -50,17 +51,22 @@ class Objective:
 
     @torch.no_grad()
     def evaluate(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048,
+        placement: Placement | None = None,
     ) -> EvalResult:
-        """Test sums of `model` on (x, y), in batches."""
+        """Test sums of `model` on (x, y), in batches moved to the placement's device."""
         if model.training:
             model.eval()
         if self.kind == "causal-lm":
             batch_size = max(1, min(batch_size, LM_EVAL_TOKENS // max(1, x.shape[-1])))
+        placement = placement or Placement()
+        device = placement.device
         total = EvalResult(0.0, 0.0, 0)
         for start in range(0, len(x), batch_size):
-            out = model(x[start : start + batch_size])
-            loss_sum, score_sum, count = self._sums(out, y[start : start + batch_size])
+            with placement.autocast():
+                out = model(x[start : start + batch_size].to(device))
+            target = y[start : start + batch_size].to(device)
+            loss_sum, score_sum, count = self._sums(out.float(), target)
             total.loss_sum += loss_sum
             total.score_sum += score_sum
             total.count += count

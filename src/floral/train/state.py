@@ -8,12 +8,38 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["WEIGHT_SUFFIX", "StateSlots", "TensorDict", "payload_bytes"]
+__all__ = [
+    "FROZEN_MARK",
+    "OPTIMIZER_PREFIX",
+    "WEIGHT_SUFFIX",
+    "StateSlots",
+    "TensorDict",
+    "frozen_module_names",
+    "is_optimizer_key",
+    "payload_bytes",
+]
 
 TensorDict = dict[str, torch.Tensor]
 # An upload holds, for every global tensor `name`, a weighted delta and its weight under
 # `name + WEIGHT_SUFFIX` (floral.methods.base); codecs send weights exact.
 WEIGHT_SUFFIX = "::weight"
+# A client's private state may also hold its local optimizer's state (AdamW's moments of its
+# private tensors), under this prefix: kept between its rounds, never part of the model.
+OPTIMIZER_PREFIX = "optimizer/"
+
+
+def is_optimizer_key(name: str) -> bool:
+    return name.startswith(OPTIMIZER_PREFIX)
+
+
+# A module that says of itself that none of its tensors ever trains or travels (a quantized
+# base layer, whose packed weight and quantization statistics are no model state to average).
+FROZEN_MARK = "floral_frozen"
+
+
+def frozen_module_names(model: nn.Module) -> list[str]:
+    """Names of the modules marked FROZEN_MARK (by floral.models.quantize)."""
+    return [name for name, m in model.named_modules() if getattr(m, FROZEN_MARK, False)]
 
 
 class StateSlots:
@@ -41,15 +67,20 @@ class StateSlots:
 
     @torch.no_grad()
     def load(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Copy `values` into the model's tensors (across devices if need be); entries of kept
+        optimizer state (`OPTIMIZER_PREFIX`) are not the model's and are skipped."""
         for name, value in values.items():
             slot = self.tensors.get(name)
             if slot is None:
+                if is_optimizer_key(name):
+                    continue
                 raise KeyError(f"model has no tensor named {name!r}")
             slot.copy_(value)
 
     @torch.no_grad()
     def snapshot(self, names: Iterable[str]) -> TensorDict:
-        return {name: self.tensors[name].detach().clone() for name in names}
+        """Copies of the named tensors, on the CPU whatever the model's device."""
+        return {name: self.tensors[name].detach().to("cpu", copy=True) for name in names}
 
 
 def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:

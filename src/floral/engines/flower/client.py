@@ -44,6 +44,7 @@ from floral.engines.flower.records import (
 )
 from floral.errors import ConfigError
 from floral.methods.base import ClientJob, Method, ServerState
+from floral.train.device import Placement, to_device
 from floral.train.loop import TrainConfig
 from floral.train.objective import Objective
 from floral.train.state import StateSlots, TensorDict
@@ -68,6 +69,7 @@ class ClientRuntime:
     seed: int
     down: Codec
     up: Codec
+    placement: Placement = Placement()  # this node's device (node config `device`), precision
 
 
 def partition_of(context: Context, num_clients: int) -> int:
@@ -105,16 +107,18 @@ def _hello(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> Re
 
 def _train(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> RecordDict:
     round_ = int(_config(msg)["round"])
+    device = runtime.placement.device
     job = ClientJob(
-        runtime.down.decode(_tensors(msg.content, GLOBAL)),
-        _private_state(runtime, k, context),
+        to_device(runtime.down.decode(_tensors(msg.content, GLOBAL)), device),
+        to_device(_private_state(runtime, k, context), device),
         runtime.task.clients[k],
         runtime.train,
         runtime.objective,
         client_seed(runtime.seed, round_, k),
         round_,
+        runtime.placement,
     )
-    update = runtime.method.client_step(runtime.slots, job)
+    update = runtime.method.client_step(runtime.slots, job).on_cpu()
     context.state[PRIVATE] = to_record(update.private)
     metrics = MetricRecord({
         "train_loss": float(update.metrics.get("train_loss", float("nan"))),
@@ -132,7 +136,8 @@ def _evaluate(runtime: ClientRuntime, k: int, msg: Message, context: Context) ->
         runtime.slots.load(_tensors(msg.content, GLOBAL))
         runtime.slots.load(private)
         result = runtime.objective.evaluate(
-            runtime.slots.model, data.x_test, data.y_test, runtime.train.eval_batch_size
+            runtime.slots.model, data.x_test, data.y_test, runtime.train.eval_batch_size,
+            runtime.placement,
         )
         sums.update(loss_sum=result.loss_sum, score_sum=result.score_sum, count=result.count)
     router = router_summary(runtime.method, private)
@@ -194,23 +199,25 @@ def _describe(content: RecordDict) -> dict[str, dict[str, list]]:
 
 
 # -- the ClientApp ------------------------------------------------------------------------------
-def make_client_app(build: Callable[[str], ClientRuntime]) -> ClientApp:
-    """A ClientApp whose runtime is `build(experiment text)`.
+def make_client_app(build: Callable[[str, str], ClientRuntime]) -> ClientApp:
+    """A ClientApp whose runtime is `build(experiment text, device)`, the device being the
+    node config's `device` ("" when it names none: the experiment's `engine.device`).
 
     Runtimes are cached, not state: a runtime is a pure function of the experiment text, and
     its scratch model is fully reloaded (global + private tensors) before every use. The cache
     saves rebuilding the task for every message when Flower reuses the process (simulation).
     """
-    cache: dict[str, ClientRuntime] = {}
+    cache: dict[tuple[str, str], ClientRuntime] = {}
 
-    def runtime_for(text: str) -> ClientRuntime:
-        if text not in cache:
+    def runtime_for(text: str, device: str) -> ClientRuntime:
+        if (text, device) not in cache:
             cache.clear()  # one experiment per process at a time: keep memory bounded
-            cache[text] = build(text)
-        return cache[text]
+            cache[text, device] = build(text, device)
+        return cache[text, device]
 
     def serve(handler: Handler, msg: Message, context: Context) -> Message:
-        runtime = runtime_for(str(_config(msg)["experiment"]))
+        device = str(context.node_config.get("device", ""))
+        runtime = runtime_for(str(_config(msg)["experiment"]), device)
         k = partition_of(context, len(runtime.task.clients))
         reply = Message(handler(runtime, k, msg, context), reply_to=msg)
         audit = context.node_config.get("audit-file")

@@ -188,9 +188,9 @@ def quantize_base(
         return
     if not names:
         raise ConfigError(
-            f"model.quantize = {mode!r}: {config.method_name} freezes no linear layer to "
-            "quantize (it trains the base; use a method with a frozen base, e.g. fedit, or "
-            "method.train_base = false)"
+            f"model.quantize = {mode!r}: no linear layer to quantize: {config.method_name} "
+            "trains them all (use a method with a frozen base, e.g. fedit, or "
+            "method.train_base = false), or, for nf4, none is 64k wide in and 32k out"
         )
     roles = method.roles(model)
     moving = [n for n in roles if roles[n] is not Role.FROZEN and n.rpartition(".")[0] in names]

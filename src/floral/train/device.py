@@ -37,7 +37,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Below this much work per training step (parameters x examples per batch), one intra-op
 # thread beats torch's default: splitting tiny matmuls across threads costs more than it saves
 # (docs/benchmarks.md, "Threads", measured with benchmarks/threads.py).
-SMALL_STEP_WORK = 20_000_000
+SMALL_STEP_WORK = 50_000_000
 # The torch.compile backend of `engine.compile` (tests use a cheaper one).
 COMPILE_BACKEND = "inductor"
 

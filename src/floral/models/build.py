@@ -62,6 +62,8 @@ class ModelConfig:
     dtype: str = "float32"
     # A frozen base's linear layers stored in 8 or 4 bits (bitsandbytes): none | int8 | nf4.
     quantize: str = "none"
+    # Language models: keep the first N decoder blocks of the pretrained model; 0 = all.
+    layers: int = 0
 
 
 def resolve_name(cfg: ModelConfig, task: FederatedTask) -> tuple[str, list[int]]:
@@ -151,18 +153,26 @@ def _is_language_model(name: str) -> bool:
     return is_llm_name(name)
 
 
-def _language_model(name: str, task: FederatedTask) -> nn.Module:
+def _language_model(name: str, task: FederatedTask, layers: int) -> nn.Module:
     if task.kind != "causal-lm":
         raise ConfigError(f"model.name: {name} is a language model; {task.name} is not a text task")
+    from floral.llm.depth import keep_first_blocks
     from floral.llm.model import build_causal_lm
 
-    return build_causal_lm(name, task.num_outputs)
+    model = build_causal_lm(name, task.num_outputs)
+    if layers:
+        keep_first_blocks(model.lm, layers)
+    return model
 
 
 def _fresh_model(cfg: ModelConfig, task: FederatedTask) -> nn.Module:
     name, hidden = resolve_name(cfg, task)
+    if cfg.layers < 0:
+        raise ConfigError(f"model.layers: must be >= 0 (0 = all), got {cfg.layers}")
     if _is_language_model(name):
-        return _language_model(name, task)
+        return _language_model(name, task, cfg.layers)
+    if cfg.layers:
+        raise ConfigError(f"model.layers: only for language models (hf:<path>, tiny-*), not {name}")
     if task.kind == "causal-lm":
         raise ConfigError(
             f"model.name: {name} does not read tokens; {task.name} needs a language model"

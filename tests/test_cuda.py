@@ -96,3 +96,12 @@ def test_a_language_model_on_the_gpu_with_adamw_and_bf16():
                         epochs=2, generator=torch.Generator().manual_seed(0),
                         placement=Placement(torch.device("cuda"), torch.bfloat16))
     assert math.isfinite(loss)
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_differential_privacy_on_the_gpu_draws_the_cpu_runs_noise(mode):
+    dp = {"dp_clip": 0.5, "dp_noise": 0.5, "dp_mode": mode}
+    fedavg = {"name": "fedavg"}
+    cpu, gpu = run("cpu", fedavg, train=dp), run("cuda", fedavg, train=dp)
+    for name, value in cpu.global_state.items():
+        assert torch.allclose(gpu.global_state[name], value, atol=1e-4, rtol=1e-3), name

@@ -208,8 +208,8 @@ class Method:
         upload = weighted_deltas(slots, job.global_state, weights)
         config = job.config
         if config.dp_clip > 0 and config.dp_mode == "local":  # noised here, before it leaves
-            noise = torch.Generator().manual_seed(job.seed ^ 0xD1FF)
-            upload = private_upload([upload], config.dp_clip, config.dp_noise, noise)
+            noise = torch.Generator().manual_seed(job.seed ^ 0xD1FF)  # on the CPU, as the upload
+            upload = private_upload([on_cpu(upload)], config.dp_clip, config.dp_noise, noise)
         names = [name for name in job.private_state if not is_optimizer_key(name)]
         private = slots.snapshot(names)
         private.update(self.kept_optimizer_state(slots, job, names))
@@ -225,8 +225,9 @@ class Method:
         config, placement = job.config, job.placement
         generator = torch.Generator().manual_seed(job.seed)
         optimizer = self.local_optimizer(slots, job)
-        forward = slots.memo(("compiled", id(model)), lambda: compiled(model)) \
-            if placement.compile else None
+        forward = None
+        if placement.compile:  # one compiled forward per scratch model, for every client
+            forward = slots.memo(("compiled", id(model)), lambda: compiled(model))
         with seeded_rng(job.seed, placement.device):  # router noise, dropout
             return train_epochs(
                 model,
@@ -331,7 +332,8 @@ def weighted_deltas(
     deltas = torch._foreach_sub(
         [slots.tensors[n] for n in names], [global_state[n] for n in names]
     )
-    torch._foreach_mul_(deltas, [weights[n] for n in names])
+    # A weight may come from the CPU (n) while the model is on a GPU.
+    torch._foreach_mul_(deltas, [weights[n].to(d.device) for n, d in zip(names, deltas)])
     upload: TensorDict = {}
     for name, delta in zip(names, deltas):
         upload[name] = delta

@@ -100,7 +100,8 @@ class FDLoRA(Phased, Method):
         return model
 
     def roles(self, model: nn.Module) -> dict[str, Role]:
-        parameters = {name for name, _ in model.named_parameters()}
+        # Every name of a tied parameter (an LM's output head and embedding), not just the first.
+        parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         roles = {}
         for name, tensor in model.state_dict().items():
             if name in parameters or name == FUSION_WEIGHTS:

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from floral.engines.flower import require_flower, simulate
-from floral.engines.local import RoundResult
+from floral.engines.driver import RoundResult
+from floral.engines.flower import require_flower
 from floral.experiment import ExperimentConfig, RunSummary, resolve_config
 from floral.run import run_experiment
 
@@ -64,7 +64,10 @@ def timed_run(config: ExperimentConfig, out: Path) -> tuple[RunSummary, list[flo
             first.append(time.perf_counter() - start - result.seconds)
         rounds.append(result.seconds)
 
-    runner = simulate if config.engine.name == "flower" else run_experiment
+    if config.engine.name == "flower":
+        from floral.flower_app import simulate as runner  # needs Flower: imported on use
+    else:
+        runner = run_experiment
     summary = runner(config, out, on_round=on_round)
     return summary, rounds, first[0]
 

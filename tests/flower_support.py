@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from floral.engines.flower.options import FlowerOptions
 from floral.engines.flower.records import UPLOAD
-from floral.experiment import ExperimentConfig, RunSummary
+from floral.experiment import ExperimentConfig, ProgressFn, RunSummary
 from floral.flower_app import client_app as floral_client_app
 from floral.flower_app import serve
 from floral.methods.base import WEIGHT_SUFFIX
@@ -50,7 +50,7 @@ def tiny_experiment(method: str = "floral", **tables: dict[str, Any]) -> dict[st
 class LoopbackGrid(Grid):
     """Messages go straight to the ClientApp of their node; replies wait to be pulled."""
 
-    def __init__(self, app: ClientApp, num_nodes: int) -> None:
+    def __init__(self, app: ClientApp, num_nodes: int, state_dir: Path | None = None) -> None:
         # Messages take their sender from the running task, as a Flower runtime sets it.
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         self.app = app
@@ -61,6 +61,9 @@ class LoopbackGrid(Grid):
             )
             for k in range(num_nodes)
         }
+        if state_dir is not None:  # each node its own folder, as on separate machines
+            for k, context in enumerate(self.contexts.values()):
+                context.node_config["state-dir"] = str(state_dir / f"node{k}")
         self.traffic: list[Message] = []  # every message and reply, for inspection
         self._replies: dict[str, Message] = {}
 
@@ -95,11 +98,18 @@ class LoopbackGrid(Grid):
 
 
 def run_loopback(
-    config: ExperimentConfig, out: Path, app: ClientApp = floral_client_app
+    config: ExperimentConfig,
+    out: Path,
+    app: ClientApp = floral_client_app,
+    *,
+    state_dir: Path | None = None,
+    resume: bool | str = False,
+    on_round: ProgressFn | None = None,
 ) -> tuple[RunSummary, LoopbackGrid]:
-    grid = LoopbackGrid(app, config.task.num_clients)
+    """A run on fresh nodes (restarted ones, when `state_dir` holds their previous state)."""
+    grid = LoopbackGrid(app, config.task.num_clients, state_dir)
     options = FlowerOptions(round_timeout=5.0, node_timeout=1.0, poll_interval=0.001)
-    return serve(grid, config, out, options), grid
+    return serve(grid, config, out, options, on_round, resume=resume), grid
 
 
 # -- a ClientApp whose first clients send bad uploads ----------------------------------------------

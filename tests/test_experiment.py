@@ -143,6 +143,38 @@ def test_resume_from_half_way_equals_uninterrupted(tiny, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("server", [{}, {"train.server_optimizer": "adam",
+                                         "train.server_lr": 0.05}])
+def test_ctrl_c_in_the_middle_of_a_round_resumes_to_the_uninterrupted_numbers(
+        tiny, tmp_path, monkeypatch, server):
+    from floral.methods.floral import Floral
+
+    settings = ["engine.checkpoint_every=0", *(f"{k}={v}" for k, v in server.items())]
+    full = load_config(tiny, settings)
+    run_experiment(full, tmp_path / "full")
+    # Ctrl-C while round 4's second client trains: clients of round 4 have already trained.
+    steps, original = [], Floral.client_step
+
+    def step(self, slots, job):
+        steps.append(job.round)
+        if job.round == 4 and steps.count(4) == 2:
+            raise KeyboardInterrupt
+        return original(self, slots, job)
+
+    monkeypatch.setattr(Floral, "client_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(full, tmp_path / "resumed")
+    monkeypatch.setattr(Floral, "client_step", original)
+    manifest = json.loads((tmp_path / "resumed" / "checkpoint" / "manifest.json").read_text())
+    assert manifest["round"] == 3  # the last whole round
+    run_experiment(full, tmp_path / "resumed", resume=True)
+    assert _without_time(_rows(tmp_path / "resumed" / "metrics.csv")) == _without_time(
+        _rows(tmp_path / "full" / "metrics.csv"))
+    a = load_file(tmp_path / "full" / "state.safetensors")
+    b = load_file(tmp_path / "resumed" / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_a_different_experiment(tiny, tmp_path, capsys):
     config = load_config(tiny, ["engine.checkpoint_every=3"])
     run_experiment(config, tmp_path / "o")

@@ -159,6 +159,7 @@ def test_run_config_overrides_reach_method_options():
     [
         ({"flower.round-time": 5.0}, "flower.round-time: unknown key"),
         ({"flower.node-timeout": -1.0}, "expected a positive number of seconds"),
+        ({"flower.resume": "yes"}, 'flower.resume: expected true, false or "auto"'),
         ({"overrides": "rank"}, "overrides: expected key=value"),
         ({"train.nonsense": 1}, "train.nonsense: unknown key"),
     ],

@@ -27,7 +27,6 @@ from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from floral.cli import main  # noqa: E402
 from floral.engines.flower.options import FlowerOptions  # noqa: E402
 from floral.engines.flower.records import (  # noqa: E402
     INITIAL,
@@ -59,6 +58,7 @@ def test_every_method_ends_with_the_local_engines_metrics_and_tensors(tmp_path, 
     assert flower.final == local.final  # bitwise: the same operations in the same order
     expected = _globals(tmp_path / "local" / "state.safetensors")
     got = load_file(tmp_path / "flower" / "state.safetensors")
+    assert got.pop("flower/lineage").shape == (16,)  # the run's name on the nodes, for resume
     assert got.keys() == expected.keys()
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -144,17 +144,6 @@ def test_an_audit_file_records_every_message_of_a_node(tmp_path):
     for entry in entries:  # ... and never travelled
         for record in (*entry["sent"].values(), *entry["received"].values()):
             assert not set(router_digests) & {digest for _, _, digest in record.values()}
-
-
-def test_resume_is_refused_before_anything_starts(tmp_path, capsys):
-    experiment = tmp_path / "tiny.toml"
-    experiment.write_text('[task]\ndataset = "synthetic-mlp"\nshift = "none"\nnum_clients = 4\n')
-    out = tmp_path / "out"
-    code = main(["run", str(experiment), "--engine", "flower", "--resume", "--quiet",
-                 "--out", str(out)])
-    assert code == 2
-    assert "--resume: not available with engine 'flower'" in capsys.readouterr().err
-    assert not out.exists()
 
 
 odd_first_node = ClientApp()  # client 0 built another initial model, and is asked for it first

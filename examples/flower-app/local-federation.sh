@@ -106,7 +106,7 @@ for ((k = 0; k < NODES; k++)); do
   else
     NODE_SECURITY=(--insecure)
   fi
-  NODE_CONFIG="partition-id=$k num-partitions=$NODES audit-file=\"$WORK/logs/node$k-audit.jsonl\""
+  NODE_CONFIG="partition-id=$k num-partitions=$NODES state-dir=\"$WORK/node$k-state\" audit-file=\"$WORK/logs/node$k-audit.jsonl\""
   echo "+ flower-supernode ${NODE_SECURITY[*]} --superlink 127.0.0.1:$LINK_PORT" \
     "--host 127.0.0.1 --port $NODE_PORT --node-config '$NODE_CONFIG'"
   setsid flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$LINK_PORT" \

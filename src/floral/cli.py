@@ -69,8 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser(
         "plot", help="tables and figures again from a sweep or compare folder (finished runs)"
     )
-    plot.add_argument("results", help="a folder written by floral sweep or floral compare")
+    plot.add_argument("results", help="a folder written by floral sweep or compare, or one run's")
     plot.set_defaults(handler=_cmd_plot)
+
+    generate = sub.add_parser(
+        "generate", help="what one client's model of a finished run answers to a prompt"
+    )
+    generate.add_argument("run", help="a results folder (translations or jsonl task)")
+    generate.add_argument("--client", type=int, required=True, help="the client's number")
+    generate.add_argument("prompts", nargs="+", metavar="PROMPT",
+                          help="a prompt (translations: the English string to translate)")
+    generate.set_defaults(handler=_cmd_generate)
 
     methods = sub.add_parser("methods", help="list the methods with a one-line description")
     methods.set_defaults(handler=_cmd_methods)
@@ -168,7 +177,22 @@ def _run_grid(configs: Sequence[str], args: argparse.Namespace, out: Path, flat:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    return _report(Path(args.results), plots=True)
+    out = Path(args.results)
+    if not (out / "grid.json").is_file() and (out / "summary.json").is_file():
+        return _run_figures(out)  # one run's results folder
+    return _report(out, plots=True)
+
+
+def _run_figures(run: Path) -> int:
+    from floral.errors import ConfigError
+    from floral.report import pyplot
+    from floral.sweep import write_run_figures
+
+    if pyplot() is None:
+        raise ConfigError("floral plot: needs matplotlib: pip install 'floral-lora[plot]'")
+    written = write_run_figures(run)
+    print(f"saved {len(written)} figures under {run}: {', '.join(p.name for p in written)}")
+    return 0
 
 
 def _report(out: Path, plots: bool) -> int:
@@ -185,6 +209,14 @@ def _report(out: Path, plots: bool) -> int:
             print_comparison(comparison_rows(task.summaries), task.name)
     missing = "" if not plots or pyplot() else " (pip install 'floral-lora[plot]' for the figures)"
     print(f"saved {len(written)} tables and figures under {out}{missing}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from floral.export import generate_answers
+
+    for answer in generate_answers(args.run, args.client, args.prompts):
+        print(answer)
     return 0
 
 

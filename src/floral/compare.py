@@ -7,6 +7,7 @@ Each (method, seed) is an ordinary experiment with its own results folder; a run
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import queue
@@ -32,6 +33,7 @@ __all__ = [
     "RunSpec",
     "finished_summary",
     "load_base",
+    "load_summary",
     "parse_method_specs",
     "plan_runs",
     "run_all",
@@ -130,7 +132,7 @@ def finished_summary(run: RunSpec) -> RunSummary | None:
         return None  # a config this version cannot read is not the same run
     if saved != _results_settings(run.config):
         return None
-    return _load_summary(run.out_dir)
+    return load_summary(run.out_dir)
 
 
 # Settings that do not change a run's numbers: where it is written, how often it checkpoints.
@@ -144,12 +146,15 @@ def _results_settings(config: ExperimentConfig) -> dict[str, Any]:
     return data
 
 
-def _load_summary(out_dir: Path) -> RunSummary:
+def load_summary(out_dir: Path) -> RunSummary:
+    """A finished run's summary.json, with its metrics.csv as the history."""
     import csv
 
     data = read_json(out_dir / "summary.json")
     with open(out_dir / "metrics.csv") as f:
-        history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        # An empty cell: a column of another round (a client evaluated only then).
+        history = [{k: float(v) if v else math.nan for k, v in row.items()}
+                   for row in csv.DictReader(f)]
     return RunSummary(**data, history=history)
 
 

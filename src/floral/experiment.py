@@ -47,6 +47,7 @@ from floral.errors import ConfigError, DivergedError
 from floral.methods import Method, Role, get_method
 from floral.models import ModelConfig, build_model, enable_gradient_checkpointing
 from floral.models.quantize import check_quantize, quantize_frozen
+from floral.tracking import check_sinks, flat_params, open_sinks
 from floral.train.device import DTYPES, Placement, cast_tensors, check_dtype, resolve_device
 from floral.train.loop import TrainConfig, check_local_optimizer
 
@@ -56,6 +57,7 @@ __all__ = [
     "RunSummary",
     "build_engine",
     "build_setup",
+    "check_resumable",
     "load_config",
     "placement_of",
     "read_experiment",
@@ -69,6 +71,8 @@ TABLES = ("task", "model", "method", "train", "engine", "comm", "output")
 @dataclass
 class OutputConfig:
     dir: str = ""  # "" = results/<name>
+    tensorboard: bool = False  # every metrics row to TensorBoard, under <results>/tensorboard
+    mlflow: bool = False  # every metrics row to MLflow (MLFLOW_TRACKING_URI, else a SQLite file)
 
 
 @dataclass
@@ -149,6 +153,7 @@ def check_values(config: ExperimentConfig) -> None:
     if config.train.lr <= 0:
         raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
     check_local_optimizer(config.train)
+    check_sinks(config.output.tensorboard, config.output.mlflow)
     check_engine_config(config.engine)
     placement = placement_of(config)  # an unknown device or a precision it cannot run stops here
     check_quantize(config.model.quantize, placement.device)
@@ -264,24 +269,32 @@ def run_rounds(
         _start_afresh(out, overwrite=overwrite or resume == "auto")
         _write_config(config, out)
         tracker.record_initial(engine)
+    tracker.settle(engine)
     checkpoint_every = config.engine.checkpoint_every
+    sinks = open_sinks(config.output.tensorboard, config.output.mlflow, out, config.name,
+                       flat_params(config.to_dict()))
     try:
         while engine.round < config.train.rounds:
             result = engine.run_round()
             tracker.add(result)
+            tracker.settle(engine)
+            if result.eval:
+                sinks.log(result.round, tracker.latest, engine.router_weights())
             if on_round is not None:
                 on_round(result, tracker.latest)
             if checkpoint_every and engine.round % checkpoint_every == 0:
                 tracker.checkpoint(engine, identity)
     except DivergedError as error:
-        tracker.checkpoint(engine, identity)
+        tracker.checkpoint_settled(identity)
         raise DivergedError(
             f"{error}; the last good state (round {engine.round}) is saved in "
             f"{out / 'checkpoint'}: lower train.lr (or the other rates) and rerun"
         ) from None
     except KeyboardInterrupt:
-        tracker.checkpoint(engine, identity)
+        tracker.checkpoint_settled(identity)  # the last whole round, not one cut short
         raise
+    finally:
+        sinks.close()
     save_tensors(engine.state_dict(), out / "state.safetensors")
     summary = tracker.summary(config, engine)
     text = json.dumps(json_safe(summary.to_json()), indent=2, allow_nan=False)
@@ -322,7 +335,10 @@ class _Tracker:
 
     def _write_csv(self) -> None:
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
+        # Columns in order of first appearance: a round that evaluates other clients (the
+        # sampled ones) may add per-client or per-cluster columns; missing cells stay empty.
+        fields = list(dict.fromkeys(key for row in self.rows for key in row))
+        writer = csv.DictWriter(text, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.out / "metrics.csv", text.getvalue())
@@ -330,6 +346,17 @@ class _Tracker:
     def checkpoint(self, engine: Driver, identity: Mapping[str, Any]) -> None:
         progress = {"round": engine.round, "rows": self.rows, "totals": self.totals}
         Checkpoint(self.out / "checkpoint").write(engine.state_dict(), progress, identity)
+
+    def settle(self, engine: Driver) -> None:
+        """Remember the state after a whole round. Rounds replace tensors and never change
+        them in place, so holding the references costs nothing and stays that round's."""
+        progress = {"round": engine.round, "rows": list(self.rows), "totals": dict(self.totals)}
+        self.settled = (engine.state_dict(), progress)
+
+    def checkpoint_settled(self, identity: Mapping[str, Any]) -> None:
+        """The last whole round's checkpoint, whatever a round cut short has changed since."""
+        state, progress = self.settled
+        Checkpoint(self.out / "checkpoint").write(state, progress, identity)
 
     def restore(self, engine: Driver) -> None:
         state, progress = Checkpoint(self.out / "checkpoint").read()
@@ -371,7 +398,10 @@ _RESUMABLE_CHANGES = {
     ("engine", "device"), ("engine", "threads"), ("engine", "compile"),
 }
 # What a results folder holds of a run: starting afresh over them needs --overwrite.
-_RUN_FILES = ("config.toml", "metrics.csv", "summary.json", "state.safetensors", "checkpoint")
+# (`nodes`: a Flower simulation's virtual nodes keep their clients' private state there.)
+_RUN_FILES = (
+    "config.toml", "metrics.csv", "summary.json", "state.safetensors", "checkpoint", "nodes",
+)
 
 
 def _identity(config: ExperimentConfig) -> dict[str, Any]:
@@ -380,6 +410,12 @@ def _identity(config: ExperimentConfig) -> dict[str, Any]:
     for table, key in _RESUMABLE_CHANGES:
         identity.get(table, {}).pop(key, None)
     return identity
+
+
+def check_resumable(config: ExperimentConfig, out: Path) -> None:
+    """`--resume`'s checks, for an engine that must know before it starts: `out` holds a
+    complete checkpoint of this experiment (else a one-line error)."""
+    _can_resume(_identity(config), out, strict=True)
 
 
 def _can_resume(identity: Mapping[str, Any], out: Path, strict: bool) -> bool:

@@ -2,13 +2,15 @@
 
     [tool.flwr.app.components]
     serverapp = "floral.flower_app:server_app"
-    clientapp = "floral.flower_app:client_app"
+    clientapp = "floral.flower_app:client_app"       # or floral.flower_client's, thin
 
 The engine parts (floral.engines.flower) know no experiment: the ServerApp here resolves the run
 config into an experiment and drives the round driver over a `FlowerTransport`; the ClientApp
 rebuilds a client's runtime from the experiment text every message carries. `simulate` runs an
 experiment as a Flower simulation (ServerApp in this process, one virtual SuperNode per client
-in Ray), each virtual node's config naming its partition, exactly as on a real deployment.
+in Ray), each virtual node's config naming its partition, exactly as on a real deployment; the
+virtual nodes keep their clients' private state under the results folder (`nodes/`), so a
+simulation resumes from its checkpoint as exactly as a local run.
 """
 
 from __future__ import annotations
@@ -24,25 +26,24 @@ import tomli_w
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.simulation import run_simulation
 
 from floral.config import tomllib
 from floral.engines.driver import Driver, RoundResult
 from floral.engines.flower.client import ClientRuntime, make_client_app
 from floral.engines.flower.options import (
-    RESUME_UNAVAILABLE,
     FlowerOptions,
     experiment_from_run_config,
     options_from_run_config,
 )
 from floral.engines.flower.server import FlowerTransport, log
 from floral.engines.local import LocalTransport
-from floral.errors import ConfigError, FloralError
+from floral.errors import FloralError
 from floral.experiment import (
     ExperimentConfig,
     ProgressFn,
     RunSummary,
     build_setup,
+    check_resumable,
     placement_of,
     resolve_config,
     run_rounds,
@@ -70,6 +71,7 @@ def runtime_for(text: str, device: str = "") -> ClientRuntime:
     return ClientRuntime(
         method, task, local.slots, local.initial, local.initial_private, config.train,
         local.objective, config.seed, local.down, local.up, placement,
+        config.engine.checkpoint_every,
     )
 
 
@@ -83,14 +85,18 @@ def serve(
     options: FlowerOptions | None = None,
     on_round: ProgressFn | None = None,
     overwrite: bool = False,
+    resume: bool | str = False,
 ) -> RunSummary:
-    """Run `config` over the grid's nodes, writing the usual results folder to `out`."""
+    """Run `config` over the grid's nodes, writing the usual results folder to `out`;
+    `resume` as for `run_rounds` (the nodes must keep their private state on disk)."""
     transport = FlowerTransport(grid, experiment_text(config), config.task.num_clients, options)
     driver = Driver(
         config.build_method(), transport, transport.initial, get_objective(transport.kind),
         config.task.num_clients, config.train, config.engine, config.comm, config.seed, log,
     )
-    return run_rounds(driver, config, out, overwrite=overwrite, on_round=on_round)
+    return run_rounds(
+        driver, config, out, resume=resume, overwrite=overwrite, on_round=on_round
+    )
 
 
 def _log_round(result: RoundResult, latest: Mapping[str, float]) -> None:
@@ -109,7 +115,8 @@ def _main(grid: Grid, context: Context) -> None:
     data, overrides = experiment_from_run_config(context.run_config)
     config = resolve_config(data, [*overrides, "engine.name=flower"])
     out = Path(config.output.dir or Path("results") / config.name).absolute()
-    summary = serve(grid, config, out, options_from_run_config(context.run_config), _log_round)
+    options = options_from_run_config(context.run_config)
+    summary = serve(grid, config, out, options, _log_round, resume=options.resume)
     log.info("%s: final %s = %.4f; results in %s", config.name, summary.metric,
              summary.final[summary.metric], out)
 
@@ -128,24 +135,28 @@ def simulate(
 ) -> RunSummary:
     """Run `config` as a Flower simulation with one virtual SuperNode per client.
 
-    `resume="auto"` starts afresh: the clients' private state lived in the previous simulation's
-    nodes and ended with it. `app` replaces floral's ClientApp (tests inject faults).
+    The virtual nodes keep their clients' private state in `out/nodes`, so `resume` continues
+    from the folder's checkpoint exactly as the local engine does. `app` replaces floral's
+    ClientApp (tests inject faults).
     """
-    if resume is True:
-        raise ConfigError(RESUME_UNAVAILABLE)
+    from flwr.simulation import run_simulation  # Ray: imported by simulations only
+
+    out = Path(out).absolute()  # the virtual nodes run in other processes
     build_setup(config)  # bad data settings stop here, before Ray starts or anything is written
+    if resume is True:
+        check_resumable(config, out)  # likewise a missing or foreign checkpoint
     results: list[RunSummary] = []
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        results.append(serve(grid, config, out, options, on_round, overwrite or resume == "auto"))
+        results.append(serve(grid, config, out, options, on_round, overwrite, resume))
 
     with _quiet_flower(verbose), _kept_environment("PYTHONPATH"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # Ray's notices about its own future
         run_simulation(
             server,
-            app or client_app,
+            app or make_client_app(runtime_for, out / "nodes"),
             num_supernodes=config.task.num_clients,
             backend_config=_backend_config(verbose),
         )

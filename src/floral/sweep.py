@@ -35,6 +35,7 @@ from floral.compare import (
     RunSpec,
     finished_summary,
     load_base,
+    load_summary,
     parse_method_specs,
     plan_runs,
     run_all,
@@ -218,6 +219,15 @@ def write_reports(results: Sequence[TaskResults], out: Path, plots: bool = True)
     if len(results) > 1:
         written.extend(write_grid_table(results, out))
     return written
+
+
+def write_run_figures(run: Path) -> list[Path]:
+    """The figures of one run's results folder (`floral plot RUN`): its curves, router ARI,
+    final pi per client and per-cluster metric, beside its metrics.csv."""
+    summary = load_summary(run)
+    label = f"{summary.method} (seed {summary.seed})"
+    task = TaskResults(summary.name, run, {label: [summary]}, {label: [run]})
+    return _task_figures(task, f"{summary.name}: {label}")
 
 
 def _seed_counts(task: TaskResults) -> str:

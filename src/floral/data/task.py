@@ -9,6 +9,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from floral.data.instruct import (
+    TEMPLATES,
+    GenerationData,
+    TextGeneration,
+    build_jsonl,
+    build_translations,
+)
 from floral.data.partition import (
     LABEL_SKEWS,
     class_sets,
@@ -36,7 +43,11 @@ from floral.errors import ConfigError
 
 __all__ = ["DATASETS", "TaskConfig", "ClientData", "FederatedTask", "build_task"]
 
-DATASETS: tuple[str, ...] = (*SYNTHETIC_DATASETS, *IMAGE_SOURCES, *TEXT_DATASETS)
+# Prompt/response tasks for language models (floral.data.instruct).
+PROMPTED_DATASETS: tuple[str, ...] = ("translations", "jsonl")
+DATASETS: tuple[str, ...] = (
+    *SYNTHETIC_DATASETS, *IMAGE_SOURCES, *TEXT_DATASETS, *PROMPTED_DATASETS
+)
 
 # Known before loading, so that a bad label-set setting fails before any file is read.
 _NUM_CLASSES = {name: 10 for name in IMAGE_SOURCES} | {"cifar100": 100}
@@ -60,7 +71,27 @@ class TaskConfig:
     dirichlet_alpha: float = 0.5  # shift = "dirichlet": class shares per client ~ Dir(alpha)
     classes_per_client: int = 2  # shift = "classes-per-client": distinct classes each client holds
     block_size: int = 64  # austen: tokens per example (a causal-LM block)
-    tokenizer: str = "smollm2"  # austen: smollm2 | hf:<folder or .gguf> | bytes (UTF-8 bytes)
+    tokenizer: str = "smollm2"  # text: smollm2 | hf:<folder or .gguf> | bytes (UTF-8 bytes)
+    # translations, jsonl (floral.data.instruct): prompt + response tokens, padded to this; how
+    # an example becomes text (auto = the tokenizer's chat template if it has one | chat |
+    # plain); new tokens generated per held-out prompt in evaluation (0 = perplexity only).
+    max_length: int = 64
+    template: str = "auto"
+    generate_tokens: int = 32
+    # translations: one target language per cluster, from these gettext catalogs (data_dir =
+    # the locale folder, "" = /usr/share/locale); the prompt, which never names the language.
+    languages: list[str] = field(default_factory=lambda: ["de", "fr", "es", "it"])
+    catalogs: list[str] = field(default_factory=lambda: ["iso_3166-1"])
+    prompt_template: str = "Translate: {text}"
+    # translations, jsonl with template = chat: a system message before every prompt ("" = none:
+    # the chat template's own default, if it has one).
+    system: str = ""
+    # jsonl: the fields of a line (data_dir = a .jsonl file, or a folder of one per client).
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    client_field: str = "client"
+    cluster_field: str = "cluster"
 
 
 @dataclass
@@ -71,6 +102,8 @@ class ClientData:
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
+    # Prompt/response tasks: held-out prompts and references, for evaluation by generation.
+    generation: GenerationData | None = None
 
     @property
     def num_train(self) -> int:
@@ -87,6 +120,8 @@ class FederatedTask:
     clients: list[ClientData]
     # Generating parameters of synthetic tasks (W, b, u, v, W_out); empty for real data.
     extras: dict[str, Tensor] = field(default_factory=dict)
+    # Prompt/response tasks: how clients generate text in evaluation (None: they do not).
+    generation: TextGeneration | None = None
 
 
 def build_task(cfg: TaskConfig, seed: int) -> FederatedTask:
@@ -96,6 +131,8 @@ def build_task(cfg: TaskConfig, seed: int) -> FederatedTask:
         return _build_synthetic(cfg, seed)
     if cfg.dataset in TEXT_DATASETS:
         return _build_text_task(cfg)
+    if cfg.dataset in PROMPTED_DATASETS:
+        return _build_prompted_task(cfg, seed)
     return _build_image_task(cfg, seed)
 
 
@@ -127,6 +164,8 @@ def _validate(cfg: TaskConfig) -> None:
         )
     elif cfg.dataset in TEXT_DATASETS:
         _validate_text(cfg)
+    elif cfg.dataset in PROMPTED_DATASETS:
+        _validate_prompted(cfg)
     elif cfg.shift in LABEL_SKEWS:
         _validate_label_skew(cfg)
     elif cfg.shift == "label-set":
@@ -157,6 +196,31 @@ def _validate_text(cfg: TaskConfig) -> None:
         "task.samples_per_client",
         "a client needs at least 2 blocks (one to train, one to test)",
     )
+
+
+def _validate_prompted(cfg: TaskConfig) -> None:
+    _check(cfg.shift == "none", "task.shift",
+           f"'{cfg.shift}' needs labelled images; {cfg.dataset}'s clusters come from the data "
+           "(use 'none')")
+    _choose("task.template", cfg.template, TEMPLATES)
+    _check(cfg.max_length >= 2, "task.max_length", f"must be at least 2, got {cfg.max_length}")
+    _check(cfg.generate_tokens >= 0, "task.generate_tokens",
+           f"must be 0 or more, got {cfg.generate_tokens}")
+    if cfg.dataset != "translations":
+        return
+    _check(len(cfg.languages) == cfg.num_clusters, "task.languages",
+           f"one language per cluster: {len(cfg.languages)} for task.num_clusters = "
+           f"{cfg.num_clusters}")
+    _check(len(set(cfg.languages)) == len(cfg.languages), "task.languages",
+           f"a language twice in {cfg.languages}")
+    _check(bool(cfg.catalogs), "task.catalogs", "name at least one, e.g. [\"iso_3166-1\"]")
+    try:
+        cfg.prompt_template.format(text="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ConfigError(f"task.prompt_template: {cfg.prompt_template!r} must hold {{text}} "
+                          f"and no other field ({error!r})") from None
+    _check("{text}" in cfg.prompt_template, "task.prompt_template",
+           f"{cfg.prompt_template!r} must hold {{text}}, where the English string goes")
 
 
 def _validate_label_skew(cfg: TaskConfig) -> None:
@@ -325,6 +389,26 @@ def _build_text_task(cfg: TaskConfig) -> FederatedTask:
         num_outputs=tokenizer.vocab_size,
         num_clusters=cfg.num_clusters,
         clients=clients,
+    )
+
+
+def _build_prompted_task(cfg: TaskConfig, seed: int) -> FederatedTask:
+    """Prompt/response clients (floral.data.instruct): translations or users' JSON lines."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    build = build_translations if cfg.dataset == "translations" else build_jsonl
+    built = build(cfg, seed, tokenizer)
+    clients = [
+        ClientData(k, c.cluster, c.x_train, c.y_train, c.x_test, c.y_test, c.generation)
+        for k, c in enumerate(built.clients)
+    ]
+    return FederatedTask(
+        name=cfg.dataset,
+        kind="causal-lm",
+        input_shape=(cfg.max_length,),
+        num_outputs=tokenizer.vocab_size,
+        num_clusters=built.num_clusters,
+        clients=clients,
+        generation=built.generation if cfg.generate_tokens > 0 else None,
     )
 
 

@@ -14,7 +14,7 @@ by `floral.data.rdata`), or from a folder of the package's `.rda` files (`task.d
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -50,17 +50,35 @@ AUSTEN_DIR = "/usr/lib/R/site-library/janeaustenr/data"
 
 class Tokenizer(Protocol):
     vocab_size: int
+    eos_id: int  # ends every response (prompt/response tasks)
+    pad_id: int  # fills examples up to task.max_length
+    has_chat_template: bool
 
     def encode(self, text: str) -> list[int]: ...
 
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str: ...
+
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocabulary 256): no download, no dependency; for tests."""
+    """UTF-8 bytes as tokens (vocabulary 256): no download, no dependency; for tests. Byte 0
+    (NUL, never in text) ends a response and pads; there is no chat template."""
 
     vocab_size = 256
+    eos_id = 0
+    pad_id = 0
+    has_chat_template = False
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        raise ConfigError("task.template: the bytes tokenizer has no chat template (use "
+                          "template = \"plain\", or a model's tokenizer)")
 
 
 def load_tokenizer(name: str) -> Tokenizer:

@@ -36,6 +36,7 @@ from floral.train.optim import build_server_optimizer
 from floral.train.privacy import dp_epsilon
 from floral.train.recovery import router_recovery
 from floral.train.state import TensorDict, payload_bytes
+from floral.train.text_metrics import generation_metrics
 
 __all__ = [
     "Driver",
@@ -253,6 +254,11 @@ class Driver:
         self.log.warning("round %d: dropped the reply of client %d: %s", self.round, k, reason)
 
     # -- evaluation --------------------------------------------------------------------------
+    def router_weights(self) -> dict[int, torch.Tensor]:
+        """Each client's learned mixture weights pi, where this engine holds the clients'
+        private states (in this process); none where they stay on their nodes."""
+        return {}
+
     def evaluate(self, clients: Sequence[int] | None = None) -> dict[str, float]:
         """Test metrics summed over clients, overall and per cluster, and cluster recovery.
 
@@ -404,14 +410,23 @@ def summarize(
     results: Mapping[int, EvalResult], clusters: Mapping[int, int], objective: Objective
 ) -> dict[str, float]:
     """Weighted metrics over clients, overall and per cluster: accuracy (%), MSE or perplexity
-    (of all test tokens together), and loss."""
+    (of all test tokens together), and loss; where clients generated text, chrF and exact match
+    (%) from their summed statistics, and every metric per client too (`_client<k>`)."""
     groups: dict[str, list[EvalResult]] = {"": list(results.values())}
     for k, result in results.items():
         groups.setdefault(f"_cluster{clusters[k]}", []).append(result)
+    ordered = sorted(groups.items())
+    if any(r.extra for r in results.values()):  # generated text: per client as well
+        ordered += [(f"_client{k}", [results[k]]) for k in sorted(results)]
     metrics: dict[str, float] = {}
-    for suffix, items in sorted(groups.items()):
+    for suffix, items in ordered:
         count = sum(r.count for r in items)
         score = sum(r.score_sum for r in items) / max(count, 1)
         metrics[objective.metric + suffix] = objective.headline(score)
         metrics["loss" + suffix] = sum(r.loss_sum for r in items) / max(count, 1)
+        extra: dict[str, float] = {}
+        for r in items:
+            for key, value in r.extra.items():
+                extra[key] = extra.get(key, 0.0) + value
+        metrics.update({k + suffix: v for k, v in generation_metrics(extra).items()})
     return metrics

@@ -114,6 +114,10 @@ class LocalTransport:
                         model, data.x_test, data.y_test, self.train_config.eval_batch_size,
                         self.placement,
                     )
+                    generation = self.task.generation
+                    if generation is not None and data.generation is not None:
+                        result.extra.update(generation.sums(model, data.generation,
+                                                            self.placement))
                 replies[k] = Evaluated(result, router_summary(self.method, private))
         return replies
 
@@ -194,3 +198,7 @@ class LocalEngine(Driver):
     def client_model(self, k: int) -> nn.Module:
         """The scratch model loaded with client k's personalized state."""
         return self.local.client_model(k, self.global_state)
+
+    def router_weights(self) -> dict[int, torch.Tensor]:
+        weights = {k: self.method.router_weights(p) for k, p in sorted(self.private.items())}
+        return {k: pi for k, pi in weights.items() if pi is not None}

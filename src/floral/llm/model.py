@@ -70,10 +70,36 @@ class HFTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ConfigError(
+                f"task.tokenizer: {tokenizer.name_or_path} has no end-of-sequence token, which "
+                "ends every response"
+            )
+        self.eos_id: int = int(eos)
+        pad = tokenizer.pad_token_id
+        self.pad_id: int = self.eos_id if pad is None else int(pad)
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
 
     def encode(self, text: str) -> list[int]:
         with quiet_transformers():  # "sequence longer than the model's maximum" is expected
             return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of generated ids, special tokens (the end of a turn) left out."""
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """`messages` as the tokenizer's chat template writes them (text, not ids)."""
+        try:
+            return str(self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            ))
+        except Exception as error:  # jinja's errors: a template that rejects these messages
+            raise ConfigError(
+                f"task.template: the tokenizer's chat template failed on {messages!r:.80}: "
+                f"{error}"
+            ) from None
 
 
 def enable_checkpointing(model: CausalLM) -> None:
@@ -165,8 +191,12 @@ def linearize_conv1d(model: nn.Module) -> list[str]:
 
 
 def load_tokenizer(name: str) -> HFTokenizer:
-    """The tokenizer of a pretrained model: `smollm2`, a folder, or a GGUF file."""
-    folder = pretrained_dir(name[len(LLM_PREFIX):] if name.startswith(LLM_PREFIX) else name)
+    """The tokenizer of a pretrained model: `smollm2`, a folder (of a model, or of a tokenizer
+    alone), or a GGUF file."""
+    spec = name[len(LLM_PREFIX):] if name.startswith(LLM_PREFIX) else name
+    folder = Path(spec).expanduser()
+    if not (folder / "tokenizer_config.json").is_file():
+        folder = pretrained_dir(spec)
     transformers = require("transformers")
     with quiet_transformers():
         return HFTokenizer(transformers.AutoTokenizer.from_pretrained(str(folder)))

@@ -43,6 +43,8 @@ _AUTO = {
     "cifar10": ("cnn", []),
     "cifar100": ("vgg8", []),
     "austen": ("hf:smollm2", []),
+    "translations": ("hf:smollm2", []),
+    "jsonl": ("hf:smollm2", []),
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,12 +16,16 @@ from torch import nn
 from floral.errors import ConfigError
 from floral.train.device import Placement
 
-__all__ = ["EvalResult", "LossFn", "Objective", "get_objective", "next_token_loss"]
+__all__ = [
+    "IGNORE_INDEX", "EvalResult", "LossFn", "Objective", "get_objective", "next_token_loss",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Tokens per evaluation batch of a language model: its logits are tokens x vocabulary floats
 # (8192 x 49152 x 4 bytes = 1.6 GB for SmolLM2), so the eval batch is capped by this.
 LM_EVAL_TOKENS = 8192
+# A causal-LM target that gets no loss (a prompt or padding token): PyTorch's ignore_index.
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -32,13 +36,19 @@ class EvalResult:
     # Correct predictions (classification), squared error (regression), or, for causal LMs,
     # the summed next-token cross-entropy (perplexity = exp(score_sum / count)).
     score_sum: float
-    count: int  # examples; target tokens for causal LMs
+    count: int  # examples; target tokens (those not IGNORE_INDEX) for causal LMs
+    # Further sums that add up across clients, e.g. the chrF statistics and exact matches of
+    # generated text (floral.train.text_metrics).
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every position: logits (..., vocab), targets (...) already
-    shifted by one token (the task stores the next tokens as y)."""
-    return nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
+    """Mean cross-entropy over the positions whose target is not IGNORE_INDEX (a prompt's or
+    padding's): logits (..., vocab), targets (...) already shifted by one token (the task
+    stores the next tokens as y). Ignored positions get no loss and no gradient."""
+    return nn.functional.cross_entropy(
+        logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 @dataclass(frozen=True)
@@ -78,9 +88,9 @@ class Objective:
             return loss, (out.argmax(dim=-1) == target).sum().item(), len(target)
         if self.kind == "causal-lm":
             loss = nn.functional.cross_entropy(
-                out.flatten(0, -2), target.flatten(), reduction="sum"
+                out.flatten(0, -2), target.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
             ).item()
-            return loss, loss, target.numel()
+            return loss, loss, int((target != IGNORE_INDEX).sum().item())
         # Per-example mean over output dims, as nn.MSELoss averages them.
         sq = (out - target).pow(2).reshape(len(target), -1).mean(dim=1).sum().item()
         return sq, sq, len(target)

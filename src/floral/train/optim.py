@@ -47,16 +47,19 @@ class ServerOptimizer:
     def _direction(self, name: str, delta: torch.Tensor) -> torch.Tensor:
         if self.kind == "sgd":
             if self.momentum:
+                # Out of place here and below: a checkpoint taken between rounds holds the
+                # previous tensors, which a round cut short must not have changed.
                 buf = self.state.get(f"{name}.momentum")
-                buf = delta.clone() if buf is None else buf.mul_(self.momentum).add_(delta)
+                buf = delta.clone() if buf is None else buf.mul(self.momentum).add(delta)
                 self.state[f"{name}.momentum"] = buf
                 delta = buf
             return self.lr * delta
         beta1, beta2 = self.betas
-        m = self.state.setdefault(f"{name}.exp_avg", torch.zeros_like(delta))
-        v = self.state.setdefault(f"{name}.exp_avg_sq", torch.zeros_like(delta))
-        m.mul_(beta1).add_(delta, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(delta, delta, value=1 - beta2)
+        m = self.state.get(f"{name}.exp_avg", torch.zeros_like(delta))
+        v = self.state.get(f"{name}.exp_avg_sq", torch.zeros_like(delta))
+        m = m.mul(beta1).add(delta, alpha=1 - beta1)
+        v = v.mul(beta2).addcmul(delta, delta, value=1 - beta2)
+        self.state[f"{name}.exp_avg"], self.state[f"{name}.exp_avg_sq"] = m, v
         m_hat = m / (1 - beta1**self.steps)
         v_hat = v / (1 - beta2**self.steps)
         return self.lr * m_hat / (v_hat.sqrt() + self.eps)

@@ -3,14 +3,17 @@
 Every message carries the experiment (TOML) and the round, so a ClientApp started in a fresh
 process rebuilds the same task, model and method as the local engine and needs nothing else:
 `make_client_app(build)` takes the function that builds a `ClientRuntime` from the experiment
-text (floral.flower_app passes the experiment layer's). The client's private tensors live in
-`context.state` and never enter a reply.
+text (floral.flower_app passes the experiment layer's). The client's private tensors never
+enter a reply: they live on the node's disk (node config `state-dir`, or the app's own folder
+in a simulation; floral.engines.flower.store), so a restarted node or a resumed run keeps
+them, or else in `context.state`, for one run.
 
 Node config (`flower-supernode --node-config`): `partition-id` and `num-partitions` choose the
-client; the optional `audit-file` names a JSON-lines file where the node records, for every
-message, the names, shapes and SHA-256 of the tensors it received and sent, the values of the
-settings and metrics it sent, and the digests of its private tensors, so an operator can verify
-what left the node.
+client; `state-dir` names the folder where the node keeps its clients' private state; the
+optional `audit-file` names a JSON-lines file where the node records, for every message, the
+names, shapes and SHA-256 of the tensors it received and sent, the values of the settings and
+metrics it sent, and the digests of its private tensors, so an operator can verify what left
+the node.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from floral.engines.flower.records import (
     tensors_digest,
     to_record,
 )
+from floral.engines.flower.store import DiskStore, PrivateStore, keep_from, valid_lineage
 from floral.errors import ConfigError
 from floral.methods.base import ClientJob, Method, ServerState
 from floral.train.device import Placement, to_device
@@ -52,7 +56,7 @@ from floral.train.state import StateSlots, TensorDict
 if TYPE_CHECKING:
     from flwr.app import MetricRecordValues
 
-__all__ = ["ClientRuntime", "make_client_app", "partition_of"]
+__all__ = ["ClientNode", "ClientRuntime", "make_client_app", "partition_of"]
 
 
 @dataclass
@@ -70,6 +74,7 @@ class ClientRuntime:
     down: Codec
     up: Codec
     placement: Placement = Placement()  # this node's device (node config `device`), precision
+    checkpoint_every: int = 0  # the server's `engine.checkpoint_every`: which versions to keep
 
 
 def partition_of(context: Context, num_clients: int) -> int:
@@ -90,27 +95,74 @@ def partition_of(context: Context, num_clients: int) -> int:
     return k
 
 
+# -- where private state lives ------------------------------------------------------------------
+class MemoryStore:
+    """The latest private tensors in `context.state`: for one run, while the node lives."""
+
+    kind = "memory"
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def read(self, k: int, round_: int) -> TensorDict | None:
+        return _tensors(self.context.state, PRIVATE) if PRIVATE in self.context.state else None
+
+    def write(self, k: int, round_: int, tensors: Mapping[str, Any], keep: int) -> None:
+        self.context.state[PRIVATE] = to_record(tensors)
+
+
+def store_of(content: RecordDict, context: Context, root: Path | None) -> PrivateStore:
+    """The node's store: its `state-dir` (or the app's `root`) on disk, named by the run's
+    lineage; context.state when there is neither, or the server sent no lineage."""
+    folder = context.node_config.get("state-dir")
+    lineage = str(_config(content).get("lineage", ""))
+    if folder is None and root is None or not lineage:
+        return MemoryStore(context)
+    if not valid_lineage(lineage):
+        raise ValueError(f"the server sent a malformed lineage {lineage!r}")
+    base = Path(str(folder)) if folder is not None else cast(Path, root)
+    return DiskStore(base.expanduser(), lineage)
+
+
+def store_kind(context: Context, root: Path | None) -> str:
+    return "disk" if "state-dir" in context.node_config or root is not None else "memory"
+
+
 # -- handlers -----------------------------------------------------------------------------------
-def _hello(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> RecordDict:
+@dataclass
+class Call:
+    """One message to handle: for client k of this node, its private state in `store`."""
+
+    runtime: ClientRuntime
+    k: int
+    content: RecordDict  # the message's
+    store: PrivateStore
+    kind: str  # what the node's store is when the server asks: "disk" or "memory"
+
+
+def _hello(call: Call) -> RecordDict:
+    runtime, k = call.runtime, call.k
     info = ConfigRecord({
         "partition_id": k,
         "cluster": runtime.task.clients[k].cluster,
         "kind": runtime.task.kind,
         "initial_digest": initial_digest(runtime.initial),
+        "private_store": call.kind,
     })
     content = RecordDict({NODE: info})
-    if _config(msg).get("send_initial", False):
+    if _config(call.content).get("send_initial", False):
         content[INITIAL] = to_record(runtime.initial.global_state)
         content[INITIAL_STATE] = to_record(runtime.initial.method_state)
     return content
 
 
-def _train(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> RecordDict:
-    round_ = int(_config(msg)["round"])
+def _train(call: Call) -> RecordDict:
+    runtime, k = call.runtime, call.k
+    round_ = int(_config(call.content)["round"])
     device = runtime.placement.device
     job = ClientJob(
-        to_device(runtime.down.decode(_tensors(msg.content, GLOBAL)), device),
-        to_device(_private_state(runtime, k, context), device),
+        to_device(runtime.down.decode(_tensors(call.content, GLOBAL)), device),
+        to_device(_private_state(call, round_ - 1), device),
         runtime.task.clients[k],
         runtime.train,
         runtime.objective,
@@ -119,7 +171,7 @@ def _train(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> Re
         runtime.placement,
     )
     update = runtime.method.client_step(runtime.slots, job).on_cpu()
-    context.state[PRIVATE] = to_record(update.private)
+    call.store.write(k, round_, update.private, keep_from(round_, runtime.checkpoint_every))
     metrics = MetricRecord({
         "train_loss": float(update.metrics.get("train_loss", float("nan"))),
         "num_examples": int(update.num_examples),
@@ -127,13 +179,14 @@ def _train(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> Re
     return RecordDict({UPLOAD: to_record(runtime.up.encode(update.upload)), METRICS: metrics})
 
 
-def _evaluate(runtime: ClientRuntime, k: int, msg: Message, context: Context) -> RecordDict:
+def _evaluate(call: Call) -> RecordDict:
     """Test sums when the message carries the global tensors; the router's summary always."""
-    private = _private_state(runtime, k, context)
+    runtime = call.runtime
+    private = _private_state(call, int(_config(call.content).get("round", 0)))
     sums: dict[str, MetricRecordValues] = {}
-    if GLOBAL in msg.content:
-        data = runtime.task.clients[k]
-        runtime.slots.load(_tensors(msg.content, GLOBAL))
+    if GLOBAL in call.content:
+        data = runtime.task.clients[call.k]
+        runtime.slots.load(_tensors(call.content, GLOBAL))
         runtime.slots.load(private)
         result = runtime.objective.evaluate(
             runtime.slots.model, data.x_test, data.y_test, runtime.train.eval_batch_size,
@@ -146,17 +199,21 @@ def _evaluate(runtime: ClientRuntime, k: int, msg: Message, context: Context) ->
     return RecordDict({EVAL: MetricRecord(sums)})
 
 
-def _private_state(runtime: ClientRuntime, k: int, context: Context) -> TensorDict:
-    """The client's private tensors: from this node's state, or fresh before its first round."""
-    if PRIVATE in context.state:
-        return _tensors(context.state, PRIVATE)
-    return runtime.method.init_private(runtime.initial_private, runtime.task.clients[k])
+def _private_state(call: Call, round_: int) -> TensorDict:
+    """The client's private tensors after round `round_`: from this node's store, or fresh
+    before its first round."""
+    stored = call.store.read(call.k, round_)
+    if stored is not None:
+        return stored
+    return call.runtime.method.init_private(
+        call.runtime.initial_private, call.runtime.task.clients[call.k]
+    )
 
 
-def _config(msg: Message) -> Mapping[str, Any]:
+def _config(content: RecordDict) -> Mapping[str, Any]:
     """The server's config record. Flower types its values as a union that includes lists;
     they are read with int() and str()."""
-    return cast(ConfigRecord, msg.content[CONFIG])
+    return cast(ConfigRecord, content[CONFIG])
 
 
 def _tensors(records: RecordDict, name: str) -> TensorDict:
@@ -164,20 +221,23 @@ def _tensors(records: RecordDict, name: str) -> TensorDict:
     return from_record(cast(ArrayRecord, records[name]))
 
 
-Handler = Callable[[ClientRuntime, int, Message, Context], RecordDict]
+Handler = Callable[[Call], RecordDict]
 
 
 # -- the audit trail ----------------------------------------------------------------------------
-def _audit(path: Path, msg: Message, reply: Message, context: Context) -> None:
-    private = _tensors(context.state, PRIVATE) if PRIVATE in context.state else {}
+def _audit(
+    path: Path, kind: str, content: RecordDict, reply: RecordDict, store: PrivateStore, k: int
+) -> None:
+    round_ = int(_config(content).get("round", 0))
+    private = store.read(k, round_) or {}
     entry = {
-        "type": msg.metadata.message_type,
-        "round": int(_config(msg).get("round", 0)),
-        "received": _describe(msg.content),
-        "sent": _describe(reply.content),
+        "type": kind,
+        "round": round_,
+        "received": _describe(content),
+        "sent": _describe(reply),
         "sent_values": {
             name: dict(record)
-            for records in (reply.content.config_records, reply.content.metric_records)
+            for records in (reply.config_records, reply.metric_records)
             for name, record in records.items()
         },
         "private": {name: tensors_digest({"": t}) for name, t in private.items()},
@@ -199,44 +259,65 @@ def _describe(content: RecordDict) -> dict[str, dict[str, list]]:
 
 
 # -- the ClientApp ------------------------------------------------------------------------------
-def make_client_app(build: Callable[[str, str], ClientRuntime]) -> ClientApp:
-    """A ClientApp whose runtime is `build(experiment text, device)`, the device being the
-    node config's `device` ("" when it names none: the experiment's `engine.device`).
+HANDLERS: dict[str, Handler] = {"query": _hello, "train": _train, "evaluate": _evaluate}
+
+
+class ClientNode:
+    """A node's message handling, on message contents: what a ClientApp (or a warm worker,
+    floral.flower_client) runs for every message.
 
     Runtimes are cached, not state: a runtime is a pure function of the experiment text, and
     its scratch model is fully reloaded (global + private tensors) before every use. The cache
-    saves rebuilding the task for every message when Flower reuses the process (simulation).
+    saves rebuilding the task for every message when the process lives on (a simulation's
+    workers, a warm worker).
     """
-    cache: dict[tuple[str, str], ClientRuntime] = {}
 
-    def runtime_for(text: str, device: str) -> ClientRuntime:
-        if (text, device) not in cache:
-            cache.clear()  # one experiment per process at a time: keep memory bounded
-            cache[text, device] = build(text, device)
-        return cache[text, device]
+    def __init__(
+        self, build: Callable[[str, str], ClientRuntime], state_root: Path | None = None
+    ) -> None:
+        self.build, self.state_root = build, state_root
+        self.cache: dict[tuple[str, str], ClientRuntime] = {}
 
-    def serve(handler: Handler, msg: Message, context: Context) -> Message:
+    def runtime_for(self, text: str, device: str) -> ClientRuntime:
+        if (text, device) not in self.cache:
+            self.cache.clear()  # one experiment per process at a time: keep memory bounded
+            self.cache[text, device] = self.build(text, device)
+        return self.cache[text, device]
+
+    def handle(self, kind: str, content: RecordDict, context: Context) -> RecordDict:
+        """The reply's content to a message of type `kind` ("query", "train", "evaluate")."""
+        handler = HANDLERS.get(kind)
+        if handler is None:
+            raise ValueError(f"floral's ClientApp answers no {kind!r} message")
         device = str(context.node_config.get("device", ""))
-        runtime = runtime_for(str(_config(msg)["experiment"]), device)
+        runtime = self.runtime_for(str(_config(content)["experiment"]), device)
         k = partition_of(context, len(runtime.task.clients))
-        reply = Message(handler(runtime, k, msg, context), reply_to=msg)
+        store = store_of(content, context, self.state_root)
+        call = Call(runtime, k, content, store, store_kind(context, self.state_root))
+        reply = handler(call)
         audit = context.node_config.get("audit-file")
         if audit:
-            _audit(Path(str(audit)), msg, reply, context)
+            _audit(Path(str(audit)), kind, content, reply, store, k)
         return reply
 
+
+def make_client_app(
+    build: Callable[[str, str], ClientRuntime], state_root: Path | None = None
+) -> ClientApp:
+    """A ClientApp whose runtime is `build(experiment text, device)`, the device being the
+    node config's `device` ("" when it names none: the experiment's `engine.device`).
+
+    Private state goes to the node config's `state-dir`, else to `state_root` (a simulation's
+    folder for its virtual nodes), else to `context.state`.
+    """
+    node = ClientNode(build, state_root)
+
+    def serve(msg: Message, context: Context) -> Message:
+        content = node.handle(msg.metadata.message_type, msg.content, context)
+        return Message(content, reply_to=msg)
+
     app = ClientApp()
-
-    @app.query()
-    def _query(msg: Message, context: Context) -> Message:
-        return serve(_hello, msg, context)
-
-    @app.train()
-    def _train_message(msg: Message, context: Context) -> Message:
-        return serve(_train, msg, context)
-
-    @app.evaluate()
-    def _evaluate_message(msg: Message, context: Context) -> Message:
-        return serve(_evaluate, msg, context)
-
+    app.query()(serve)
+    app.train()(serve)
+    app.evaluate()(serve)
     return app

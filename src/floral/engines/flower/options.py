@@ -20,7 +20,6 @@ from floral.config import parse_value, set_dotted
 from floral.errors import ConfigError
 
 __all__ = [
-    "RESUME_UNAVAILABLE",
     "FlowerOptions",
     "experiment_from_run_config",
     "options_from_run_config",
@@ -28,10 +27,6 @@ __all__ = [
 
 OVERRIDES_KEY = "overrides"
 FLOWER_PREFIX = "flower."
-RESUME_UNAVAILABLE = (
-    "--resume: not available with engine 'flower' (the clients' private state lives on their "
-    "nodes, for one run only)"
-)
 
 
 @dataclass
@@ -41,22 +36,31 @@ class FlowerOptions:
     round_timeout: float = 600.0  # seconds to wait for the replies of one round
     node_timeout: float = 600.0  # seconds to wait for every client's node to connect
     poll_interval: float = 0.05  # seconds between two pulls of replies from the SuperLink
+    # Continue from the results folder's checkpoint: true (an error if there is none), "auto"
+    # (when there is one of the same experiment), false (start afresh; an error over a run).
+    resume: bool | str = False
 
 
 def options_from_run_config(run_config: Mapping[str, Any]) -> FlowerOptions:
     """The `flower.*` keys of a run config as `FlowerOptions`; unknown keys are errors."""
     known = {f.name for f in fields(FlowerOptions)}
     values: dict[str, float] = {}
+    resume: bool | str = False
     for key, value in run_config.items():
         if not key.startswith(FLOWER_PREFIX):
             continue
         name = key[len(FLOWER_PREFIX) :].replace("-", "_")
         if name not in known:
             raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
+        if name == "resume":
+            if not isinstance(value, bool) and value != "auto":
+                raise ConfigError(f'{key}: expected true, false or "auto", got {value!r}')
+            resume = value
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"{key}: expected a positive number of seconds, got {value!r}")
         values[name] = float(value)
-    return FlowerOptions(**values)
+    return FlowerOptions(**values, resume=resume)
 
 
 def experiment_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -9,12 +9,18 @@ identically (checked by digest).
 
 A reply that is missing, malformed or from a failed client becomes a one-line reason; the
 driver logs it and the round goes on with the others.
+
+Every message names the run's lineage, a random name drawn when the run starts and kept in its
+checkpoints (`flower/lineage`): nodes keep their clients' private state under it, so a resumed
+run finds that state on the nodes' disks and a new run starts afresh
+(floral.engines.flower.store).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -33,7 +39,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from floral.engines.driver import Evaluated, Trained
-from floral.engines.flower.options import RESUME_UNAVAILABLE, FlowerOptions
+from floral.engines.flower.options import FlowerOptions
 from floral.engines.flower.records import (
     CONFIG,
     EVAL,
@@ -58,6 +64,7 @@ __all__ = ["ClientInfo", "FlowerTransport", "log"]
 log = logging.getLogger("flwr.floral")
 
 K = TypeVar("K")
+LINEAGE_KEY = "flower/lineage"  # the transport's state in a checkpoint: 16 bytes
 
 
 @dataclass
@@ -67,6 +74,7 @@ class ClientInfo:
     node_id: int
     cluster: int
     digest: str  # of the initial server state it built
+    store: str = "memory"  # where it keeps private state: "disk" (survives restarts) or "memory"
 
 
 class FlowerTransport:
@@ -78,15 +86,20 @@ class FlowerTransport:
     ) -> None:
         self.grid, self.experiment, self.options = grid, experiment, options or FlowerOptions()
         self.round = 0
+        self._seen: set[int] = set()  # every node asked which client it holds
+        self.lineage = secrets.token_hex(16)  # this run's name on the nodes; kept on resume
         self.nodes, self.kind, offered = self._discover(num_clients)
         self.initial = self._initial_state(offered)
-        self.clusters: Mapping[int, int] = {k: info.cluster for k, info in self.nodes.items()}
+        self.digest = initial_digest(self.initial)
+        self._clusters = {k: info.cluster for k, info in self.nodes.items()}
+        self.clusters: Mapping[int, int] = self._clusters  # grows when a client's node joins late
 
     # -- setting up ------------------------------------------------------------------------------
     def _discover(self, wanted: int) -> tuple[dict[int, ClientInfo], str, ServerState | None]:
         """Ask every connected node which client it holds; the first also sends its initial
         server state, which saves a round trip when it is the one most nodes built."""
         nodes = self._wait_for_nodes(wanted)
+        self._seen.update(nodes)
         replies = self._exchange({n: self._query(n, send_initial=n == nodes[0]) for n in nodes})
         offered = _initial_state(replies.get(nodes[0])) if nodes else None
         clients: dict[int, ClientInfo] = {}
@@ -140,16 +153,45 @@ class FlowerTransport:
         return state
 
     def _query(self, node_id: int, send_initial: bool) -> Message:
-        config = ConfigRecord(
-            {"experiment": self.experiment, "round": self.round, "send_initial": send_initial}
-        )
+        config = ConfigRecord({"experiment": self.experiment, "round": self.round,
+                               "lineage": self.lineage, "send_initial": send_initial})
         return Message(RecordDict({CONFIG: config}), node_id, MessageType.QUERY)
+
+    def _rediscover(self) -> None:
+        """Nodes that connected since the last round (a restarted SuperNode comes back with a
+        new node id): ask which client they hold; from now on that client's messages go to
+        its newest node, which reads its private state from its own disk. (A client that is
+        sampled this round but had no node yet is still skipped: the driver chose already.)"""
+        seen = {info.node_id for info in self.nodes.values()} | self._seen
+        new = sorted(set(self.grid.get_node_ids()) - seen)
+        if not new:
+            return
+        self._seen.update(new)
+        replies = self._exchange({n: self._query(n, send_initial=False) for n in new})
+        for node_id, reply in sorted(replies.items()):
+            try:
+                k, info, _ = _read_hello(reply, node_id)
+            except ValueError as error:
+                log.warning("node %d left out: %s", node_id, error)
+                continue
+            if info.digest != self.digest:
+                log.warning("node %d (client %d) built a different initial model; left out",
+                            node_id, k)
+                continue
+            old = self.nodes.get(k)
+            log.info("client %d %s node %d", k, "moved to" if old else "joined on", node_id)
+            if old and info.store != "disk":
+                log.warning("client %d: node %d keeps private state in memory (no state-dir): "
+                            "the client's router and adaptors start afresh", k, node_id)
+            self.nodes[k] = info
+            self._clusters[k] = info.cluster
 
     # -- the transport ---------------------------------------------------------------------------
     def train(
         self, round_: int, clients: Sequence[int], payload: TensorDict
     ) -> dict[int, Trained | str]:
         self.round = round_
+        self._rediscover()
         replies = self._exchange(self._messages(clients, MessageType.TRAIN, to_record(payload)))
         return {k: _read_upload(reply) for k, reply in replies.items()}
 
@@ -162,18 +204,34 @@ class FlowerTransport:
         return {k: _read_evaluation(reply) for k, reply in replies.items()}
 
     def state_dict(self) -> TensorDict:
-        return {}  # private tensors stay on the nodes
+        # Private tensors stay on the nodes, under this run's lineage.
+        return {LINEAGE_KEY: torch.tensor(list(bytes.fromhex(self.lineage)), dtype=torch.uint8)}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        raise ConfigError(RESUME_UNAVAILABLE)
+        """Continue the run that wrote `state`: its nodes' private state is under its lineage,
+        which only nodes that keep it on disk still have."""
+        saved = state.get(LINEAGE_KEY)
+        if saved is None or saved.dtype != torch.uint8 or saved.numel() != 16:
+            raise ConfigError(
+                f"--resume: the checkpoint has no {LINEAGE_KEY!r} (it was not written by the "
+                "flower engine of this floral version); delete it to start afresh"
+            )
+        in_memory = sorted(k for k, info in self.nodes.items() if info.store != "disk")
+        if in_memory:
+            raise ConfigError(
+                f"--resume: the node of client {in_memory[0]} keeps its private state in memory, "
+                "which ended with the previous run; start its SuperNode with --node-config "
+                "'state-dir=FOLDER' (engine 'flower')"
+            )
+        self.lineage = bytes(saved.tolist()).hex()
 
     # -- messages --------------------------------------------------------------------------------
     def _messages(
         self, clients: Sequence[int], kind: str, record: ArrayRecord | None
     ) -> dict[int, Message]:
-        content = RecordDict(
-            {CONFIG: ConfigRecord({"experiment": self.experiment, "round": self.round})}
-        )
+        content = RecordDict({CONFIG: ConfigRecord(
+            {"experiment": self.experiment, "round": self.round, "lineage": self.lineage}
+        )})
         if record is not None:
             content[GLOBAL] = record
         return {
@@ -262,7 +320,9 @@ def _read_hello(reply: Message, node_id: int) -> tuple[int, ClientInfo, str]:
     info: Values = _record(reply, NODE, ConfigRecord)
     try:
         k, cluster = int(info["partition_id"]), int(info["cluster"])
-        return k, ClientInfo(node_id, cluster, str(info["initial_digest"])), str(info["kind"])
+        store = str(info.get("private_store", "memory"))
+        client = ClientInfo(node_id, cluster, str(info["initial_digest"]), store)
+        return k, client, str(info["kind"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"malformed {NODE!r} record ({error})") from None
 

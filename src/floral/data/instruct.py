@@ -1,0 +1,537 @@
+"""Prompt/response tasks for causal language models: users' own JSON-lines files, and UI
+translation catalogs (a real multilingual concept shift).
+
+An example is a prompt and a response. It is rendered as text (`template`): by the
+tokenizer's chat template (a user turn, then the assistant's; a `messages` list as it stands),
+or plainly as `prompt + "\\n"` followed by the response and the end-of-sequence token. The
+tokens of prompt + response (at most `max_length`) are padded on the right to `max_length`;
+the input is the sequence less its last token, the target the sequence moved by one, with
+every target inside the prompt and every padding target set to IGNORE_INDEX: the loss, and so
+the gradient, comes from the response tokens only. Causal attention means the padding on the
+right changes nothing before it, so no attention mask is needed in training.
+
+Evaluation adds greedy generation from each held-out prompt (`GenerationData`): the text
+generated, up to the end-of-sequence token or `generate_tokens` new tokens, against the
+reference response, by chrF and exact match (floral.train.text_metrics).
+
+Translations (`dataset = "translations"`): GNU gettext catalogs of Debian packages, one target
+language per cluster. The English strings present in every chosen language form one pool; a
+seeded `test_fraction` of it is held out from every client, and the clients of a cluster split
+the rest (and the held-out strings) between them. The prompt holds the English string and never
+names the language, so the same prompt has a different answer in every cluster.
+
+JSON lines (`dataset = "jsonl"`): `data_dir` is a folder with one `*.jsonl` file per client
+(in name order), or one `.jsonl` file whose `client_field` says whose each line is. A line is
+an object with `prompt_field` and `response_field` strings, or a `messages_field` list of
+{"role", "content"} ending with the assistant's turn (loss on that last turn only). An optional
+`cluster_field` gives each client's true cluster (constant per client). A seeded
+`test_fraction` of each client's examples is held out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from floral.data.mo import read_mo
+from floral.data.partition import clients_of_cluster
+from floral.data.text import Tokenizer
+from floral.errors import ConfigError, DatasetNotFoundError
+from floral.train.device import Placement
+from floral.train.objective import IGNORE_INDEX
+from floral.train.text_metrics import generation_sums
+
+__all__ = [
+    "CATALOG_PACKAGES",
+    "LOCALE_DIR",
+    "TEMPLATES",
+    "Example",
+    "GenerationData",
+    "TextGeneration",
+    "encode_examples",
+    "read_jsonl",
+    "render",
+    "translation_pool",
+]
+
+LOCALE_DIR = "/usr/share/locale"
+TEMPLATES = ("auto", "chat", "plain")
+# The Debian package that installs each catalog under /usr/share/locale/<lang>/LC_MESSAGES/.
+CATALOG_PACKAGES = {
+    "iso_3166-1": "iso-codes",
+    "iso_639-2": "iso-codes",
+    "glib20": "libglib2.0-data",
+    "gtk20": "libgtk2.0-common",
+    "gtk30": "libgtk-3-common",
+}
+log = logging.getLogger("floral")
+
+
+@dataclass(frozen=True)
+class Example:
+    """A conversation whose last message is the response to learn and to generate."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content), the last one the assistant's
+
+    @classmethod
+    def pair(cls, prompt: str, response: str) -> Example:
+        return cls((("user", prompt), ("assistant", response)))
+
+    @property
+    def response(self) -> str:
+        return self.messages[-1][1]
+
+    @property
+    def source(self) -> str:
+        return self.messages[-2][1]
+
+
+@dataclass
+class GenerationData:
+    """A client's held-out prompts (token ids, as in training) and their reference responses."""
+
+    prompts: list[list[int]]
+    references: list[str]
+    # What each prompt asks, as written before rendering (translations: the English string;
+    # jsonl: the last message before the response).
+    sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TextGeneration:
+    """How a task's clients are evaluated by generating text: greedily, up to `max_new_tokens`
+    or the end-of-sequence token, decoded by the task's tokenizer."""
+
+    tokenizer: Tokenizer
+    max_new_tokens: int
+    template: str  # chat | plain: how `prompt_ids` renders a new prompt
+    system: str = ""  # task.system
+    prompt_template: str = "{text}"  # translations: task.prompt_template
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A new prompt as the clients were trained to see it (for translations, `prompt` is
+        the English string)."""
+        example = with_system(Example.pair(self.prompt_template.format(text=prompt), "-"),
+                              self.system)
+        return render_prompt(self.tokenizer, self.template, example.messages[:-1])
+
+    def generate(
+        self, model: nn.Module, prompts: Sequence[Sequence[int]], placement: Placement | None
+    ) -> list[str]:
+        from floral.llm.generate import greedy_generate
+
+        ids = greedy_generate(
+            model, prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+            max_new_tokens=self.max_new_tokens, placement=placement,
+        )
+        return [self.tokenizer.decode(x).strip() for x in ids]
+
+    def sums(
+        self, model: nn.Module, data: GenerationData, placement: Placement | None = None
+    ) -> dict[str, float]:
+        """chrF statistics and exact matches of the client's generations, summable."""
+        return generation_sums(self.generate(model, data.prompts, placement), data.references)
+
+
+# -- rendering ------------------------------------------------------------------------------
+
+
+def with_system(example: Example, system: str) -> Example:
+    """The example with a system message first (`task.system`), unless empty or one is there."""
+    if not system or example.messages[0][0] == "system":
+        return example
+    return Example((("system", system), *example.messages))
+
+
+def resolve_template(template: str, tokenizer: Tokenizer) -> str:
+    """`auto` -> chat when the tokenizer has a chat template, else plain."""
+    if template == "auto":
+        return "chat" if tokenizer.has_chat_template else "plain"
+    if template == "chat" and not tokenizer.has_chat_template:
+        raise ConfigError("task.template: 'chat' needs a tokenizer with a chat template; this "
+                          "one has none (use template = \"plain\")")
+    return template
+
+
+def _chat(messages: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"role": role, "content": content} for role, content in messages]
+
+
+def render_prompt(
+    tokenizer: Tokenizer, template: str, messages: Sequence[tuple[str, str]]
+) -> list[int]:
+    """The prompt's tokens, ending where the response begins."""
+    if template == "chat":
+        return tokenizer.encode(tokenizer.render_chat(_chat(messages), add_generation_prompt=True))
+    turns = [content for role, content in messages if role != "system"]
+    if len(turns) != 1:
+        raise ConfigError("task.template: a conversation of several turns (messages) needs "
+                          "template = \"chat\" and a tokenizer with a chat template")
+    system = "".join(content + "\n" for role, content in messages if role == "system")
+    return tokenizer.encode(system + turns[0] + "\n")
+
+
+def render(tokenizer: Tokenizer, template: str, example: Example) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of an example; the response ends with the end token."""
+    prompt = render_prompt(tokenizer, template, example.messages[:-1])
+    if template == "chat":
+        before = tokenizer.render_chat(_chat(example.messages[:-1]), add_generation_prompt=True)
+        full = tokenizer.render_chat(_chat(example.messages), add_generation_prompt=False)
+        if not full.startswith(before):
+            raise ConfigError("task.template: the chat template does not write a conversation "
+                              "as its prompt followed by the answer; use template = \"plain\"")
+        response = tokenizer.encode(full[len(before):])
+    else:
+        response = tokenizer.encode(example.response)
+    if tokenizer.eos_id not in response:
+        response.append(tokenizer.eos_id)
+    return prompt, response
+
+
+def encode_examples(
+    tokenizer: Tokenizer, template: str, examples: Sequence[Example], max_length: int,
+    drop_long: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, list[list[int]], list[int]]:
+    """(x, y, prompts, kept): inputs and targets of shape (n, max_length), each example's
+    prompt ids, and the indices of the examples kept.
+
+    An example longer than `max_length` is dropped (`drop_long`) or cut: its response first,
+    down to one token, then its prompt from the left."""
+    rows: list[tuple[list[int], list[int]]] = []
+    kept: list[int] = []
+    cut = 0
+    for i, example in enumerate(examples):
+        prompt, response = render(tokenizer, template, example)
+        if len(prompt) + len(response) > max_length:
+            if drop_long:
+                continue
+            cut += 1
+            response = response[: max(1, max_length - len(prompt))]
+            prompt = prompt[len(prompt) + len(response) - max_length:]
+        rows.append((prompt, response))
+        kept.append(i)
+    if cut:
+        log.warning("%d of %d examples are longer than task.max_length = %d tokens and were cut",
+                    cut, len(examples), max_length)
+    x = torch.full((len(rows), max_length), tokenizer.pad_id, dtype=torch.long)
+    y = torch.full((len(rows), max_length), IGNORE_INDEX, dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):
+        sequence = torch.tensor(prompt + response, dtype=torch.long)
+        length = len(sequence) - 1
+        x[i, :length] = sequence[:-1]
+        y[i, :length] = sequence[1:]
+        y[i, : len(prompt) - 1] = IGNORE_INDEX  # targets inside the prompt: no loss
+    return x, y, [prompt for prompt, _ in rows], kept
+
+
+# -- translations ---------------------------------------------------------------------------
+
+
+def translation_pool(
+    locale_dir: str, catalogs: Sequence[str], languages: Sequence[str]
+) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """(English strings translated in every language, language -> {English: translation}).
+
+    Strings that span several lines are left out; with several catalogs the first one that
+    translates a string gives its translation."""
+    root = Path(locale_dir or LOCALE_DIR)
+    tables: dict[str, dict[str, str]] = {}
+    for language in languages:
+        table: dict[str, str] = {}
+        for catalog in catalogs:
+            path = root / language / "LC_MESSAGES" / f"{catalog}.mo"
+            if not path.is_file():
+                package = CATALOG_PACKAGES.get(catalog)
+                how = f"apt-get install {package}" if package else "install the package that has it"
+                raise DatasetNotFoundError(
+                    f"task.catalogs: {path} not found: {how}, or set task.data_dir to a folder "
+                    "of <language>/LC_MESSAGES/<catalog>.mo files"
+                )
+            for source, target in read_mo(path).items():
+                table.setdefault(source, target)
+        tables[language] = table
+    common = set.intersection(*(set(t) for t in tables.values())) if tables else set()
+    pool = sorted(s for s in common if "\n" not in s and s.strip())
+    return pool, tables
+
+
+def split_pool(pool: Sequence[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train pool, held-out pool): a seeded permutation, its first `test_fraction` held out."""
+    order = np.random.default_rng([seed, 0x7E57]).permutation(len(pool))
+    num_test = min(max(1, math.floor(test_fraction * len(pool) + 0.5)), len(pool) - 1)
+    shuffled = [pool[i] for i in order]
+    return shuffled[num_test:], shuffled[:num_test]
+
+
+def cluster_shares(
+    items: Sequence[str], num_clients: int, num_clusters: int
+) -> dict[int, list[str]]:
+    """Client -> its part of `items`: the clients of each cluster split them in order."""
+    shares: dict[int, list[str]] = {}
+    for cluster in range(num_clusters):
+        members = clients_of_cluster(cluster, num_clients, num_clusters)
+        for k, part in zip(members, np.array_split(np.arange(len(items)), len(members)),
+                           strict=True):
+            shares[k] = [items[i] for i in part]
+    return shares
+
+
+# -- JSON lines ------------------------------------------------------------------------------
+
+
+@dataclass
+class JsonlClient:
+    name: str  # the file's name, or the client column's value
+    where: str  # the file (and line) that introduced it, for messages
+    examples: list[Example]
+    cluster: Any = None  # the cluster column's value, if any
+
+
+@dataclass(frozen=True)
+class JsonlFields:
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+    client: str = "client"
+    cluster: str = "cluster"
+
+
+def read_jsonl(path: str, fields: JsonlFields) -> list[JsonlClient]:
+    """The clients of a folder of `*.jsonl` files (one per client) or of one `.jsonl` file with
+    a client column; every problem is a one-line error naming the file and line."""
+    if not path:
+        raise ConfigError("task.data_dir: dataset \"jsonl\" needs a .jsonl file or a folder of "
+                          "them (one per client)")
+    root = Path(path).expanduser()
+    if root.is_dir():
+        files = sorted(root.glob("*.jsonl"))
+        if not files:
+            raise ConfigError(f"task.data_dir: {root} holds no *.jsonl file")
+        clients = []
+        for file in files:
+            client = JsonlClient(file.stem, str(file), [])
+            for line_no, row in _rows(file):
+                client.examples.append(_example(row, fields, file, line_no))
+                _set_cluster(client, row, fields, file, line_no)
+            if not client.examples:
+                raise ConfigError(f"{file}: no examples (client {file.stem!r} is empty)")
+            clients.append(client)
+        return clients
+    if not root.is_file():
+        raise DatasetNotFoundError(f"task.data_dir: {root}: no such file or folder")
+    by_name: dict[str, JsonlClient] = {}
+    for line_no, row in _rows(root):
+        name = row.get(fields.client)
+        if not isinstance(name, str | int) or isinstance(name, bool) or name == "":
+            raise ConfigError(
+                f"{root}:{line_no}: no {fields.client!r} (a string or integer naming the "
+                "client); one file holding every client needs it on each line "
+                "(task.client_field), or use a folder with one file per client"
+            )
+        client = by_name.setdefault(str(name), JsonlClient(str(name), f"{root}:{line_no}", []))
+        client.examples.append(_example(row, fields, root, line_no))
+        _set_cluster(client, row, fields, root, line_no)
+    if not by_name:
+        raise ConfigError(f"{root}: no examples")
+    return list(by_name.values())
+
+
+def _rows(file: Path) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{file}: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{file}:{line_no}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{file}:{line_no}: expected a JSON object, got "
+                              f"{type(row).__name__}")
+        rows.append((line_no, row))
+    return rows
+
+
+def _example(row: Mapping[str, Any], fields: JsonlFields, file: Path, line_no: int) -> Example:
+    where = f"{file}:{line_no}"
+    if fields.messages in row:
+        messages = row[fields.messages]
+        if not isinstance(messages, list) or not messages:
+            raise ConfigError(f"{where}: {fields.messages!r} must be a non-empty list of "
+                              "{\"role\": ..., \"content\": ...}")
+        turns = []
+        for i, message in enumerate(messages):
+            if (not isinstance(message, dict) or not isinstance(message.get("role"), str)
+                    or not isinstance(message.get("content"), str)):
+                raise ConfigError(f"{where}: {fields.messages}[{i}] must be "
+                                  "{\"role\": <string>, \"content\": <string>}")
+            turns.append((message["role"], message["content"]))
+        if turns[-1][0] != "assistant" or len(turns) < 2:
+            raise ConfigError(f"{where}: {fields.messages!r} must end with an \"assistant\" "
+                              "message (the response to learn) after at least one other")
+        return Example(tuple(turns))
+    for key in (fields.prompt, fields.response):
+        if key not in row:
+            raise ConfigError(f"{where}: no {key!r} field (each line needs "
+                              f"{fields.prompt!r} and {fields.response!r}, or "
+                              f"{fields.messages!r})")
+        if not isinstance(row[key], str):
+            raise ConfigError(f"{where}: {key!r} must be a string, got "
+                              f"{type(row[key]).__name__}")
+    if not row[fields.response].strip():
+        raise ConfigError(f"{where}: {fields.response!r} is empty")
+    return Example.pair(row[fields.prompt], row[fields.response])
+
+
+def _set_cluster(client: JsonlClient, row: Mapping[str, Any], fields: JsonlFields, file: Path,
+                 line_no: int) -> None:
+    has = fields.cluster in row
+    value = row.get(fields.cluster)
+    if has and (not isinstance(value, str | int) or isinstance(value, bool)):
+        raise ConfigError(f"{file}:{line_no}: {fields.cluster!r} must be a string or integer")
+    if len(client.examples) == 1:
+        client.cluster = value if has else None
+    elif value != client.cluster:
+        raise ConfigError(
+            f"{file}:{line_no}: client {client.name!r}'s {fields.cluster!r} is {value!r} here "
+            f"but {client.cluster!r} before: a client belongs to one cluster"
+        )
+
+
+# -- building the clients ---------------------------------------------------------------------
+
+
+@dataclass
+class PromptedClient:
+    """One client's tensors (floral.data.task wraps them in a ClientData)."""
+
+    cluster: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    generation: GenerationData
+
+
+@dataclass
+class PromptedTask:
+    clients: list[PromptedClient]
+    num_clusters: int
+    generation: TextGeneration
+
+
+def _client(
+    tokenizer: Tokenizer, template: str, train: Sequence[Example], test: Sequence[Example],
+    cluster: int, max_length: int, drop_long: bool, who: str,
+    sources: Sequence[str] | None = None,
+) -> PromptedClient:
+    """A client's tensors; `sources` (one per test example) stand for what each test prompt
+    asks, where that is not the prompt's text itself."""
+    x_train, y_train, _, _ = encode_examples(tokenizer, template, train, max_length, drop_long)
+    x_test, y_test, prompts, kept = encode_examples(tokenizer, template, test, max_length,
+                                                    drop_long)
+    for split, count in (("training", len(x_train)), ("test", len(x_test))):
+        if count == 0:
+            raise ConfigError(
+                f"task.max_length: {who} has no {split} example of at most {max_length} "
+                "tokens (prompt and response); raise task.max_length"
+            )
+    references = [test[i].response for i in kept]
+    sources = [test[i].source if sources is None else sources[i] for i in kept]
+    return PromptedClient(cluster, x_train, y_train, x_test, y_test,
+                          GenerationData(prompts, references, sources))
+
+
+def build_translations(cfg: Any, seed: int, tokenizer: Tokenizer) -> PromptedTask:
+    """Client k translates into language k mod C (its cluster); `cfg` is a TaskConfig."""
+    template = resolve_template(cfg.template, tokenizer)
+    pool, tables = translation_pool(cfg.data_dir, cfg.catalogs, cfg.languages)
+    if len(pool) < 2 * cfg.num_clients:
+        raise ConfigError(
+            f"task.num_clients: {cfg.num_clients} clients need at least {2 * cfg.num_clients} "
+            f"strings translated in every language; {', '.join(cfg.catalogs)} has {len(pool)} "
+            f"in {', '.join(cfg.languages)}"
+        )
+    train_pool, test_pool = split_pool(pool, cfg.test_fraction, seed)
+    train_shares = cluster_shares(train_pool, cfg.num_clients, cfg.num_clusters)
+    test_shares = cluster_shares(test_pool, cfg.num_clients, cfg.num_clusters)
+    clients = []
+    for k in range(cfg.num_clients):
+        cluster = k % cfg.num_clusters
+        language = tables[cfg.languages[cluster]]
+        train = train_shares[k]
+        if cfg.samples_per_client:
+            train = train[: cfg.samples_per_client]
+        train = train[: max(math.floor(cfg.data_fraction * len(train) + 0.5), cfg.min_samples)]
+
+        def example(source: str, language: dict[str, str] = language) -> Example:
+            return with_system(Example.pair(cfg.prompt_template.format(text=source),
+                                            language[source]), cfg.system)
+
+        clients.append(_client(
+            tokenizer, template, [example(s) for s in train], [example(s) for s in test_shares[k]],
+            cluster, cfg.max_length, True, f"client {k} ({cfg.languages[cluster]})",
+            sources=test_shares[k],
+        ))
+    generation = TextGeneration(tokenizer, cfg.generate_tokens, template, cfg.system,
+                                cfg.prompt_template)
+    return PromptedTask(clients, cfg.num_clusters, generation)
+
+
+def build_jsonl(cfg: Any, seed: int, tokenizer: Tokenizer) -> PromptedTask:
+    """Clients of users' JSON-lines files; `cfg` is a TaskConfig."""
+    template = resolve_template(cfg.template, tokenizer)
+    fields = JsonlFields(cfg.prompt_field, cfg.response_field, cfg.messages_field,
+                         cfg.client_field, cfg.cluster_field)
+    found = read_jsonl(cfg.data_dir, fields)
+    if len(found) != cfg.num_clients:
+        raise ConfigError(f"task.num_clients: {cfg.data_dir} holds {len(found)} clients; set "
+                          f"task.num_clients = {len(found)}")
+    with_cluster = [c for c in found if c.cluster is not None]
+    if with_cluster and len(with_cluster) != len(found):
+        missing = next(c for c in found if c.cluster is None)
+        raise ConfigError(f"{missing.where}: client {missing.name!r} has no {fields.cluster!r} "
+                          "while other clients have one")
+    values = sorted({c.cluster for c in with_cluster}, key=lambda v: (isinstance(v, str), v))
+    if len(values or [None]) != cfg.num_clusters:
+        raise ConfigError(
+            f"task.num_clusters: {cfg.data_dir} holds {len(values or [None])} cluster(s) "
+            f"(column {fields.cluster!r}{'' if values else ' absent: one cluster'}); set "
+            f"task.num_clusters = {len(values or [None])}"
+        )
+    index = {value: i for i, value in enumerate(values)}
+    clients = []
+    for k, client in enumerate(found):
+        n = len(client.examples)
+        if n < 2:
+            raise ConfigError(f"{client.where}: client {client.name!r} has {n} example; it needs "
+                              "at least 2 (one to train, one to test)")
+        order = np.random.default_rng([seed, k, 0x75E2]).permutation(n)
+        num_test = min(max(1, math.floor(cfg.test_fraction * n + 0.5)), n - 1)
+        test = [client.examples[i] for i in order[:num_test]]
+        train = [client.examples[i] for i in order[num_test:]]
+        if cfg.samples_per_client:
+            train = train[: cfg.samples_per_client]
+        train = train[: max(math.floor(cfg.data_fraction * len(train) + 0.5), cfg.min_samples)]
+        cluster = index.get(client.cluster, 0)
+        test = [with_system(e, cfg.system) for e in test]
+        train = [with_system(e, cfg.system) for e in train]
+        clients.append(_client(tokenizer, template, train, test, cluster, cfg.max_length, False,
+                               f"client {client.name!r} ({client.where})"))
+    return PromptedTask(clients, cfg.num_clusters,
+                        TextGeneration(tokenizer, cfg.generate_tokens, template, cfg.system))

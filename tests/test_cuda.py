@@ -105,3 +105,26 @@ def test_differential_privacy_on_the_gpu_draws_the_cpu_runs_noise(mode):
     cpu, gpu = run("cpu", fedavg, train=dp), run("cuda", fedavg, train=dp)
     for name, value in cpu.global_state.items():
         assert torch.allclose(gpu.global_state[name], value, atol=1e-4, rtol=1e-3), name
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_quantized_base_trains_its_adaptors_on_the_gpu(tmp_path, mode):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("transformers")
+    from test_llm import write_rda_folder
+
+    config = resolve_config({
+        "task": {"dataset": "austen", "shift": "none", "num_clients": 2, "num_clusters": 2,
+                 "tokenizer": "bytes", "block_size": 16, "samples_per_client": 6,
+                 "data_dir": str(write_rda_folder(tmp_path / "rda"))},
+        "model": {"name": "tiny-llama", "quantize": mode, "dtype": "bfloat16"},
+        "method": {"name": "fedit", "rank": 2, "include": ["*.q_proj", "*.v_proj"]},
+        "train": {"rounds": 2, "clients_per_round": 1.0, "batch_size": 3, "lr": 0.05},
+        "engine": {"eval_every": 1, "device": "cuda"},
+    })
+    engine, _ = build_engine(config)
+    before = {n: t.clone() for n, t in engine.global_state.items()}
+    for _ in range(2):
+        engine.run_round()
+    assert any(not torch.equal(before[n], engine.global_state[n]) for n in before)
+    assert math.isfinite(engine.evaluate()["loss"])

@@ -117,3 +117,20 @@ def test_missing_bitsandbytes_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(quantize.importlib, "import_module", missing)
     with pytest.raises(ConfigError, match=r"pip install 'floral-lora\[quantize\]'"):
         experiment(tmp_path, "int8")
+
+
+def test_the_gradient_through_a_4_bit_layer_is_that_of_its_quantized_weight():
+    from floral.models.quantize import quantize_frozen
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    quantize_frozen(model, {"0.weight", "0.bias"}, "nf4", torch.float32)
+    layer = model[0]
+    probes = torch.randn(256, 64)
+    with torch.no_grad():  # the weight the layer really applies, from its outputs
+        effective = torch.linalg.lstsq(probes, layer(probes) - layer.bias).solution.T
+    x = torch.randn(5, 64, requires_grad=True)
+    y = model(x)
+    y.pow(2).sum().backward()
+    expected = (2 * y.detach()) @ effective
+    assert (x.grad - expected).norm() <= 1e-5 * expected.norm()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from collections.abc import Collection
 from typing import Any
 
@@ -94,6 +95,12 @@ _CHATTY_LOGGERS = ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cp
 def _bitsandbytes(mode: str) -> Any:
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # bitsandbytes' CPU 4-bit kernel has no autograd registration, and torch warns at every
+    # backward; the gradient it passes is that of the quantized weight
+    # (tests/test_quantize.py checks it), which is what training over a frozen base needs.
+    warnings.filterwarnings(
+        "ignore", message="bitsandbytes::gemv_4bit: an autograd kernel was not registered"
+    )
     try:
         return importlib.import_module("bitsandbytes")
     except ImportError:

@@ -195,7 +195,8 @@ def quantize_base(
         raise ConfigError(
             f"model.quantize = {mode!r}: no linear layer to quantize: {config.method_name} "
             "trains them all (use a method with a frozen base, e.g. fedit, or "
-            "method.train_base = false), or, for nf4, none is 64k wide in and 32k out"
+            "method.train_base = false), or, for nf4 on a CPU, none has an input width that is a "
+            "multiple of 64 and an output width that is a multiple of 32"
         )
     roles = method.roles(model)
     moving = [n for n in roles if roles[n] is not Role.FROZEN and n.rpartition(".")[0] in names]

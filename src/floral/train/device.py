@@ -24,7 +24,6 @@ __all__ = [
     "cast_tensors",
     "check_dtype",
     "default_threads",
-    "model_device",
     "on_cpu",
     "resolve_device",
     "seeded_rng",
@@ -116,15 +115,6 @@ def cast_tensors(model: nn.Module, names: Iterable[str], dtype: torch.dtype) -> 
             parameter.data = parameter.data.to(dtype)
         elif buffer is not None and buffer.is_floating_point():
             module._buffers[attr] = buffer.to(dtype)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of a model's first tensor (the CPU for a model without any)."""
-    for parameter in model.parameters():
-        return parameter.device
-    for buffer in model.buffers():
-        return buffer.device
-    return CPU
 
 
 def to_device(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from floral.errors import ConfigError
-from floral.train.device import Placement, seeded_rng
+from floral.train.device import Placement
 from floral.train.objective import LossFn
 
 __all__ = [
@@ -22,7 +21,6 @@ __all__ = [
     "check_local_optimizer",
     "epoch_batches",
     "round_lr_factor",
-    "seeded_cpu_rng",
     "set_lr_factor",
     "train_epochs",
 ]
@@ -207,8 +205,3 @@ def set_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         base = group.setdefault("base_lr", group["lr"])
         group["lr"] = base * factor
-
-
-def seeded_cpu_rng(seed: int) -> AbstractContextManager[None]:
-    """Seed torch's CPU generator (router noise, dropout) for a block, then restore it."""
-    return seeded_rng(seed)

@@ -53,6 +53,7 @@ def mlp(variant: str) -> Built:
 
 
 def llama(variant: str) -> Built:
+    pytest.importorskip("transformers")  # the `llm` extra; without it these cases skip
     from floral.llm.model import build_causal_lm
 
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ import pytest
 from floral.checkpoint import Checkpoint
 from floral.cli import main
 from floral.compare import finished_summary, parse_method_specs, plan_runs, run_cost
+from floral.errors import ConfigError
 from floral.run import run_experiment
 from floral.sweep import format_grid_cell, load_grid, plan_sweep
 
@@ -205,3 +206,12 @@ def test_grid_cells_follow_the_paper():
     assert format_grid_cell(93.84, 0.51, "accuracy") == "93.8 (0.5)"
     assert format_grid_cell(0.00241, 0.00031, "mse") == "0.00241 (0.00031)"
     assert format_grid_cell(float("nan"), 0.0, "accuracy") == "—"
+
+
+def test_method_specs_keep_list_values_whole():
+    specs = parse_method_specs("fedit,hetlora:rank_tiers=[2, 4,8]:comm.upload=quant:4,flasc")
+    assert [s.name for s in specs] == ["fedit", "hetlora", "flasc"]
+    assert specs[1].options == (("rank_tiers", [2, 4, 8]), ("comm.upload", "quant:4"))
+    assert specs[1].folder == "hetlora_rank_tiers=2-4-8_comm.upload=quant_4"
+    with pytest.raises(ConfigError, match="unbalanced"):
+        parse_method_specs("hetlora:rank_tiers=[2,4")

@@ -52,7 +52,8 @@ class MethodSpec:
 
     @property
     def folder(self) -> str:
-        return self.label.replace(":", "_").replace("/", "_")
+        name = self.label.replace(":", "_").replace("/", "_").replace('"', "")
+        return name.replace("[", "").replace("]", "").replace(",", "-").replace(" ", "")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class RunSpec:
 
 def parse_method_specs(text: str) -> list[MethodSpec]:
     specs = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    for item in filter(None, (s.strip() for s in _top_level_split(text))):
         name, *pieces = item.split(":")
         pairs: list[str] = []
         for piece in pieces:  # "comm.upload=topk:0.1": a piece without "=" belongs to the value
@@ -88,6 +89,19 @@ def parse_method_specs(text: str) -> list[MethodSpec]:
     if not specs:
         raise ConfigError("--methods: give at least one method, e.g. floral,fedavg")
     return specs
+
+
+def _top_level_split(text: str) -> list[str]:
+    """`a,b:ranks=[2,4],c` -> a, b:ranks=[2,4], c: a comma inside brackets is the value's."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ConfigError(f"--methods {text!r}: unbalanced brackets")
+    return [*items, text[start:]]
 
 
 def plan_runs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -9,7 +10,13 @@ import pytest
 
 from floral.checkpoint import Checkpoint
 from floral.cli import main
-from floral.compare import finished_summary, parse_method_specs, plan_runs, run_cost
+from floral.compare import (
+    finished_summary,
+    parse_method_specs,
+    plan_runs,
+    run_cost,
+    run_peak_memory,
+)
 from floral.errors import ConfigError
 from floral.run import run_experiment
 from floral.sweep import format_grid_cell, load_grid, plan_sweep
@@ -70,9 +77,7 @@ def test_sweep_writes_a_folder_per_run_and_the_grid_table(tmp_path, two_tasks, c
     assert "floral" in capsys.readouterr().out
 
 
-def test_a_second_sweep_reruns_nothing_and_a_grown_grid_runs_only_the_new_runs(
-    tmp_path, two_tasks
-):
+def test_a_second_sweep_reruns_nothing_and_a_grown_grid_runs_only_the_new_runs(tmp_path, two_tasks):
     out = tmp_path / "grid"
     assert _sweep(two_tasks[:1], out, "fedavg") == 0
     summary = out / "ls" / "fedavg" / "seed0" / "summary.json"
@@ -102,8 +107,9 @@ def test_a_changed_setting_is_a_different_run(tmp_path, two_tasks):
 
 def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, two_tasks):
     methods = parse_method_specs("floral")
-    (task,) = plan_sweep(two_tasks[:1], methods, [0], tmp_path / "grid",
-                         ["engine.checkpoint_every=1"])
+    (task,) = plan_sweep(
+        two_tasks[:1], methods, [0], tmp_path / "grid", ["engine.checkpoint_every=1"]
+    )
     (run,) = task.runs
 
     def stop_after_round_2(result, latest):  # noqa: ANN001
@@ -121,8 +127,12 @@ def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(tmp_path, t
     state, data = checkpoint.read()
     data["rows"][0]["train_loss"] = 123.0
     checkpoint.write(state, data, checkpoint.identity())
-    assert _sweep(two_tasks[:1], tmp_path / "grid", "floral", "--seeds", "0",
-                  "--checkpoint-every", "1") == 0
+    assert (
+        _sweep(
+            two_tasks[:1], tmp_path / "grid", "floral", "--seeds", "0", "--checkpoint-every", "1"
+        )
+        == 0
+    )
     resumed = finished_summary(run)
     fresh = run_experiment(run.config, tmp_path / "fresh")
     assert [row["round"] for row in resumed.history] == [0, 2, 4]
@@ -194,8 +204,22 @@ def test_plan_rejects_two_tasks_with_one_name(tmp_path):
 
 def test_compare_is_a_flat_sweep_of_one_task(tmp_path, two_tasks):
     out = tmp_path / "cmp"
-    assert main(["compare", str(two_tasks[0]), "--methods", "fedavg", "--out", str(out),
-                 "--quiet", "--jobs", "1"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(two_tasks[0]),
+                "--methods",
+                "fedavg",
+                "--out",
+                str(out),
+                "--quiet",
+                "--jobs",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert (out / "fedavg" / "seed0" / "summary.json").exists()
     assert json.loads((out / "grid.json").read_text())["tasks"][0]["dir"] == "."
     runs = plan_runs({"name": "x"}, parse_method_specs("fedavg"), [0], out)
@@ -215,3 +239,22 @@ def test_method_specs_keep_list_values_whole():
     assert specs[1].folder == "hetlora_rank_tiers=2-4-8_comm.upload=quant_4"
     with pytest.raises(ConfigError, match="unbalanced"):
         parse_method_specs("hetlora:rank_tiers=[2,4")
+
+
+def test_parallel_runs_equal_sequential_ones_and_each_has_its_peak_memory(tmp_path, two_tasks):
+    args = ["--methods", "fedavg,floral", "--seeds", "0", "--set", "train.rounds=1", "--quiet"]
+    serial, parallel = tmp_path / "serial", tmp_path / "parallel"
+    assert main(["sweep", str(two_tasks[0]), *args, "--out", str(serial), "--jobs", "1"]) == 0
+    assert main(["sweep", str(two_tasks[0]), *args, "--out", str(parallel), "--jobs", "2"]) == 0
+    for method in ("fedavg", "floral"):
+        run = Path("ls") / method / "seed0"
+        assert _numbers(serial / run) == _numbers(parallel / run)
+        assert run_peak_memory(serial / run) is None  # this process ran other things before
+        # A fresh process per run: at least torch's own footprint, far below a reused worker's
+        assert 100 < run_peak_memory(parallel / run) < 4000
+
+
+def _numbers(run: Path) -> list[dict[str, str]]:
+    """A run's metrics rows without the wall-clock column."""
+    with open(run / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]

@@ -38,6 +38,7 @@ __all__ = [
     "plan_runs",
     "run_all",
     "run_cost",
+    "run_peak_memory",
 ]
 
 
@@ -167,8 +168,9 @@ def load_summary(out_dir: Path) -> RunSummary:
     data = read_json(out_dir / "summary.json")
     with open(out_dir / "metrics.csv") as f:
         # An empty cell: a column of another round (a client evaluated only then).
-        history = [{k: float(v) if v else math.nan for k, v in row.items()}
-                   for row in csv.DictReader(f)]
+        history = [
+            {k: float(v) if v else math.nan for k, v in row.items()} for row in csv.DictReader(f)
+        ]
     return RunSummary(**data, history=history)
 
 
@@ -211,7 +213,10 @@ def run_all(
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         events = manager.Queue()
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_single_thread) as pool:
+        # One process per run, so that each run's peak memory is its own.
+        with ProcessPoolExecutor(
+            jobs, mp_context=ctx, initializer=_single_thread, max_tasks_per_child=1
+        ) as pool:
             futures: dict[Future, RunSpec] = {
                 pool.submit(_run_in_worker, run, events): run for run in todo
             }
@@ -255,7 +260,8 @@ def _raise_failures(failures: dict[str, FloralError]) -> None:
         raise type(error)(f"{key}: {error}{others}")
 
 
-def _run_one(run: RunSpec, on_progress: Progress | None) -> RunSummary:
+def _run_one(run: RunSpec, on_progress: Progress | None, fresh: bool = False) -> RunSummary:
+    """One run; `fresh`: this process runs nothing else, so its peak memory is the run's."""
     total = run.config.train.rounds
 
     def report(result, latest):  # noqa: ANN001
@@ -265,7 +271,11 @@ def _run_one(run: RunSpec, on_progress: Progress | None) -> RunSummary:
     resumed = (run.out_dir / "checkpoint" / "progress.json").exists()
     start = time.process_time()
     summary = run_experiment(run.config, run.out_dir, resume="auto", on_round=report)
-    cost = {"cpu_seconds": round(time.process_time() - start, 2), "resumed": resumed}
+    cost: dict[str, Any] = {
+        "cpu_seconds": round(time.process_time() - start, 2),
+        "resumed": resumed,
+        "peak_memory_mb": _peak_memory_mb() if fresh else None,
+    }
     (run.out_dir / COST_FILE).write_text(json.dumps(cost) + "\n")
     return summary
 
@@ -284,11 +294,26 @@ def run_cost(out_dir: Path) -> float | None:
     return None if cost["resumed"] else float(cost["cpu_seconds"])
 
 
+def run_peak_memory(out_dir: Path) -> float | None:
+    """The peak resident memory (MB) of a run's process, when the sweep measured it."""
+    path = out_dir / COST_FILE
+    return read_json(path).get("peak_memory_mb") if path.exists() else None
+
+
+def _peak_memory_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    # ru_maxrss is in kilobytes on Linux (bytes on macOS, where this reads 1024 times high)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _run_in_worker(run: RunSpec, events: Any) -> RunSummary:
     def forward(key: str, done: int, total: int, latest: dict[str, float]) -> None:
         events.put((key, done, total, latest))
 
-    return _run_one(run, forward)
+    return _run_one(run, forward, fresh=True)
 
 
 def _drain(events: Any, on_progress: Progress | None) -> None:

@@ -58,11 +58,32 @@ def test_an_experiment_builds_its_model_at_the_asked_depth(tmp_path):
         build_setup(config(3))
 
 
-def test_depth_is_for_language_models_only():
+@pytest.mark.parametrize(("key", "value"), [("layers", 2), ("depths", [2, 1])])
+def test_depth_is_for_language_models_only(key, value):
     from floral.experiment import build_setup, resolve_config
 
     config = resolve_config({"task": {"dataset": "synthetic-mlp", "shift": "none", "num_clients": 4,
                                       "samples_per_client": 4},
-                             "model": {"name": "mlp", "layers": 2}})
-    with pytest.raises(ConfigError, match="model.layers: only for language models"):
+                             "model": {"name": "mlp", key: value}})
+    with pytest.raises(ConfigError, match=f"model.{key}: only for language models"):
         build_setup(config)
+
+
+def test_a_family_of_depths_holds_every_block_and_checks_its_depths():
+    from floral.llm.depth import DepthBlocks, depth_family, make_depth_family
+
+    torch.manual_seed(0)
+    model = build_causal_lm("tiny-gpt2", 40)
+    names = set(model.state_dict())
+    make_depth_family(model.lm, [2, 1])
+    assert isinstance(decoder_blocks(model.lm), DepthBlocks)
+    added = set(model.state_dict()) - names
+    assert added == {"lm.transformer.h.floral_depth", "lm.transformer.h.floral_depths"}
+    assert depth_family(model) == ("lm.transformer.h.", [2, 1])
+    assert "depth=-1, depths=[2, 1]" in repr(model)  # printable before a depth is set
+    for depths, match in (([3], "model.depths: 3 asked, the model has 2"),
+                          ([], "model.depths: give at least one depth")):
+        with pytest.raises(ConfigError, match=match):
+            make_depth_family(build_causal_lm("tiny-llama", 40).lm, depths)
+    with pytest.raises(ConfigError, match="model.layers: the model is a family of depths"):
+        keep_first_blocks(model.lm, 1)

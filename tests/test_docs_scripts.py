@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +37,52 @@ def test_router_margin_reports_the_run_s_own_cluster_recovery(tmp_path):
     for key in ("margin of the assigned adaptor, training samples",
                 "margin of the assigned adaptor, test samples"):
         float(lines[key])  # a number
+
+
+def test_llm_family_table_reads_the_grid_it_summarizes(tmp_path):
+    pytest.importorskip("transformers")
+    import tomli_w
+    from test_instruct import translations_config, write_locale
+
+    from floral.cli import main
+
+    task = dict(translations_config(write_locale(tmp_path / "locale")).__dict__)
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps({
+        "name": "tiny-family", "task": task, "model": {"name": "tiny-llama"},
+        "method": {"name": "fedit", "rank": 2, "bias": False, "include": ["*.q_proj"]},
+        "train": {"rounds": 2, "clients_per_round": 0.5, "batch_size": 2, "lr": 0.01},
+        "engine": {"eval_every": 1},
+    }))
+    out = tmp_path / "grid"
+    assert main(["sweep", str(config), "--methods", "fedit,ffa-lora", "--seeds", "0",
+                 "--out", str(out), "--quiet", "--jobs", "1", "--no-plots",
+                 "--set", 'method.include=["*.q_proj"]', "--set", "method.rank=2",
+                 "--set", "method.bias=false"]) == 0
+    result = subprocess.run(
+        [sys.executable, str(DOCS / "llm_family.py"), str(out), "--round", "1",
+         "--figures", str(tmp_path / "fig")],
+        capture_output=True, text=True, check=True,
+    )
+    cells = [[c.strip() for c in line.strip("|").split("|")]
+             for line in result.stdout.splitlines() if line.startswith("| ")]
+    rows = {row[0]: row for row in cells}
+    metrics = (out / "tiny-family" / "fedit" / "seed0" / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    round1 = dict(zip(header, metrics[2].split(","), strict=True))
+    round0 = dict(zip(header, metrics[1].split(","), strict=True))
+    fedit = rows["FedIT"]
+    assert fedit[2] == f"{float(round1['chrf']):.1f}"  # the row is round 1, not the last
+    assert fedit[3] == f"{float(round1['chrf_cluster0']):.1f}"
+    assert rows["frozen base (round 0)"][2] == f"{float(round0['chrf']):.1f}"
+    summary = json.loads((out / "tiny-family" / "fedit" / "seed0" / "summary.json").read_text())
+    # 2 of 4 clients a round, 2 rounds: 4 client-rounds.
+    assert fedit[7] == f"{summary['bytes_up'] / 4 / 1e6:.3g}"
+    assert float(rows["FFA-LoRA"][7]) == pytest.approx(float(fedit[7]) / 2, rel=0.01)  # no A
+    copy_scores = runpy.run_path(str(DOCS / "copy_source.py"))["copy_scores"]
+    from floral.experiment import load_config
+
+    expected = copy_scores(load_config(config))["all"]["chrf"]
+    assert rows["copy the English string"][2] == f"{expected:.1f}"
+    for figure in ("llm-family-bytes.png", "llm-family-languages.png"):
+        assert (tmp_path / "fig" / figure).stat().st_size > 5000

@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import os
 import queue
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -213,12 +214,12 @@ def run_all(
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager:
         events = manager.Queue()
-        # One process per run, so that each run's peak memory is its own.
-        with ProcessPoolExecutor(
-            jobs, mp_context=ctx, initializer=_single_thread, max_tasks_per_child=1
-        ) as pool:
+        # One process per run (Python 3.11+), so that each run's peak memory is its own.
+        fresh = sys.version_info >= (3, 11)
+        options: dict[str, Any] = {"max_tasks_per_child": 1} if fresh else {}
+        with ProcessPoolExecutor(jobs, ctx, _single_thread, **options) as pool:
             futures: dict[Future, RunSpec] = {
-                pool.submit(_run_in_worker, run, events): run for run in todo
+                pool.submit(_run_in_worker, run, events, fresh): run for run in todo
             }
             pending = set(futures)
             while pending:
@@ -309,11 +310,11 @@ def _peak_memory_mb() -> float | None:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _run_in_worker(run: RunSpec, events: Any) -> RunSummary:
+def _run_in_worker(run: RunSpec, events: Any, fresh: bool) -> RunSummary:
     def forward(key: str, done: int, total: int, latest: dict[str, float]) -> None:
         events.put((key, done, total, latest))
 
-    return _run_one(run, forward, fresh=True)
+    return _run_one(run, forward, fresh)
 
 
 def _drain(events: Any, on_progress: Progress | None) -> None:

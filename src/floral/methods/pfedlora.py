@@ -18,6 +18,18 @@ other trunks are never loaded, trained, stored or sent for it. The engine stays 
 loads whatever private tensors a client has, and the unused trunks are simply not read by that
 client's forward. `local-hetero` is the same routing with no adapter and no federation, the
 reference each pFedLoRA client must beat.
+
+On a language model the family is one pretrained model at several depths (`model.depths =
+[30, 20, 10]`, floral.llm.depth): client k runs the first depths[k mod len] decoder blocks, and
+its private state holds the embeddings, those blocks, the final norm and the head, and its
+depth. The adapter must sit in blocks every client runs (the first min(depths)), chosen with
+`include`, e.g. `["*.layers.[0-9].self_attn.q_proj", "*.layers.[0-9].self_attn.v_proj"]` for
+depths down to 10: an adapter in a block some client skips would get zero updates from it
+that dilute the average, so it is a configuration error. A pretrained model wants a smaller
+step than the adapter: `model_lr` is the model phase's learning rate.
+
+The model phase's optimizer state is not kept between rounds (`keeps_optimizer_state`): it
+would be two more copies of each client's whole model.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from torch import nn
 from floral.adapters import adaptor_parameter_names, attach
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
+from floral.llm.depth import blocks_beyond, depth_family, family_depths, keep_depth
 from floral.methods.adaptor_options import AdaptorOptions, adapter_spec, precondition_hook
 from floral.methods.base import ClientJob, Method, Role
 from floral.methods.local import LocalOnly
@@ -46,7 +59,14 @@ from floral.models.hetero import (
 from floral.train.loop import TrainConfig
 from floral.train.state import StateSlots, TensorDict
 
-__all__ = ["PHASES", "HeteroLocal", "PFedLoRA", "PFedLoRAOptions", "own_architecture"]
+__all__ = [
+    "PHASES",
+    "HeteroLocal",
+    "PFedLoRA",
+    "PFedLoRAOptions",
+    "check_adapter_depth",
+    "own_architecture",
+]
 
 PHASES = ("model", "adapter")  # the order of a round's local training
 
@@ -55,15 +75,38 @@ PHASES = ("model", "adapter")  # the order of a round's local training
 class PFedLoRAOptions(AdaptorOptions):
     rank: int | float = 8
     model_epochs: int = 0  # epochs of the model phase; 0 = train.local_epochs
+    model_lr: float = 0.0  # learning rate of the model phase; 0 = train.lr
     adapter_epochs: int = 0  # epochs of the adapter phase; 0 = train.local_epochs
 
 
 def own_architecture(initial: Mapping[str, torch.Tensor], client: ClientData) -> TensorDict:
-    """A client's fresh private state: on the CNN family, only its own architecture's tensors."""
-    state = {k: v.clone() for k, v in initial.items()}
-    if ARCH_BUFFER not in state:
-        return state  # not the family: every client has the same architecture
-    return keep_architecture(state, architecture_of(client.client_id))
+    """A client's fresh private state: on the CNN family, only its own architecture's tensors;
+    on a language model's family of depths, only the blocks of its own depth."""
+    state: Mapping[str, torch.Tensor] = initial
+    if ARCH_BUFFER in initial:
+        state = keep_architecture(initial, architecture_of(client.client_id))
+    elif family_depths(initial) is not None:
+        state = keep_depth(initial, client.client_id)
+    # Selected before copying: a language model's blocks beyond the depth are never copied.
+    return {k: v.clone() for k, v in state.items()}
+
+
+def check_adapter_depth(model: nn.Module) -> None:
+    """On a family of depths, every adapter must be in a block that every client runs."""
+    family = depth_family(model)
+    if family is None:
+        return
+    prefix, depths = family
+    shallowest = min(depths)
+    beyond = blocks_beyond(adaptor_parameter_names(model), prefix, shallowest)
+    if beyond:
+        layer = beyond[0].rpartition(".")[0]
+        raise ConfigError(
+            f"method.include: the adapter on {layer} is in a block that clients of depth "
+            f"{shallowest} never run, so their zero updates would dilute its average; include "
+            f"only blocks 0 to {shallowest - 1} of {prefix.rstrip('.')} (e.g. "
+            f'"*.layers.0.self_attn.q_proj"), an empty include adapts every layer'
+        )
 
 
 class PFedLoRA(Phased, Method):
@@ -71,15 +114,18 @@ class PFedLoRA(Phased, Method):
     description = "Own model per client (any architecture), one shared small adapter; alternating."
     Options = PFedLoRAOptions
     batchable = False  # two phases per step
+    keeps_optimizer_state = False
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: PFedLoRAOptions = self.options
-        for key in ("model_epochs", "adapter_epochs"):
+        for key in ("model_epochs", "adapter_epochs", "model_lr"):
             if getattr(opts, key) < 0:
                 raise ConfigError(f"method.{key}: must be 0 or more, got {getattr(opts, key)}")
         if isinstance(model, HeteroFamily) and not opts.include:
             opts = dataclasses.replace(opts, include=list(SHARED_LAYERS))
-        return attach(model, adapter_spec(opts, num_adaptors=1))
+        adapted = attach(model, adapter_spec(opts, num_adaptors=1))
+        check_adapter_depth(adapted)
+        return adapted
 
     def roles(self, model: nn.Module) -> dict[str, Role]:
         adaptors = set(adaptor_parameter_names(model))
@@ -108,15 +154,17 @@ class PFedLoRA(Phased, Method):
         adaptors = set(adaptor_parameter_names(model))
         adapter = name == "adapter"
         names = frozenset(n for n, _ in model.named_parameters() if (n in adaptors) == adapter)
-        lr = (config.adaptor_lr or config.lr) if adapter else config.lr
+        lr = (config.adaptor_lr or config.lr) if adapter else (self.options.model_lr or config.lr)
         epochs = getattr(self.options, f"{name}_epochs") or config.local_epochs
         return Phase(f"pfedlora-{name}", names, lr, epochs)
 
 
 class HeteroLocal(LocalOnly):
-    """Local training of each client's own architecture: pFedLoRA without the adapter."""
+    """Local training of each client's own architecture (or depth, on a language model's family
+    of depths): pFedLoRA without the adapter."""
 
     name = "local-hetero"
+    # The README prints this line; model.depths gives the depth of each client on an LM.
     description = "No federation; client k trains its own architecture (k mod 5 on hetero-cnn)."
 
     def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:

@@ -45,6 +45,7 @@ _AUTO = {
     "austen": ("hf:smollm2", []),
     "translations": ("hf:smollm2", []),
     "jsonl": ("hf:smollm2", []),
+    "text": ("hf:smollm2", []),
 }
 
 
@@ -66,6 +67,9 @@ class ModelConfig:
     quantize: str = "none"
     # Language models: keep the first N decoder blocks of the pretrained model; 0 = all.
     layers: int = 0
+    # Language models, one depth per client: client k runs the first depths[k mod len] decoder
+    # blocks (a family of cuts of one model, floral.llm.depth; pfedlora, local-hetero). [] = off.
+    depths: list[int] = field(default_factory=list)
 
 
 def resolve_name(cfg: ModelConfig, task: FederatedTask) -> tuple[str, list[int]]:
@@ -155,15 +159,17 @@ def _is_language_model(name: str) -> bool:
     return is_llm_name(name)
 
 
-def _language_model(name: str, task: FederatedTask, layers: int) -> nn.Module:
+def _language_model(name: str, task: FederatedTask, cfg: ModelConfig) -> nn.Module:
     if task.kind != "causal-lm":
         raise ConfigError(f"model.name: {name} is a language model; {task.name} is not a text task")
-    from floral.llm.depth import keep_first_blocks
+    from floral.llm.depth import keep_first_blocks, make_depth_family
     from floral.llm.model import build_causal_lm
 
     model = build_causal_lm(name, task.num_outputs)
-    if layers:
-        keep_first_blocks(model.lm, layers)
+    if cfg.layers:
+        keep_first_blocks(model.lm, cfg.layers)
+    if cfg.depths:
+        make_depth_family(model.lm, cfg.depths)
     return model
 
 
@@ -172,9 +178,12 @@ def _fresh_model(cfg: ModelConfig, task: FederatedTask) -> nn.Module:
     if cfg.layers < 0:
         raise ConfigError(f"model.layers: must be >= 0 (0 = all), got {cfg.layers}")
     if _is_language_model(name):
-        return _language_model(name, task, cfg.layers)
-    if cfg.layers:
-        raise ConfigError(f"model.layers: only for language models (hf:<path>, tiny-*), not {name}")
+        return _language_model(name, task, cfg)
+    for key in ("layers", "depths"):
+        if getattr(cfg, key):
+            raise ConfigError(
+                f"model.{key}: only for language models (hf:<path>, tiny-*), not {name}"
+            )
     if task.kind == "causal-lm":
         raise ConfigError(
             f"model.name: {name} does not read tokens; {task.name} needs a language model"

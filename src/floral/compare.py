@@ -54,8 +54,8 @@ class MethodSpec:
 
     @property
     def folder(self) -> str:
-        name = self.label.replace(":", "_").replace("/", "_").replace('"', "")
-        return name.replace("[", "").replace("]", "").replace(",", "-").replace(" ", "")
+        name = self.label.replace(":", "_").replace("/", "_").replace(",", "-")
+        return "".join(c for c in name if c not in '"[]* ?')  # nothing a shell would expand
 
 
 @dataclass(frozen=True)

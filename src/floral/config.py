@@ -108,7 +108,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a table, got {value!r}")
-        return dict(value)
+        _, item = typing.get_args(hint) or (str, Any)
+        return {k: _coerce(v, item, _join(key, _show_key(k))) for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

@@ -24,8 +24,12 @@ JSON lines (`dataset = "jsonl"`): `data_dir` is a folder with one `*.jsonl` file
 (in name order), or one `.jsonl` file whose `client_field` says whose each line is. A line is
 an object with `prompt_field` and `response_field` strings, or a `messages_field` list of
 {"role", "content"} ending with the assistant's turn (loss on that last turn only). An optional
-`cluster_field` gives each client's true cluster (constant per client). A seeded
-`test_fraction` of each client's examples is held out.
+`cluster_field` gives each client's true cluster (constant per client). Or, with
+`group_field`, the rows of one file are split into `num_clients` clients by that column's values
+(`split_by_group`: Dirichlet shares per value, or one value per client), each value a cluster.
+`source = "hf:..."` reads the rows from a Hugging Face dataset instead (floral.llm.hf_data),
+"where" in messages then being its split and row index. A seeded `test_fraction` of each
+client's examples is held out.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch
 from torch import nn
 
 from floral.data.mo import read_mo
-from floral.data.partition import clients_of_cluster
+from floral.data.partition import clients_of_cluster, dirichlet_proportions, split_by_proportions
 from floral.data.text import Tokenizer
 from floral.errors import ConfigError, DatasetNotFoundError
 from floral.train.device import Placement
@@ -64,6 +68,7 @@ __all__ = [
 ]
 
 LOCALE_DIR = "/usr/share/locale"
+HF_PREFIX = "hf:"  # task.source: a Hugging Face dataset
 TEMPLATES = ("auto", "chat", "plain")
 # The Debian package that installs each catalog under /usr/share/locale/<lang>/LC_MESSAGES/.
 CATALOG_PACKAGES = {
@@ -308,10 +313,7 @@ class JsonlFields:
 def read_jsonl(path: str, fields: JsonlFields) -> list[JsonlClient]:
     """The clients of a folder of `*.jsonl` files (one per client) or of one `.jsonl` file with
     a client column; every problem is a one-line error naming the file and line."""
-    if not path:
-        raise ConfigError("task.data_dir: dataset \"jsonl\" needs a .jsonl file or a folder of "
-                          "them (one per client)")
-    root = Path(path).expanduser()
+    root = _jsonl_path(path)
     if root.is_dir():
         files = sorted(root.glob("*.jsonl"))
         if not files:
@@ -319,33 +321,131 @@ def read_jsonl(path: str, fields: JsonlFields) -> list[JsonlClient]:
         clients = []
         for file in files:
             client = JsonlClient(file.stem, str(file), [])
-            for line_no, row in _rows(file):
-                client.examples.append(_example(row, fields, file, line_no))
-                _set_cluster(client, row, fields, file, line_no)
+            for where, row in _rows(file):
+                client.examples.append(_example(row, fields, where))
+                _set_cluster(client, row, fields, where)
             if not client.examples:
                 raise ConfigError(f"{file}: no examples (client {file.stem!r} is empty)")
             clients.append(client)
         return clients
-    if not root.is_file():
+    return clients_by_column(_rows(root), fields, str(root))
+
+
+def _jsonl_path(path: str) -> Path:
+    if not path:
+        raise ConfigError("task.data_dir: dataset \"jsonl\" needs a .jsonl file or a folder of "
+                          "them (one per client), or task.source = \"hf:<dataset>\"")
+    root = Path(path).expanduser()
+    if not root.exists():
         raise DatasetNotFoundError(f"task.data_dir: {root}: no such file or folder")
+    return root
+
+
+def clients_by_column(
+    rows: Sequence[tuple[str, Mapping[str, Any]]], fields: JsonlFields, origin: str
+) -> list[JsonlClient]:
+    """Clients named by each row's `fields.client` column, in order of first appearance;
+    `rows` are (where, row), `where` naming the file and line (or dataset and row)."""
     by_name: dict[str, JsonlClient] = {}
-    for line_no, row in _rows(root):
+    for where, row in rows:
         name = row.get(fields.client)
         if not isinstance(name, str | int) or isinstance(name, bool) or name == "":
             raise ConfigError(
-                f"{root}:{line_no}: no {fields.client!r} (a string or integer naming the "
+                f"{where}: no {fields.client!r} (a string or integer naming the "
                 "client); one file holding every client needs it on each line "
-                "(task.client_field), or use a folder with one file per client"
+                "(task.client_field), or use a folder with one file per client, or split the "
+                "rows by a column (task.group_field)"
             )
-        client = by_name.setdefault(str(name), JsonlClient(str(name), f"{root}:{line_no}", []))
-        client.examples.append(_example(row, fields, root, line_no))
-        _set_cluster(client, row, fields, root, line_no)
+        client = by_name.setdefault(str(name), JsonlClient(str(name), where, []))
+        client.examples.append(_example(row, fields, where))
+        _set_cluster(client, row, fields, where)
     if not by_name:
-        raise ConfigError(f"{root}: no examples")
+        raise ConfigError(f"{origin}: no examples")
     return list(by_name.values())
 
 
-def _rows(file: Path) -> list[tuple[int, dict[str, Any]]]:
+GROUP_SPLITS = ("dirichlet", "per-value")
+# Dirichlet draws that leave some client too few rows are redrawn this many times at most.
+_GROUP_DRAWS = 100
+
+
+def split_by_group(
+    groups: Sequence[Any], num_clients: int, how: str, alpha: float, seed: int,
+    min_rows: int = 2,
+) -> tuple[list[np.ndarray], list[int], list[Any]]:
+    """(row indices of each client, each client's cluster, the column's values in order).
+
+    `dirichlet`: as label skew over classes (floral.data.partition), each value's rows are
+    shared among the clients by proportions ~ Dir(alpha), redrawn until every client has
+    `min_rows`; a client's cluster is the value most of its rows have. `per-value`: client k
+    takes value k mod V (values sorted), whose rows its clients share evenly; its cluster is
+    that value. Seeded by `seed`; every row goes to exactly one client."""
+    values = sorted(set(groups), key=_value_order)
+    index = {value: i for i, value in enumerate(values)}
+    codes = np.array([index[g] for g in groups], dtype=np.int64)
+    rng = np.random.default_rng([seed, 0xD1C7])
+    if how == "per-value":
+        if num_clients < len(values):
+            raise ConfigError(f"task.num_clients: {num_clients} clients for {len(values)} "
+                              "values with group_split = \"per-value\"; at least one client "
+                              "per value")
+        shares: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_clients
+        for code in range(len(values)):
+            members = clients_of_cluster(code, num_clients, len(values))
+            rows = rng.permutation(np.flatnonzero(codes == code))
+            for k, part in zip(members, np.array_split(rows, len(members)), strict=True):
+                shares[k] = part
+        clusters = [k % len(values) for k in range(num_clients)]
+    else:
+        for _ in range(_GROUP_DRAWS):
+            proportions = dirichlet_proportions(len(values), num_clients, alpha, rng)
+            shares = split_by_proportions(codes, proportions, rng)
+            if min(len(s) for s in shares) >= min_rows:
+                break
+        else:
+            raise ConfigError(
+                f"task.dirichlet_alpha: {alpha} leaves some of {num_clients} clients fewer than "
+                f"{min_rows} rows in {_GROUP_DRAWS} draws; raise it or use fewer clients"
+            )
+        clusters = [int(np.bincount(codes[s], minlength=len(values)).argmax()) for s in shares]
+    short = next((k for k, s in enumerate(shares) if len(s) < min_rows), None)
+    if short is not None:
+        raise ConfigError(f"task.num_clients: client {short} gets {len(shares[short])} rows; "
+                          f"each needs at least {min_rows} (use fewer clients)")
+    return shares, clusters, values
+
+
+def _value_order(value: Any) -> tuple[bool, Any]:
+    return isinstance(value, str), value
+
+
+def clients_by_group(
+    rows: Sequence[tuple[str, Mapping[str, Any]]], fields: JsonlFields, group_field: str,
+    cfg: Any, seed: int, origin: str,
+) -> tuple[list[JsonlClient], list[Any]]:
+    """`cfg.num_clients` clients from rows split by the `group_field` column
+    (`split_by_group`), and the column's values (one cluster each)."""
+    if not rows:
+        raise ConfigError(f"{origin}: no examples")
+    examples, groups = [], []
+    for where, row in rows:
+        value = row.get(group_field)
+        if not isinstance(value, str | int) or isinstance(value, bool) or value == "":
+            raise ConfigError(f"{where}: no {group_field!r} (task.group_field: a string or "
+                              "integer on every line)")
+        examples.append(_example(row, fields, where))
+        groups.append(value)
+    shares, clusters, values = split_by_group(groups, cfg.num_clients, cfg.group_split,
+                                              cfg.dirichlet_alpha, seed)
+    clients = [
+        JsonlClient(f"{group_field}-{k}", f"{origin} (client {k} of the rows split by "
+                    f"{group_field!r})", [examples[i] for i in sorted(share)], values[cluster])
+        for k, (share, cluster) in enumerate(zip(shares, clusters, strict=True))
+    ]
+    return clients, values
+
+
+def _rows(file: Path) -> list[tuple[str, dict[str, Any]]]:
     rows = []
     try:
         text = file.read_text(encoding="utf-8")
@@ -363,12 +463,11 @@ def _rows(file: Path) -> list[tuple[int, dict[str, Any]]]:
         if not isinstance(row, dict):
             raise ConfigError(f"{file}:{line_no}: expected a JSON object, got "
                               f"{type(row).__name__}")
-        rows.append((line_no, row))
+        rows.append((f"{file}:{line_no}", row))
     return rows
 
 
-def _example(row: Mapping[str, Any], fields: JsonlFields, file: Path, line_no: int) -> Example:
-    where = f"{file}:{line_no}"
+def _example(row: Mapping[str, Any], fields: JsonlFields, where: str) -> Example:
     if fields.messages in row:
         messages = row[fields.messages]
         if not isinstance(messages, list) or not messages:
@@ -398,17 +497,17 @@ def _example(row: Mapping[str, Any], fields: JsonlFields, file: Path, line_no: i
     return Example.pair(row[fields.prompt], row[fields.response])
 
 
-def _set_cluster(client: JsonlClient, row: Mapping[str, Any], fields: JsonlFields, file: Path,
-                 line_no: int) -> None:
+def _set_cluster(client: JsonlClient, row: Mapping[str, Any], fields: JsonlFields,
+                 where: str) -> None:
     has = fields.cluster in row
     value = row.get(fields.cluster)
     if has and (not isinstance(value, str | int) or isinstance(value, bool)):
-        raise ConfigError(f"{file}:{line_no}: {fields.cluster!r} must be a string or integer")
+        raise ConfigError(f"{where}: {fields.cluster!r} must be a string or integer")
     if len(client.examples) == 1:
         client.cluster = value if has else None
     elif value != client.cluster:
         raise ConfigError(
-            f"{file}:{line_no}: client {client.name!r}'s {fields.cluster!r} is {value!r} here "
+            f"{where}: client {client.name!r}'s {fields.cluster!r} is {value!r} here "
             f"but {client.cluster!r} before: a client belongs to one cluster"
         )
 
@@ -498,20 +597,24 @@ def build_jsonl(cfg: Any, seed: int, tokenizer: Tokenizer) -> PromptedTask:
     template = resolve_template(cfg.template, tokenizer)
     fields = JsonlFields(cfg.prompt_field, cfg.response_field, cfg.messages_field,
                          cfg.client_field, cfg.cluster_field)
-    found = read_jsonl(cfg.data_dir, fields)
+    found, values, origin = _found_clients(cfg, fields, seed)
     if len(found) != cfg.num_clients:
-        raise ConfigError(f"task.num_clients: {cfg.data_dir} holds {len(found)} clients; set "
+        raise ConfigError(f"task.num_clients: {origin} holds {len(found)} clients; set "
                           f"task.num_clients = {len(found)}")
-    with_cluster = [c for c in found if c.cluster is not None]
-    if with_cluster and len(with_cluster) != len(found):
-        missing = next(c for c in found if c.cluster is None)
-        raise ConfigError(f"{missing.where}: client {missing.name!r} has no {fields.cluster!r} "
-                          "while other clients have one")
-    values = sorted({c.cluster for c in with_cluster}, key=lambda v: (isinstance(v, str), v))
+    if values is None:
+        with_cluster = [c for c in found if c.cluster is not None]
+        if with_cluster and len(with_cluster) != len(found):
+            missing = next(c for c in found if c.cluster is None)
+            raise ConfigError(f"{missing.where}: client {missing.name!r} has no "
+                              f"{fields.cluster!r} while other clients have one")
+        values = sorted({c.cluster for c in with_cluster}, key=_value_order)
+        column = fields.cluster
+    else:
+        column = cfg.group_field
     if len(values or [None]) != cfg.num_clusters:
         raise ConfigError(
-            f"task.num_clusters: {cfg.data_dir} holds {len(values or [None])} cluster(s) "
-            f"(column {fields.cluster!r}{'' if values else ' absent: one cluster'}); set "
+            f"task.num_clusters: {origin} holds {len(values or [None])} cluster(s) "
+            f"(column {column!r}{'' if values else ' absent: one cluster'}); set "
             f"task.num_clusters = {len(values or [None])}"
         )
     index = {value: i for i, value in enumerate(values)}
@@ -535,3 +638,27 @@ def build_jsonl(cfg: Any, seed: int, tokenizer: Tokenizer) -> PromptedTask:
                                f"client {client.name!r} ({client.where})"))
     return PromptedTask(clients, cfg.num_clusters,
                         TextGeneration(tokenizer, cfg.generate_tokens, template, cfg.system))
+
+
+def _found_clients(
+    cfg: Any, fields: JsonlFields, seed: int
+) -> tuple[list[JsonlClient], list[Any] | None, str]:
+    """(clients, the group column's values if the rows are split by one, where they came
+    from): from task.source (a Hugging Face dataset) or task.data_dir."""
+    if cfg.source:
+        from floral.llm.hf_data import load_rows  # needs the datasets package
+
+        rows, origin = load_rows(cfg.source.removeprefix(HF_PREFIX), cfg.split)
+    else:
+        root = _jsonl_path(cfg.data_dir)
+        origin = str(root)
+        if root.is_dir():
+            if cfg.group_field:
+                raise ConfigError(f"task.group_field: splits the rows of one file (or "
+                                  f"task.source); {root} is a folder of one file per client")
+            return read_jsonl(cfg.data_dir, fields), None, origin
+        rows = _rows(root)
+    if cfg.group_field:
+        clients, values = clients_by_group(rows, fields, cfg.group_field, cfg, seed, origin)
+        return clients, values, origin
+    return clients_by_column(rows, fields, origin), None, origin

@@ -10,12 +10,15 @@ import torch
 from torch import Tensor
 
 from floral.data.instruct import (
+    GROUP_SPLITS,
+    HF_PREFIX,
     TEMPLATES,
     GenerationData,
     TextGeneration,
     build_jsonl,
     build_translations,
 )
+from floral.data.own_text import OWN_TEXT_DATASETS, build_text_clients
 from floral.data.partition import (
     LABEL_SKEWS,
     class_sets,
@@ -46,7 +49,7 @@ __all__ = ["DATASETS", "TaskConfig", "ClientData", "FederatedTask", "build_task"
 # Prompt/response tasks for language models (floral.data.instruct).
 PROMPTED_DATASETS: tuple[str, ...] = ("translations", "jsonl")
 DATASETS: tuple[str, ...] = (
-    *SYNTHETIC_DATASETS, *IMAGE_SOURCES, *TEXT_DATASETS, *PROMPTED_DATASETS
+    *SYNTHETIC_DATASETS, *IMAGE_SOURCES, *TEXT_DATASETS, *OWN_TEXT_DATASETS, *PROMPTED_DATASETS
 )
 
 # Known before loading, so that a bad label-set setting fails before any file is read.
@@ -68,7 +71,9 @@ class TaskConfig:
     # synthetic: samples (0 = the paper's value); austen: blocks, train + test (0 = all)
     samples_per_client: int = 0
     data_dir: str = ""  # folder of IDX / CIFAR binary files; "" = the source's default
-    dirichlet_alpha: float = 0.5  # shift = "dirichlet": class shares per client ~ Dir(alpha)
+    # shift = "dirichlet": class shares per client ~ Dir(alpha); jsonl with group_field: the same
+    # over the group column's values.
+    dirichlet_alpha: float = 0.5
     classes_per_client: int = 2  # shift = "classes-per-client": distinct classes each client holds
     block_size: int = 64  # austen: tokens per example (a causal-LM block)
     tokenizer: str = "smollm2"  # text: smollm2 | hf:<folder or .gguf> | bytes (UTF-8 bytes)
@@ -92,6 +97,20 @@ class TaskConfig:
     messages_field: str = "messages"
     client_field: str = "client"
     cluster_field: str = "cluster"
+    # jsonl: rows from a Hugging Face dataset instead of data_dir: "hf:<name, save_to_disk
+    # folder or data file>" (floral.llm.hf_data), and which split.
+    source: str = ""
+    split: str = "train"
+    # jsonl (one file, or source): split the rows into num_clients clients by this column's
+    # values instead of a client column: dirichlet (each value's rows shared ~ Dir(dirichlet_
+    # alpha); a client's cluster is its most common value) | per-value (client k takes value
+    # k mod V, its cluster).
+    group_field: str = ""
+    group_split: str = "dirichlet"
+    # text (floral.data.own_text): each client's cluster, {client name = label}, or the part of
+    # its name before this separator; neither = one cluster.
+    clusters: dict[str, str] = field(default_factory=dict)
+    cluster_separator: str = ""
 
 
 @dataclass
@@ -131,6 +150,8 @@ def build_task(cfg: TaskConfig, seed: int) -> FederatedTask:
         return _build_synthetic(cfg, seed)
     if cfg.dataset in TEXT_DATASETS:
         return _build_text_task(cfg)
+    if cfg.dataset in OWN_TEXT_DATASETS:
+        return _build_own_text_task(cfg)
     if cfg.dataset in PROMPTED_DATASETS:
         return _build_prompted_task(cfg, seed)
     return _build_image_task(cfg, seed)
@@ -164,6 +185,8 @@ def _validate(cfg: TaskConfig) -> None:
         )
     elif cfg.dataset in TEXT_DATASETS:
         _validate_text(cfg)
+    elif cfg.dataset in OWN_TEXT_DATASETS:
+        _validate_own_text(cfg)
     elif cfg.dataset in PROMPTED_DATASETS:
         _validate_prompted(cfg)
     elif cfg.shift in LABEL_SKEWS:
@@ -198,6 +221,17 @@ def _validate_text(cfg: TaskConfig) -> None:
     )
 
 
+def _validate_own_text(cfg: TaskConfig) -> None:
+    _check(cfg.shift == "none", "task.shift",
+           f"'{cfg.shift}' needs labelled images; text clients' clusters come from "
+           "task.clusters or task.cluster_separator (use 'none')")
+    _check(cfg.block_size >= 1, "task.block_size", f"must be at least 1, got {cfg.block_size}")
+    _check(cfg.samples_per_client != 1, "task.samples_per_client",
+           "a client needs at least 2 blocks (one to train, one to test)")
+    _check(not cfg.source, "task.source", "dataset \"text\" reads task.data_dir (a Hugging "
+           "Face source is for dataset \"jsonl\")")
+
+
 def _validate_prompted(cfg: TaskConfig) -> None:
     _check(cfg.shift == "none", "task.shift",
            f"'{cfg.shift}' needs labelled images; {cfg.dataset}'s clusters come from the data "
@@ -207,6 +241,7 @@ def _validate_prompted(cfg: TaskConfig) -> None:
     _check(cfg.generate_tokens >= 0, "task.generate_tokens",
            f"must be 0 or more, got {cfg.generate_tokens}")
     if cfg.dataset != "translations":
+        _validate_rows(cfg)
         return
     _check(len(cfg.languages) == cfg.num_clusters, "task.languages",
            f"one language per cluster: {len(cfg.languages)} for task.num_clusters = "
@@ -221,6 +256,21 @@ def _validate_prompted(cfg: TaskConfig) -> None:
                           f"and no other field ({error!r})") from None
     _check("{text}" in cfg.prompt_template, "task.prompt_template",
            f"{cfg.prompt_template!r} must hold {{text}}, where the English string goes")
+
+
+def _validate_rows(cfg: TaskConfig) -> None:
+    """jsonl: the keys that say where rows come from and how they make clients."""
+    if cfg.source:
+        _check(cfg.source.startswith(HF_PREFIX) and len(cfg.source) > len(HF_PREFIX),
+               "task.source", f"{cfg.source!r}: expected \"hf:<dataset name, folder or file>\"")
+        _check(not cfg.data_dir, "task.source",
+               f"set it or task.data_dir ({cfg.data_dir!r}), not both")
+        _check(bool(cfg.split), "task.split", "name the split to read, e.g. \"train\"")
+    if cfg.group_field:
+        _choose("task.group_split", cfg.group_split, GROUP_SPLITS)
+        alpha = cfg.dirichlet_alpha
+        _check(math.isfinite(alpha) and alpha > 0, "task.dirichlet_alpha",
+               f"must be a finite number > 0, got {alpha}")
 
 
 def _validate_label_skew(cfg: TaskConfig) -> None:
@@ -382,6 +432,25 @@ def _build_text_task(cfg: TaskConfig) -> FederatedTask:
         # Input: a block's first block_size tokens; target: its last block_size.
         clients.append(ClientData(client_id, cluster, train[:, :-1].clone(), train[:, 1:].clone(),
                                   test[:, :-1].clone(), test[:, 1:].clone()))
+    return FederatedTask(
+        name=cfg.dataset,
+        kind="causal-lm",
+        input_shape=(cfg.block_size,),
+        num_outputs=tokenizer.vocab_size,
+        num_clusters=cfg.num_clusters,
+        clients=clients,
+    )
+
+
+def _build_own_text_task(cfg: TaskConfig) -> FederatedTask:
+    """Causal-LM clients of users' plain-text files (floral.data.own_text)."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    clients = [
+        # Input: a block's first block_size tokens; target: its last block_size.
+        ClientData(k, c.cluster, c.train[:, :-1].clone(), c.train[:, 1:].clone(),
+                   c.test[:, :-1].clone(), c.test[:, 1:].clone())
+        for k, c in enumerate(build_text_clients(cfg, tokenizer))
+    ]
     return FederatedTask(
         name=cfg.dataset,
         kind="causal-lm",

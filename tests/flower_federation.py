@@ -70,6 +70,8 @@ class Federation:
     folder: Path
     num_nodes: int = 2
     warm_nodes: frozenset[int] = frozenset()  # nodes whose messages go to a warm worker
+    node_configs: dict[int, str] = field(default_factory=dict)  # more node config, per node
+    node_envs: dict[int, dict[str, str]] = field(default_factory=dict)  # more environment
     env: dict[str, str] = field(default_factory=dict)
     link: int = 0
     nodes: dict[int, subprocess.Popen] = field(default_factory=dict)
@@ -118,10 +120,12 @@ class Federation:
                        f'audit-file="{self.audits[k]}" state-dir="{self.state_dir(k)}"')
         if k in self.warm_nodes:
             node_config += " warm-worker=true"
+        if k in self.node_configs:
+            node_config += " " + self.node_configs[k]
         self.nodes[k] = _start(
             ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link}",
              "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config],
-            self.env, log,
+            {**self.env, **self.node_envs.get(k, {})}, log,
         )
         _wait_for_port(port, self.nodes[k], log)
 

@@ -8,14 +8,15 @@ test_flower_simulation.py (Ray) and test_flower_deployment.py (SuperLink and Sup
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import numpy as np
-from flwr.app import Array, Context, Message, RecordDict
+from flwr.app import Array, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -50,7 +51,13 @@ def tiny_experiment(method: str = "floral", **tables: dict[str, Any]) -> dict[st
 class LoopbackGrid(Grid):
     """Messages go straight to the ClientApp of their node; replies wait to be pulled."""
 
-    def __init__(self, app: ClientApp, num_nodes: int, state_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        app: ClientApp,
+        num_nodes: int,
+        state_dir: Path | None = None,
+        node_configs: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> None:
         # Messages take their sender from the running task, as a Flower runtime sets it.
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         self.app = app
@@ -64,6 +71,8 @@ class LoopbackGrid(Grid):
         if state_dir is not None:  # each node its own folder, as on separate machines
             for k, context in enumerate(self.contexts.values()):
                 context.node_config["state-dir"] = str(state_dir / f"node{k}")
+        for k, extra in (node_configs or {}).items():  # a node's own settings (data-path, ...)
+            self.contexts[1000 + k].node_config.update(extra)
         self.traffic: list[Message] = []  # every message and reply, for inspection
         self._replies: dict[str, Message] = {}
 
@@ -84,7 +93,12 @@ class LoopbackGrid(Grid):
         ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid4().hex  # as Flower's grids do
-            reply = self.app(message, self.contexts[message.metadata.dst_node_id])
+            try:
+                reply = self.app(message, self.contexts[message.metadata.dst_node_id])
+            except Exception as error:  # as Flower's ClientApp runner answers a failed message
+                reason = f"{type(error)}:<'{error}'>"
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason),
+                                reply_to=message)
             self.traffic += [message, reply]
             self._replies[message.metadata.message_id] = reply
             ids.append(message.metadata.message_id)
@@ -105,10 +119,12 @@ def run_loopback(
     state_dir: Path | None = None,
     resume: bool | str = False,
     on_round: ProgressFn | None = None,
+    node_configs: Mapping[int, Mapping[str, Any]] | None = None,
+    options: FlowerOptions | None = None,
 ) -> tuple[RunSummary, LoopbackGrid]:
     """A run on fresh nodes (restarted ones, when `state_dir` holds their previous state)."""
-    grid = LoopbackGrid(app, config.task.num_clients, state_dir)
-    options = FlowerOptions(round_timeout=5.0, node_timeout=1.0, poll_interval=0.001)
+    grid = LoopbackGrid(app, config.task.num_clients, state_dir, node_configs)
+    options = options or FlowerOptions(round_timeout=5.0, node_timeout=1.0, poll_interval=0.001)
     return serve(grid, config, out, options, on_round, resume=resume), grid
 
 

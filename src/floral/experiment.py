@@ -164,12 +164,15 @@ def check_values(config: ExperimentConfig) -> None:
     build_codec(config.comm.upload, "comm.upload")
 
 
-def build_setup(config: ExperimentConfig) -> tuple[Method, FederatedTask, torch.nn.Module]:
+def build_setup(
+    config: ExperimentConfig, task: FederatedTask | None = None
+) -> tuple[Method, FederatedTask, torch.nn.Module]:
     """Method, data and model from a config, seeded so that the same config gives the same ones.
 
     Every engine builds from here: a Flower client rebuilds exactly the local engine's model.
+    `task` replaces the config's (a Flower node's own data, of the same shape).
     """
-    task = build_task(config.task, config.seed)
+    task = build_task(config.task, config.seed) if task is None else task
     method = config.build_method()
     torch.manual_seed(config.seed)
     model = build_model(config.model, task)

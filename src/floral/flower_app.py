@@ -30,8 +30,10 @@ from flwr.serverapp import Grid, ServerApp
 from floral.config import tomllib
 from floral.engines.driver import Driver, RoundResult
 from floral.engines.flower.client import ClientRuntime, make_client_app
+from floral.engines.flower.node_data import NodeData, node_task
 from floral.engines.flower.options import (
     FlowerOptions,
+    check_secure_aggregation,
     experiment_from_run_config,
     options_from_run_config,
 )
@@ -58,12 +60,14 @@ def experiment_text(config: ExperimentConfig) -> str:
     return tomli_w.dumps(config.to_dict())
 
 
-def runtime_for(text: str, device: str = "") -> ClientRuntime:
+def runtime_for(text: str, device: str = "", data: NodeData | None = None) -> ClientRuntime:
     """A client's runtime from the experiment text: the local engine's model, method and data,
-    on `device` (a node's own choice; "" = the experiment's `engine.device`)."""
+    on `device` (a node's own choice; "" = the experiment's `engine.device`); with `data`, the
+    task holds only the node's own client, read from its folder."""
     config = resolve_config(tomllib.loads(text))
     placement = placement_of(config, device)
-    method, task, model = build_setup(config)
+    own = None if data is None else node_task(config.task, config.seed, data)
+    method, task, model = build_setup(config, own)
     # The local engine's own set-up, so a node starts from exactly the local engine's state.
     local = LocalTransport(
         method, task, model, config.train, config.engine, config.seed, config.comm, placement
@@ -89,9 +93,12 @@ def serve(
 ) -> RunSummary:
     """Run `config` over the grid's nodes, writing the usual results folder to `out`;
     `resume` as for `run_rounds` (the nodes must keep their private state on disk)."""
+    method = config.build_method()
+    check_secure_aggregation(options or FlowerOptions(), method, config.train,
+                             config.comm.upload, config.task.num_clients)
     transport = FlowerTransport(grid, experiment_text(config), config.task.num_clients, options)
     driver = Driver(
-        config.build_method(), transport, transport.initial, get_objective(transport.kind),
+        method, transport, transport.initial, get_objective(transport.kind),
         config.task.num_clients, config.train, config.engine, config.comm, config.seed, log,
     )
     return run_rounds(
@@ -143,6 +150,8 @@ def simulate(
 
     out = Path(out).absolute()  # the virtual nodes run in other processes
     build_setup(config)  # bad data settings stop here, before Ray starts or anything is written
+    check_secure_aggregation(options or FlowerOptions(), config.build_method(), config.train,
+                             config.comm.upload, config.task.num_clients)
     if resume is True:
         check_resumable(config, out)  # likewise a missing or foreign checkpoint
     results: list[RunSummary] = []

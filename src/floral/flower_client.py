@@ -42,6 +42,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 import floral
+from floral.engines.flower.mods import privacy_mod
 from floral.errors import ConfigError
 
 __all__ = ["client_app", "code_fingerprint", "relay", "serve_worker"]
@@ -186,7 +187,7 @@ def _serve(msg: Message, context: Context) -> Message:
     return in_process(msg, context)
 
 
-client_app = ClientApp()
+client_app = ClientApp(mods=[privacy_mod])  # SecAgg+'s state lives in this process's context
 client_app.query()(_serve)
 client_app.train()(_serve)
 client_app.evaluate()(_serve)

@@ -146,6 +146,10 @@ class Method:
     # adaptor) and the server takes their weighted mean: differential privacy may then stand
     # in for the mean too, clipping the pi-weighted update (`private_upload`).
     mixture_mean: ClassVar[bool] = False
+    # Whether `server_update` needs only the element-wise sum of the round's uploads, all of
+    # the global tensors' shapes, so that secure aggregation may hand it that sum alone;
+    # False where it looks at each upload (ranks per client, stacking).
+    secure_sum: ClassVar[bool] = True
     # Whether the state of the local optimizer (AdamW's moments) for the private tensors a
     # client trains is kept with its private state between its rounds; never uploaded.
     keeps_optimizer_state: ClassVar[bool] = True

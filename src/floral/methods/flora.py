@@ -81,6 +81,7 @@ class FLoRA(LoraMethod):
     ranked_uploads = True
     batchable = False  # a fresh LoRA per step, and factors uploaded instead of deltas
     plain_mean = False  # stacked factors
+    secure_sum = False  # ranks per client: each upload is read on its own
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         unsupported = sorted(set(self.options.layer_types) - set(_MERGEABLE))

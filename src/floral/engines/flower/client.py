@@ -21,18 +21,25 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from math import nan
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from floral.comm import Codec
 from floral.data import FederatedTask
 from floral.engines.driver import client_seed, router_summary
+from floral.engines.flower.mods import SECAGG_RECORD, privacy_mod
+from floral.engines.flower.node_data import NodeData, node_data
 from floral.engines.flower.records import (
     CONFIG,
     EVAL,
+    GENERATION_PREFIX,
     GLOBAL,
     INITIAL,
     INITIAL_STATE,
@@ -45,6 +52,7 @@ from floral.engines.flower.records import (
     tensors_digest,
     to_record,
 )
+from floral.engines.flower.secagg import STRUCTURE, layout_of
 from floral.engines.flower.store import DiskStore, PrivateStore, keep_from, valid_lineage
 from floral.errors import ConfigError
 from floral.methods.base import ClientJob, Method, ServerState
@@ -78,8 +86,11 @@ class ClientRuntime:
 
 
 def partition_of(context: Context, num_clients: int) -> int:
-    """This node's client index, from the node config; a mismatch with the task is an error."""
+    """This node's client index, from the node config; a mismatch with the task is an error.
+    A node with its own data (`data-path`) needs no `num-partitions`."""
     node = context.node_config
+    if "data-path" in node and "num-partitions" not in node:
+        node = {**node, "num-partitions": num_clients}
     if "partition-id" not in node or "num-partitions" not in node:
         raise ConfigError(
             "node config: needs partition-id and num-partitions "
@@ -172,11 +183,31 @@ def _train(call: Call) -> RecordDict:
     )
     update = runtime.method.client_step(runtime.slots, job).on_cpu()
     call.store.write(k, round_, update.private, keep_from(round_, runtime.checkpoint_every))
+    if SECAGG_RECORD in call.content.config_records:
+        return _secure_reply(call, update.upload, float(update.metrics.get("train_loss", nan)))
     metrics = MetricRecord({
         "train_loss": float(update.metrics.get("train_loss", float("nan"))),
         "num_examples": int(update.num_examples),
     })
     return RecordDict({UPLOAD: to_record(runtime.up.encode(update.upload)), METRICS: metrics})
+
+
+def _secure_reply(call: Call, upload: Mapping[str, torch.Tensor], loss: float) -> RecordDict:
+    """The upload as Flower's SecAgg+ mod masks it: a legacy `FitRes` whose parameters are the
+    upload's tensors, of weight factor 1 (floral's uploads carry their own weights), with the
+    layout the server needs to name the sum. A value beyond the protocol's clipping range
+    would be clipped in silence: an error instead."""
+    clip = float(_config(call.content)["secagg_clip"])
+    tensors = {name: t.detach().float() for name, t in upload.items()}
+    largest = max((float(t.abs().max()) for t in tensors.values() if t.numel()), default=0.0)
+    if not largest <= clip:
+        raise ConfigError(f"flower.secagg-clip: client {call.k}'s upload holds {largest:.6g}, "
+                          f"beyond +-{clip:g}; raise flower.secagg-clip")
+    fitres = FitRes(
+        Status(Code.OK, ""), ndarrays_to_parameters([t.numpy() for t in tensors.values()]), 1,
+        {"train_loss": loss, STRUCTURE: layout_of(upload)},
+    )
+    return fitres_to_recorddict(fitres, keep_input=False)
 
 
 def _evaluate(call: Call) -> RecordDict:
@@ -193,6 +224,12 @@ def _evaluate(call: Call) -> RecordDict:
             runtime.placement,
         )
         sums.update(loss_sum=result.loss_sum, score_sum=result.score_sum, count=result.count)
+        generation = runtime.task.generation
+        if generation is not None and data.generation is not None:
+            # Statistics that add up across clients, as the local engine sums them: the
+            # server derives chrF and exact match from the totals, never from one client's.
+            extra = generation.sums(runtime.slots.model, data.generation, runtime.placement)
+            sums.update({GENERATION_PREFIX + key: value for key, value in extra.items()})
     router = router_summary(runtime.method, private)
     if router is not None:
         sums.update(router_choice=router[0], router_confidence=router[1])
@@ -222,6 +259,8 @@ def _tensors(records: RecordDict, name: str) -> TensorDict:
 
 
 Handler = Callable[[Call], RecordDict]
+# How a node builds its runtime: (experiment text, device, its own data or None).
+Build = Callable[[str, str, NodeData | None], ClientRuntime]
 
 
 # -- the audit trail ----------------------------------------------------------------------------
@@ -272,17 +311,16 @@ class ClientNode:
     workers, a warm worker).
     """
 
-    def __init__(
-        self, build: Callable[[str, str], ClientRuntime], state_root: Path | None = None
-    ) -> None:
+    def __init__(self, build: Build, state_root: Path | None = None) -> None:
         self.build, self.state_root = build, state_root
-        self.cache: dict[tuple[str, str], ClientRuntime] = {}
+        self.cache: dict[tuple[str, str, NodeData | None], ClientRuntime] = {}
 
-    def runtime_for(self, text: str, device: str) -> ClientRuntime:
-        if (text, device) not in self.cache:
+    def runtime_for(self, text: str, device: str, data: NodeData | None = None) -> ClientRuntime:
+        key = (text, device, data)
+        if key not in self.cache:
             self.cache.clear()  # one experiment per process at a time: keep memory bounded
-            self.cache[text, device] = self.build(text, device)
-        return self.cache[text, device]
+            self.cache[key] = self.build(text, device, data)
+        return self.cache[key]
 
     def handle(self, kind: str, content: RecordDict, context: Context) -> RecordDict:
         """The reply's content to a message of type `kind` ("query", "train", "evaluate")."""
@@ -290,7 +328,8 @@ class ClientNode:
         if handler is None:
             raise ValueError(f"floral's ClientApp answers no {kind!r} message")
         device = str(context.node_config.get("device", ""))
-        runtime = self.runtime_for(str(_config(content)["experiment"]), device)
+        data = node_data(context.node_config)
+        runtime = self.runtime_for(str(_config(content)["experiment"]), device, data)
         k = partition_of(context, len(runtime.task.clients))
         store = store_of(content, context, self.state_root)
         call = Call(runtime, k, content, store, store_kind(context, self.state_root))
@@ -301,11 +340,10 @@ class ClientNode:
         return reply
 
 
-def make_client_app(
-    build: Callable[[str, str], ClientRuntime], state_root: Path | None = None
-) -> ClientApp:
-    """A ClientApp whose runtime is `build(experiment text, device)`, the device being the
-    node config's `device` ("" when it names none: the experiment's `engine.device`).
+def make_client_app(build: Build, state_root: Path | None = None) -> ClientApp:
+    """A ClientApp whose runtime is `build(experiment text, device, node data)`, the device
+    being the node config's `device` ("" when it names none: the experiment's `engine.device`)
+    and the node data its own folder (`data-path`; None: a partition of the experiment's task).
 
     Private state goes to the node config's `state-dir`, else to `state_root` (a simulation's
     folder for its virtual nodes), else to `context.state`.
@@ -316,7 +354,7 @@ def make_client_app(
         content = node.handle(msg.metadata.message_type, msg.content, context)
         return Message(content, reply_to=msg)
 
-    app = ClientApp()
+    app = ClientApp(mods=[privacy_mod])
     app.query()(serve)
     app.train()(serve)
     app.evaluate()(serve)

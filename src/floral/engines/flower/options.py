@@ -21,6 +21,7 @@ from floral.errors import ConfigError
 
 __all__ = [
     "FlowerOptions",
+    "check_secure_aggregation",
     "experiment_from_run_config",
     "options_from_run_config",
 ]
@@ -39,6 +40,10 @@ class FlowerOptions:
     # Continue from the results folder's checkpoint: true (an error if there is none), "auto"
     # (when there is one of the same experiment), false (start afresh; an error over a run).
     resume: bool | str = False
+    # Flower's secure aggregation (SecAgg+): the server learns only the sum of each round's
+    # uploads, in which every value must lie within +-secagg_clip (floral.engines.flower.secagg).
+    secagg: bool = False
+    secagg_clip: float = 4096.0
 
 
 def options_from_run_config(run_config: Mapping[str, Any]) -> FlowerOptions:
@@ -46,6 +51,7 @@ def options_from_run_config(run_config: Mapping[str, Any]) -> FlowerOptions:
     known = {f.name for f in fields(FlowerOptions)}
     values: dict[str, float] = {}
     resume: bool | str = False
+    secagg = False
     for key, value in run_config.items():
         if not key.startswith(FLOWER_PREFIX):
             continue
@@ -57,10 +63,42 @@ def options_from_run_config(run_config: Mapping[str, Any]) -> FlowerOptions:
                 raise ConfigError(f'{key}: expected true, false or "auto", got {value!r}')
             resume = value
             continue
+        if name == "secagg":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            secagg = value
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"{key}: expected a positive number of seconds, got {value!r}")
+            what = "number" if name == "secagg_clip" else "number of seconds"
+            raise ConfigError(f"{key}: expected a positive {what}, got {value!r}")
         values[name] = float(value)
-    return FlowerOptions(**values, resume=resume)
+    return FlowerOptions(**values, resume=resume, secagg=secagg)
+
+
+def check_secure_aggregation(
+    options: FlowerOptions, method: Any, train: Any, upload_codec: str, num_clients: int
+) -> None:
+    """`flower.secagg`: one-line errors, before any round, where the server would need more
+    than the sum of the round's uploads (or the round could have fewer than two clients)."""
+    if not options.secagg:
+        return
+    key = "flower.secagg"
+    if not method.secure_sum:
+        raise ConfigError(f"{key}: {method.name} reads each client's upload on its own (ranks "
+                          "per client), which secure aggregation hides; it needs the sum only")
+    if train.aggregation != "mean":
+        raise ConfigError(f"{key}: train.aggregation = {train.aggregation!r} needs each "
+                          "client's update, which secure aggregation hides; use \"mean\"")
+    if train.dp_clip > 0 and train.dp_mode == "central":
+        raise ConfigError(f"{key}: central differential privacy (train.dp_clip) clips each "
+                          "client's update on the server, which secure aggregation hides; use "
+                          "train.dp_mode = \"local\" (clipped and noised on the client)")
+    if upload_codec != "dense":
+        raise ConfigError(f"{key}: comm.upload = {upload_codec!r}: SecAgg+ masks the dense "
+                          "upload with its own quantization; use comm.upload = \"dense\"")
+    if max(1, round(train.clients_per_round * num_clients)) < 2:
+        raise ConfigError(f"{key}: a sum hides nothing with one client per round; raise "
+                          "train.clients_per_round to at least 2 clients")
 
 
 def experiment_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

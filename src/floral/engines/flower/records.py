@@ -7,12 +7,13 @@ bfloat16, so such tensors travel as their raw little-endian bytes under a stype 
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message
 
 from floral.methods.base import ServerState
 from floral.train.state import TensorDict
@@ -20,6 +21,7 @@ from floral.train.state import TensorDict
 __all__ = [
     "CONFIG",
     "EVAL",
+    "GENERATION_PREFIX",
     "GLOBAL",
     "INITIAL",
     "INITIAL_STATE",
@@ -27,6 +29,7 @@ __all__ = [
     "NODE",
     "PRIVATE",
     "UPLOAD",
+    "error_reason",
     "from_record",
     "initial_digest",
     "tensors_digest",
@@ -43,6 +46,8 @@ UPLOAD = "floral.upload"  # client -> server: the encoded upload
 METRICS = "floral.metrics"  # client -> server: train loss and number of examples
 EVAL = "floral.eval"  # client -> server: test sums (loss, score, count)
 PRIVATE = "floral.private"  # context.state only: the client's private tensors, never sent
+# Keys of EVAL that carry summable statistics of generated text (chrF n-grams, exact matches).
+GENERATION_PREFIX = "generation."
 
 _RAW_STYPE = "floral.raw-le"
 _RAW_DTYPES = {"bfloat16": torch.bfloat16}
@@ -105,3 +110,16 @@ def initial_digest(state: ServerState) -> str:
     tensors = {f"global/{k}": v for k, v in state.global_state.items()}
     tensors.update({f"method/{k}": v for k, v in state.method_state.items()})
     return tensors_digest(tensors)
+
+
+# How Flower's ClientApp runner words an exception: "<class 'module.Name'>:<'message'>".
+_RAISED = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", re.DOTALL)
+
+
+def error_reason(reply: Message) -> str:
+    """One line for a failed reply: `Name: message` for an exception the ClientApp raised."""
+    lines = str(reply.error.reason or "").strip().splitlines()
+    if not lines:
+        return f"error code {reply.error.code}"
+    match = _RAISED.fullmatch(lines[-1])
+    return f"{match.group(1)}: {match.group(2)}" if match else lines[-1]

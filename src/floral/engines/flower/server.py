@@ -43,16 +43,19 @@ from floral.engines.flower.options import FlowerOptions
 from floral.engines.flower.records import (
     CONFIG,
     EVAL,
+    GENERATION_PREFIX,
     GLOBAL,
     INITIAL,
     INITIAL_STATE,
     METRICS,
     NODE,
     UPLOAD,
+    error_reason,
     from_record,
     initial_digest,
     to_record,
 )
+from floral.engines.flower.secagg import SecureRound
 from floral.errors import ConfigError, FloralError
 from floral.methods.base import ServerState
 from floral.train.objective import EvalResult
@@ -192,8 +195,34 @@ class FlowerTransport:
     ) -> dict[int, Trained | str]:
         self.round = round_
         self._rediscover()
+        if self.options.secagg:
+            return self._secure_train(clients, to_record(payload))
         replies = self._exchange(self._messages(clients, MessageType.TRAIN, to_record(payload)))
         return {k: _read_upload(reply) for k, reply in replies.items()}
+
+    def _secure_train(
+        self, clients: Sequence[int], record: ArrayRecord
+    ) -> dict[int, Trained | str]:
+        """The round under SecAgg+: the server gets the sum of the uploads, never one of them.
+
+        The driver adds uploads in client order, so the sum stands as the first surviving
+        client's upload and every other survivor sends zeros of weight zero: the driver's sum,
+        each client's train loss (sent in clear, as without SecAgg+) and the bytes counted per
+        client are then what they would be without secure aggregation."""
+        content = self._messages(clients[:1], MessageType.TRAIN, record)[clients[0]].content
+        cast(ConfigRecord, content[CONFIG])["secagg_clip"] = self.options.secagg_clip
+        nodes = {k: self.nodes[k].node_id for k in clients}
+        outcome = SecureRound(self._exchange, self.options.secagg_clip)(self.round, nodes, content)
+        replies: dict[int, Trained | str] = dict(outcome.failed)
+        survivors = [k for k in clients if k not in outcome.failed]
+        if outcome.total is None:
+            return replies
+        for i, k in enumerate(survivors):
+            loss = float(outcome.metrics[k].get("train_loss", math.nan))
+            upload = outcome.total if i == 0 else {
+                name: torch.zeros_like(t) for name, t in outcome.total.items()}
+            replies[k] = Trained(upload, loss)
+        return replies
 
     def evaluate(
         self, round_: int, clients: Sequence[int], global_state: TensorDict | None
@@ -271,8 +300,7 @@ Values = Mapping[str, Any]
 
 def _record(reply: Message, name: str, kind: type[R]) -> R:
     if reply.has_error():
-        reason = str(reply.error.reason or "").strip().splitlines()
-        raise ValueError(f"the client failed: {reason[-1] if reason else reply.error.code}")
+        raise ValueError(f"the client failed: {error_reason(reply)}")
     if name not in reply.content:
         raise ValueError(f"the reply has no {name!r} record")
     record = reply.content[name]
@@ -295,6 +323,8 @@ def _read_evaluation(reply: Message) -> Evaluated | str:
     try:
         sums: Values = _record(reply, EVAL, MetricRecord)
         result = _eval_result(sums) if "count" in sums else None
+        if result is not None:
+            result.extra.update(_generation_sums(sums))
         router = None
         if "router_choice" in sums:
             router = int(sums["router_choice"]), float(sums["router_confidence"])
@@ -325,6 +355,15 @@ def _read_hello(reply: Message, node_id: int) -> tuple[int, ClientInfo, str]:
         return k, client, str(info["kind"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"malformed {NODE!r} record ({error})") from None
+
+
+def _generation_sums(sums: Mapping[str, Any]) -> dict[str, float]:
+    """The summable statistics of a client's generated text, checked like the test sums."""
+    extra = {key[len(GENERATION_PREFIX):]: float(value) for key, value in sums.items()
+             if key.startswith(GENERATION_PREFIX)}
+    if any(not math.isfinite(v) or v < 0 for v in extra.values()):
+        raise ValueError(f"non-finite or negative generation statistics {extra}")
+    return extra
 
 
 def _eval_result(sums: Mapping[str, float]) -> EvalResult:

@@ -3,9 +3,12 @@
 # ports), each node holding one partition; runs this app on it with `flwr run`, then stops every
 # process it started. Everything it writes goes to a work folder (default: a new temp folder).
 #
-#   examples/flower-app/local-federation.sh [--nodes N] [--tls] [--work DIR] [--] [flwr run options]
+#   examples/flower-app/local-federation.sh [--nodes N] [--tls] [--data DIR] [--work DIR] [--]
+#                                           [flwr run options]
 #
 #   --nodes N   number of SuperNodes = task.num_clients (default 2)
+#   --data DIR  node-local data: node k reads only DIR/site<k> (node config data-path), its
+#               client's files in a format floral reads (docs/deploy.md, "Node-local data")
 #   --tls       TLS on every connection and SuperNode authentication: makes a CA, a SuperLink
 #               certificate for 127.0.0.1 and one EC key pair per node, and registers the nodes'
 #               public keys with `flwr supernode register` before they connect
@@ -18,11 +21,13 @@ APP="$(cd "$(dirname "$0")" && pwd)"
 NODES=2
 TLS=0
 WORK=""
+DATA=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --nodes) NODES="$2"; shift 2 ;;
     --tls) TLS=1; shift ;;
     --work) WORK="$2"; shift 2 ;;
+    --data) DATA="$(cd "$2" && pwd)"; shift 2 ;;
     --) shift; break ;;
     *) break ;;
   esac
@@ -107,6 +112,9 @@ for ((k = 0; k < NODES; k++)); do
     NODE_SECURITY=(--insecure)
   fi
   NODE_CONFIG="partition-id=$k num-partitions=$NODES state-dir=\"$WORK/node$k-state\" audit-file=\"$WORK/logs/node$k-audit.jsonl\""
+  if [[ -n $DATA ]]; then
+    NODE_CONFIG="partition-id=$k data-path=\"$DATA/site$k\" state-dir=\"$WORK/node$k-state\" audit-file=\"$WORK/logs/node$k-audit.jsonl\""
+  fi
   echo "+ flower-supernode ${NODE_SECURITY[*]} --superlink 127.0.0.1:$LINK_PORT" \
     "--host 127.0.0.1 --port $NODE_PORT --node-config '$NODE_CONFIG'"
   setsid flower-supernode "${NODE_SECURITY[@]}" --superlink "127.0.0.1:$LINK_PORT" \

@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from floral.config import tomllib
+from floral.data import FederatedTask, build_task
 from floral.engines.driver import Driver, RoundResult
 from floral.engines.flower.client import ClientRuntime, make_client_app
 from floral.engines.flower.node_data import NodeData, node_task
@@ -38,6 +39,7 @@ from floral.engines.flower.options import (
     options_from_run_config,
 )
 from floral.engines.flower.server import FlowerTransport, log
+from floral.engines.flower.task_cache import cached_task
 from floral.engines.local import LocalTransport
 from floral.errors import FloralError
 from floral.experiment import (
@@ -60,13 +62,22 @@ def experiment_text(config: ExperimentConfig) -> str:
     return tomli_w.dumps(config.to_dict())
 
 
-def runtime_for(text: str, device: str = "", data: NodeData | None = None) -> ClientRuntime:
+def runtime_for(
+    text: str, device: str = "", data: NodeData | None = None, cache: Path | None = None
+) -> ClientRuntime:
     """A client's runtime from the experiment text: the local engine's model, method and data,
     on `device` (a node's own choice; "" = the experiment's `engine.device`); with `data`, the
-    task holds only the node's own client, read from its folder."""
+    task holds only the node's own client, read from its folder. With `cache`, a folder, the
+    built task is kept there for the next process (floral.engines.flower.task_cache)."""
     config = resolve_config(tomllib.loads(text))
     placement = placement_of(config, device)
-    own = None if data is None else node_task(config.task, config.seed, data)
+
+    def build() -> FederatedTask:
+        if data is None:
+            return build_task(config.task, config.seed)
+        return node_task(config.task, config.seed, data)
+
+    own = build() if cache is None else cached_task(cache, config.task, config.seed, data, build)
     method, task, model = build_setup(config, own)
     # The local engine's own set-up, so a node starts from exactly the local engine's state.
     local = LocalTransport(

@@ -4,9 +4,10 @@
     clientapp = "floral.flower_client:client_app"
 
 A deployed SuperNode starts a fresh ClientApp process for every message (by design, flower
-issue #3670). floral.flower_app's ClientApp then imports PyTorch and builds the task and the
-model, every message: over a second of CPU per message, more than the message itself costs
-Flower. This module imports neither: on a node whose config says `warm-worker=true` (with a
+issue #3670). floral.flower_app's ClientApp then imports PyTorch and builds the model (and
+the task, unless the node's `state-dir` holds it built: floral.engines.flower.task_cache),
+every message: over a second of CPU per message, more than the message itself costs Flower.
+This module imports neither: on a node whose config says `warm-worker=true` (with a
 `state-dir`), each message is handed to a worker process, started by the node's first
 message, that imports floral once, keeps the built runtime, and answers over a Unix socket in
 the node's state folder (`worker.sock`, the node's user only). The worker stops with its

@@ -592,8 +592,13 @@ def build_translations(cfg: Any, seed: int, tokenizer: Tokenizer) -> PromptedTas
     return PromptedTask(clients, cfg.num_clusters, generation)
 
 
-def build_jsonl(cfg: Any, seed: int, tokenizer: Tokenizer) -> PromptedTask:
-    """Clients of users' JSON-lines files; `cfg` is a TaskConfig."""
+def build_jsonl(
+    cfg: Any, seed: int, tokenizer: Tokenizer, client_ids: Sequence[int] | None = None
+) -> PromptedTask:
+    """Clients of users' JSON-lines files; `cfg` is a TaskConfig. `client_ids` are the clients'
+    indices in the federation, which seed their train/held-out splits (default: their order
+    here); a Flower node that holds one client's file passes that client's index, so its
+    split is the one the local engine draws over the whole folder."""
     template = resolve_template(cfg.template, tokenizer)
     fields = JsonlFields(cfg.prompt_field, cfg.response_field, cfg.messages_field,
                          cfg.client_field, cfg.cluster_field)
@@ -618,8 +623,11 @@ def build_jsonl(cfg: Any, seed: int, tokenizer: Tokenizer) -> PromptedTask:
             f"task.num_clusters = {len(values or [None])}"
         )
     index = {value: i for i, value in enumerate(values)}
+    ids = list(range(len(found))) if client_ids is None else list(client_ids)
+    if len(ids) != len(found):
+        raise ValueError(f"{len(ids)} client ids for {len(found)} clients")
     clients = []
-    for k, client in enumerate(found):
+    for k, client in zip(ids, found, strict=True):
         n = len(client.examples)
         if n < 2:
             raise ConfigError(f"{client.where}: client {client.name!r} has {n} example; it needs "

@@ -44,7 +44,7 @@ from floral.data.text import (
 )
 from floral.errors import ConfigError
 
-__all__ = ["DATASETS", "TaskConfig", "ClientData", "FederatedTask", "build_task"]
+__all__ = ["DATASETS", "TaskConfig", "ClientData", "FederatedTask", "build_task", "validate_task"]
 
 # Prompt/response tasks for language models (floral.data.instruct).
 PROMPTED_DATASETS: tuple[str, ...] = ("translations", "jsonl")
@@ -145,7 +145,7 @@ class FederatedTask:
 
 def build_task(cfg: TaskConfig, seed: int) -> FederatedTask:
     """Every client's data for `cfg`; the same seed gives the same task."""
-    _validate(cfg)
+    validate_task(cfg)
     if cfg.dataset in SYNTHETIC_DATASETS:
         return _build_synthetic(cfg, seed)
     if cfg.dataset in TEXT_DATASETS:
@@ -157,7 +157,8 @@ def build_task(cfg: TaskConfig, seed: int) -> FederatedTask:
     return _build_image_task(cfg, seed)
 
 
-def _validate(cfg: TaskConfig) -> None:
+def validate_task(cfg: TaskConfig) -> None:
+    """The checks build_task runs before building: one-line errors naming the key."""
     _choose("task.dataset", cfg.dataset, DATASETS)
     _choose("task.shift", cfg.shift, SHIFTS)
     _check(cfg.num_clients >= 1, "task.num_clients", f"must be at least 1, got {cfg.num_clients}")

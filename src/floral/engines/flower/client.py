@@ -9,7 +9,10 @@ in a simulation; floral.engines.flower.store), so a restarted node or a resumed 
 them, or else in `context.state`, for one run.
 
 Node config (`flower-supernode --node-config`): `partition-id` and `num-partitions` choose the
-client; `state-dir` names the folder where the node keeps its clients' private state; the
+client; `state-dir` names the folder where the node keeps its clients' private state, and
+`keep-runs` how many runs' state it keeps there (floral.engines.flower.store), and its built
+task, so the next ClientApp process loads it instead of building it (`task-cache=false` turns
+this off; floral.engines.flower.task_cache); the
 optional `audit-file` names a JSON-lines file where the node records, for every message, the
 names, shapes and SHA-256 of the tensors it received and sent, the values of the settings and
 metrics it sent, and the digests of its private tensors, so an operator can verify what left
@@ -53,7 +56,13 @@ from floral.engines.flower.records import (
     to_record,
 )
 from floral.engines.flower.secagg import STRUCTURE, layout_of
-from floral.engines.flower.store import DiskStore, PrivateStore, keep_from, valid_lineage
+from floral.engines.flower.store import (
+    KEEP_RUNS,
+    DiskStore,
+    PrivateStore,
+    keep_from,
+    valid_lineage,
+)
 from floral.errors import ConfigError
 from floral.methods.base import ClientJob, Method, ServerState
 from floral.train.device import Placement, to_device
@@ -132,7 +141,28 @@ def store_of(content: RecordDict, context: Context, root: Path | None) -> Privat
     if not valid_lineage(lineage):
         raise ValueError(f"the server sent a malformed lineage {lineage!r}")
     base = Path(str(folder)) if folder is not None else cast(Path, root)
-    return DiskStore(base.expanduser(), lineage)
+    return DiskStore(base.expanduser(), lineage, keep_runs(context.node_config))
+
+
+def keep_runs(node_config: Mapping[str, Any]) -> int:
+    """Node config `keep-runs`: how many runs' private state the node keeps (0: all)."""
+    value = node_config.get("keep-runs", KEEP_RUNS)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"node config: keep-runs must be an integer 0 or more (0 keeps every "
+                          f"run's state), got {value!r}")
+    return value
+
+
+def task_cache(node_config: Mapping[str, Any]) -> Path | None:
+    """Where the node keeps its built task: `task-cache` under its `state-dir`, unless its
+    config says `task-cache=false` (or it has no state-dir)."""
+    enabled = node_config.get("task-cache", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"node config: task-cache must be true or false, got {enabled!r}")
+    folder = node_config.get("state-dir")
+    if folder is None or not enabled:
+        return None
+    return Path(str(folder)).expanduser() / TASK_CACHE
 
 
 def store_kind(context: Context, root: Path | None) -> str:
@@ -259,8 +289,10 @@ def _tensors(records: RecordDict, name: str) -> TensorDict:
 
 
 Handler = Callable[[Call], RecordDict]
-# How a node builds its runtime: (experiment text, device, its own data or None).
-Build = Callable[[str, str, NodeData | None], ClientRuntime]
+# How a node builds its runtime: (experiment text, device, its own data or None, the folder
+# where it keeps its built task or None).
+Build = Callable[[str, str, NodeData | None, Path | None], ClientRuntime]
+TASK_CACHE = "task-cache"  # under a node's state-dir
 
 
 # -- the audit trail ----------------------------------------------------------------------------
@@ -313,13 +345,15 @@ class ClientNode:
 
     def __init__(self, build: Build, state_root: Path | None = None) -> None:
         self.build, self.state_root = build, state_root
-        self.cache: dict[tuple[str, str, NodeData | None], ClientRuntime] = {}
+        self.cache: dict[tuple[str, str, NodeData | None, Path | None], ClientRuntime] = {}
 
-    def runtime_for(self, text: str, device: str, data: NodeData | None = None) -> ClientRuntime:
-        key = (text, device, data)
+    def runtime_for(
+        self, text: str, device: str, data: NodeData | None = None, disk: Path | None = None
+    ) -> ClientRuntime:
+        key = (text, device, data, disk)
         if key not in self.cache:
             self.cache.clear()  # one experiment per process at a time: keep memory bounded
-            self.cache[key] = self.build(text, device, data)
+            self.cache[key] = self.build(text, device, data, disk)
         return self.cache[key]
 
     def handle(self, kind: str, content: RecordDict, context: Context) -> RecordDict:
@@ -329,7 +363,9 @@ class ClientNode:
             raise ValueError(f"floral's ClientApp answers no {kind!r} message")
         device = str(context.node_config.get("device", ""))
         data = node_data(context.node_config)
-        runtime = self.runtime_for(str(_config(content)["experiment"]), device, data)
+        runtime = self.runtime_for(
+            str(_config(content)["experiment"]), device, data, task_cache(context.node_config)
+        )
         k = partition_of(context, len(runtime.task.clients))
         store = store_of(content, context, self.state_root)
         call = Call(runtime, k, content, store, store_kind(context, self.state_root))

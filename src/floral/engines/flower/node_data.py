@@ -7,7 +7,8 @@ tokenizer and lengths) comes from the experiment the server sends, and the node 
 files against it. The folder holds one client's data in a format floral reads:
 
 - `task.dataset = "jsonl"`: one `*.jsonl` file (prompt/response or messages lines,
-  floral.data.instruct), split into train and held-out examples with the experiment's seed;
+  floral.data.instruct), split into train and held-out examples with the experiment's seed and
+  the node's client index, as the local engine splits client k of a folder of such files;
 - `task.dataset = "mnist"`, `"fashion-mnist"`: the four IDX files
   (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`,
   `t10k-labels-idx1-ubyte`, optionally gzipped) of 28x28 images with labels 0-9;
@@ -31,10 +32,13 @@ from typing import Any
 
 import torch
 
-from floral.data import ClientData, FederatedTask, TaskConfig, build_task
+from floral.data import ClientData, FederatedTask, TaskConfig
+from floral.data.instruct import build_jsonl
 from floral.data.partition import cluster_of
 from floral.data.shifts import rotate, rotation_angle, shift_labels
 from floral.data.sources import load_source
+from floral.data.task import validate_task
+from floral.data.text import load_tokenizer
 from floral.errors import ConfigError, FloralError
 
 __all__ = ["NODE_DATASETS", "NodeData", "node_data", "node_task"]
@@ -102,7 +106,7 @@ def node_task(cfg: TaskConfig, seed: int, data: NodeData) -> FederatedTask:
         raise ConfigError(f"node data {folder}: no such folder (node config data-path)")
     try:
         if cfg.dataset == "jsonl":
-            task = _jsonl_task(cfg, seed, folder, cluster)
+            task = _jsonl_task(cfg, seed, folder, data.client)
         else:
             task = _image_task(cfg, folder, cluster)
     except FloralError as error:
@@ -131,7 +135,7 @@ def _absent(k: int, like: ClientData, num_clusters: int) -> ClientData:
     )
 
 
-def _jsonl_task(cfg: TaskConfig, seed: int, folder: Path, cluster: int) -> FederatedTask:
+def _jsonl_task(cfg: TaskConfig, seed: int, folder: Path, client: int) -> FederatedTask:
     files = sorted(folder.glob("*.jsonl"))
     if len(files) != 1:
         raise ConfigError(
@@ -140,7 +144,22 @@ def _jsonl_task(cfg: TaskConfig, seed: int, folder: Path, cluster: int) -> Feder
         )
     # The node's file alone, as a one-client task; the cluster column, if any, is one value.
     own = dataclasses.replace(cfg, data_dir=str(folder), num_clients=1, num_clusters=1)
-    return build_task(own, seed)
+    validate_task(own)
+    tokenizer = load_tokenizer(own.tokenizer)
+    # Split with the client's own index, as the local engine splits client k of a folder of
+    # one file per client: both engines then train and test on the same examples.
+    built = build_jsonl(own, seed, tokenizer, client_ids=[client])
+    (c,) = built.clients
+    return FederatedTask(
+        name=cfg.dataset,
+        kind="causal-lm",
+        input_shape=(cfg.max_length,),
+        num_outputs=tokenizer.vocab_size,
+        num_clusters=1,
+        clients=[ClientData(0, c.cluster, c.x_train, c.y_train, c.x_test, c.y_test,
+                            c.generation)],
+        generation=built.generation if cfg.generate_tokens > 0 else None,
+    )
 
 
 def _image_task(cfg: TaskConfig, folder: Path, cluster: int) -> FederatedTask:

@@ -15,6 +15,12 @@ round r reads the newest version before r, and versions from r on, written by a 
 further than its checkpoint, are discarded. Older versions are removed once no checkpoint can
 need them (`engine.checkpoint_every`, read from the experiment every message carries).
 
+Lineages are bounded too: a node keeps the folders of its `keep-runs` most recently trained
+runs (node config, default `KEEP_RUNS`; 0 keeps all). Every write marks its lineage as used
+now, so a stopped run that is resumed counts as recent again as soon as it trains; the
+lineage being written is never removed. A stopped run stays resumable on a node until
+`keep-runs` other runs have trained there since.
+
 `MemoryStore` keeps the latest tensors in Flower's `context.state`: one run only, as long as the
 SuperNode lives.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -34,7 +41,10 @@ from safetensors.torch import load_file, save_file
 from floral.errors import ConfigError
 from floral.train.state import TensorDict
 
-__all__ = ["DiskStore", "PrivateStore", "keep_from", "valid_lineage"]
+__all__ = ["KEEP_RUNS", "DiskStore", "PrivateStore", "keep_from", "prune_lineages",
+           "valid_lineage"]
+
+KEEP_RUNS = 3  # lineages a node keeps by default: the current run and two it may resume
 
 _LINEAGE = re.compile(r"[0-9a-f]{32}")
 _VERSION = re.compile(r"round-(\d+)\.safetensors")
@@ -72,9 +82,10 @@ class DiskStore:
 
     kind = "disk"
 
-    def __init__(self, root: Path, lineage: str) -> None:
+    def __init__(self, root: Path, lineage: str, keep_runs: int = KEEP_RUNS) -> None:
         if not valid_lineage(lineage):
             raise ValueError(f"lineage {lineage!r} is not 32 hex digits")
+        self.root, self.lineage, self.keep_runs = root, lineage, keep_runs
         self.folder = root / lineage
 
     def _versions(self, k: int) -> dict[int, Path]:
@@ -114,3 +125,31 @@ class DiskStore:
             # than the newest a checkpoint may need are no longer needed.
             if r > round_ or (kept is not None and r < kept):
                 old.unlink(missing_ok=True)
+        os.utime(self.folder)  # this lineage was used now: the pruning below ranks by it
+        prune_lineages(self.root, self.lineage, self.keep_runs)
+
+
+def prune_lineages(root: Path, current: str, keep: int) -> list[str]:
+    """Remove all but the `keep` most recently used lineage folders under `root` (0: none
+    removed), never `current`; the names removed. Only folders named as lineages are touched:
+    the warm worker's files and anything else in a node's folder stay."""
+    if keep <= 0 or not root.is_dir():
+        return []
+    used = []
+    for path in root.iterdir():
+        if path.name != current and valid_lineage(path.name) and path.is_dir():
+            try:
+                used.append((path.stat().st_mtime_ns, path.name))
+            except FileNotFoundError:  # removed meanwhile by another process of this node
+                continue
+    removed = []
+    for _, name in sorted(used, reverse=True)[max(keep - 1, 0):]:
+        # Renamed first, so no reader ever sees half a lineage; then deleted at leisure.
+        aside = root / f".removed-{name}.{os.getpid()}"
+        try:
+            os.replace(root / name, aside)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+        removed.append(name)
+    return removed

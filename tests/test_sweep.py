@@ -248,13 +248,13 @@ def test_parallel_runs_equal_sequential_ones_and_each_has_its_peak_memory(tmp_pa
     assert main(["sweep", str(two_tasks[0]), *args, "--out", str(parallel), "--jobs", "2"]) == 0
     for method in ("fedavg", "floral"):
         run = Path("ls") / method / "seed0"
-        assert _numbers(serial / run) == _numbers(parallel / run)
+        assert _metric_rows(serial / run) == _metric_rows(parallel / run)
         assert run_peak_memory(serial / run) is None  # this process ran other things before
         # A fresh process per run: at least torch's own footprint, far below a reused worker's
         assert 100 < run_peak_memory(parallel / run) < 4000
 
 
-def _numbers(run: Path) -> list[dict[str, str]]:
+def _metric_rows(run: Path) -> list[dict[str, str]]:
     """A run's metrics rows without the wall-clock column."""
     with open(run / "metrics.csv") as f:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]

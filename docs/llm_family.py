@@ -43,6 +43,11 @@ NAMES = {
     "fedit:comm.upload=quant:2:comm.download=quant:2": "FLoCoRA-style, 2 bits",
     "hetlora:rank_tiers=[2,4,8]": "HetLoRA, ranks 2/4/8",
     "flora:rank_tiers=[2,4,8]": "FLoRA, ranks 2/4/8",
+    'pfedlora:model.depths=[30,20,10]:method.include=["*.layers.[0-9].*_proj"]:model_lr=0.00002': (
+        "pFedLoRA, depths 30/20/10"
+    ),
+    "floral:train.router_lr=0.5": "FLoRAL, router lr 0.5",
+    "floral:train.rounds=12": "FLoRAL, 12 rounds",
 }
 
 
@@ -159,7 +164,7 @@ def table(rows: list[Row], first: dict, languages: list[str]) -> str:
         + " | ".join(f"chrF {lang}" for lang in languages)
         + " | exact % | router ARI | MB up | MB down | train s/round | CPU s/run | peak GB |"
     )
-    lines = [head, "|" + "---|" * 2 + "---:|" * (len(languages) + 9)]
+    lines = [head, "|" + "---|" * 2 + "---:|" * (len(languages) + 8)]
     round0 = first["round0"]
     base = [_num(round0[f"chrf_cluster{c}"]) for c in range(len(languages))]
     lines.append(
@@ -216,6 +221,7 @@ def figures(rows: list[Row], first: dict, languages: list[str], folder: Path) ->
     ax.axhline(base_chrf, color="grey", linestyle=":", linewidth=1)
     ax.text(floor, base_chrf + 0.4, "frozen base", fontsize=7, color="grey")
     ax.set_xscale("log")
+    ax.set_xlim(floor / 2, max(sent, default=floor) * 8)  # room for the labels on the right
     ax.set_xlabel("bytes uploaded per client and round (log; squares: nothing uploaded)")
     ax.set_ylabel("chrF, held-out names (all languages)")
     ax.set_title("SmolLM2-135M, 8 clients, 4 languages: chrF against upload")

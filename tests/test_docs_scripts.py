@@ -67,6 +67,8 @@ def test_llm_family_table_reads_the_grid_it_summarizes(tmp_path):
     cells = [[c.strip() for c in line.strip("|").split("|")]
              for line in result.stdout.splitlines() if line.startswith("| ")]
     rows = {row[0]: row for row in cells}
+    separator = next(line for line in result.stdout.splitlines() if line.startswith("|---"))
+    assert {len(row) for row in cells} == {separator.count("|") - 1}  # one width for all
     metrics = (out / "tiny-family" / "fedit" / "seed0" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
     round1 = dict(zip(header, metrics[2].split(","), strict=True))

@@ -44,7 +44,10 @@ from floral.data.text import (
 )
 from floral.errors import ConfigError
 
-__all__ = ["DATASETS", "TaskConfig", "ClientData", "FederatedTask", "build_task", "validate_task"]
+__all__ = [
+    "DATASETS", "TaskConfig", "ClientData", "FederatedTask", "build_task", "cluster_images",
+    "validate_task",
+]
 
 # Prompt/response tasks for language models (floral.data.instruct).
 PROMPTED_DATASETS: tuple[str, ...] = ("translations", "jsonl")
@@ -373,21 +376,28 @@ def _cluster_tensors(
     """The shifted, normalized (x, y) of each client of one cluster, built in one batch."""
     pixels, labels = getattr(source, f"x_{split}"), getattr(source, f"y_{split}")
     index = np.concatenate(shares)
-    x = torch.from_numpy(pixels[index]).float().div_(source.max_value)
-    y = torch.from_numpy(labels[index])
+    x, y = cluster_images(pixels[index], labels[index], source, cfg, cluster)
+    sizes = [len(s) for s in shares]
+    return [
+        (_own_copy(xs), _own_copy(ys))
+        for xs, ys in zip(x.split(sizes), y.split(sizes), strict=True)
+    ]
+
+
+def cluster_images(
+    pixels: np.ndarray, labels: np.ndarray, source: ImageData, cfg: TaskConfig, cluster: int
+) -> tuple[Tensor, Tensor]:
+    """Images scaled to [0, 1], shifted as the cluster's (rotation or labels) and normalized
+    by the dataset's mean and std; the arrays become the tensors' storage."""
+    x = torch.from_numpy(pixels).float().div_(source.max_value)
+    y = torch.from_numpy(labels)
     if cfg.shift == "rotate":
         x = rotate(x, rotation_angle(cluster, cfg.num_clusters))
     elif cfg.shift == "label-shift":
         y = shift_labels(y, cluster, source.num_classes)
     mean = torch.tensor(source.mean).view(1, -1, 1, 1)
     std = torch.tensor(source.std).view(1, -1, 1, 1)
-    x = x.sub_(mean).div_(std)
-    sizes = [len(s) for s in shares]
-    x = x.contiguous()
-    return [
-        (_own_copy(xs), _own_copy(ys))
-        for xs, ys in zip(x.split(sizes), y.split(sizes), strict=True)
-    ]
+    return x.sub_(mean).div_(std).contiguous(), y
 
 
 def _own_copy(part: Tensor) -> Tensor:

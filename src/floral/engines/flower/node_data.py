@@ -30,14 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import Tensor
 
 from floral.data import ClientData, FederatedTask, TaskConfig
 from floral.data.instruct import build_jsonl
 from floral.data.partition import cluster_of
-from floral.data.shifts import rotate, rotation_angle, shift_labels
 from floral.data.sources import load_source
-from floral.data.task import validate_task
+from floral.data.task import cluster_images, validate_task
 from floral.data.text import load_tokenizer
 from floral.errors import ConfigError, FloralError
 
@@ -175,7 +174,7 @@ def _image_task(cfg: TaskConfig, folder: Path, cluster: int) -> FederatedTask:
             f"node data {folder}: images of shape {source.image_shape}; "
             f"task.dataset = {cfg.dataset!r} needs {want}"
         )
-    tensors = []
+    tensors: list[Tensor] = []
     for split in ("train", "test"):
         pixels, labels = getattr(source, f"x_{split}"), getattr(source, f"y_{split}")
         if len(labels) == 0:
@@ -186,15 +185,7 @@ def _image_task(cfg: TaskConfig, folder: Path, cluster: int) -> FederatedTask:
                 f"{labels.max()}]; task.dataset = {cfg.dataset!r} has "
                 f"{source.num_classes} classes (0 to {source.num_classes - 1})"
             )
-        x = torch.from_numpy(pixels.copy()).float().div_(source.max_value)
-        y = torch.from_numpy(labels.copy())
-        if cfg.shift == "rotate":
-            x = rotate(x, rotation_angle(cluster, cfg.num_clusters))
-        elif cfg.shift == "label-shift":
-            y = shift_labels(y, cluster, source.num_classes)
-        mean = torch.tensor(source.mean).view(1, -1, 1, 1)
-        std = torch.tensor(source.std).view(1, -1, 1, 1)
-        tensors += [x.sub_(mean).div_(std).contiguous(), y]
+        tensors += cluster_images(pixels.copy(), labels.copy(), source, cfg, cluster)
     client = ClientData(0, cluster, tensors[0], tensors[1], tensors[2], tensors[3])
     return FederatedTask(
         cfg.dataset, "classification", want, source.num_classes, cfg.num_clusters, [client]

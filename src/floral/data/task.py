@@ -440,33 +440,32 @@ def _build_text_task(cfg: TaskConfig) -> FederatedTask:
             f" of {cfg.block_size} tokens; use fewer clients or shorter blocks",
         )
         train = trim_train(train, cfg.data_fraction, cfg.min_samples)
-        # Input: a block's first block_size tokens; target: its last block_size.
-        clients.append(ClientData(client_id, cluster, train[:, :-1].clone(), train[:, 1:].clone(),
-                                  test[:, :-1].clone(), test[:, 1:].clone()))
-    return FederatedTask(
-        name=cfg.dataset,
-        kind="causal-lm",
-        input_shape=(cfg.block_size,),
-        num_outputs=tokenizer.vocab_size,
-        num_clusters=cfg.num_clusters,
-        clients=clients,
-    )
+        clients.append(_block_client(client_id, cluster, train, test))
+    return _block_task(cfg, tokenizer.vocab_size, clients)
 
 
 def _build_own_text_task(cfg: TaskConfig) -> FederatedTask:
     """Causal-LM clients of users' plain-text files (floral.data.own_text)."""
     tokenizer = load_tokenizer(cfg.tokenizer)
     clients = [
-        # Input: a block's first block_size tokens; target: its last block_size.
-        ClientData(k, c.cluster, c.train[:, :-1].clone(), c.train[:, 1:].clone(),
-                   c.test[:, :-1].clone(), c.test[:, 1:].clone())
+        _block_client(k, c.cluster, c.train, c.test)
         for k, c in enumerate(build_text_clients(cfg, tokenizer))
     ]
+    return _block_task(cfg, tokenizer.vocab_size, clients)
+
+
+def _block_client(client_id: int, cluster: int, train: Tensor, test: Tensor) -> ClientData:
+    # Input: a block's first block_size tokens; target: its last block_size.
+    return ClientData(client_id, cluster, train[:, :-1].clone(), train[:, 1:].clone(),
+                      test[:, :-1].clone(), test[:, 1:].clone())
+
+
+def _block_task(cfg: TaskConfig, vocab_size: int, clients: list[ClientData]) -> FederatedTask:
     return FederatedTask(
         name=cfg.dataset,
         kind="causal-lm",
         input_shape=(cfg.block_size,),
-        num_outputs=tokenizer.vocab_size,
+        num_outputs=vocab_size,
         num_clusters=cfg.num_clusters,
         clients=clients,
     )

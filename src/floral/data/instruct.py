@@ -48,7 +48,7 @@ from torch import nn
 
 from floral.data.mo import read_mo
 from floral.data.partition import clients_of_cluster, dirichlet_proportions, split_by_proportions
-from floral.data.text import Tokenizer
+from floral.data.text import Tokenizer, read_utf8
 from floral.errors import ConfigError, DatasetNotFoundError
 from floral.train.device import Placement
 from floral.train.objective import IGNORE_INDEX
@@ -447,12 +447,7 @@ def clients_by_group(
 
 def _rows(file: Path) -> list[tuple[str, dict[str, Any]]]:
     rows = []
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(
-            f"{file}: not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
+    text = read_utf8(file)
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

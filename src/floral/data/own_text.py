@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from floral.data.text import Tokenizer, client_blocks, trim_train
+from floral.data.text import Tokenizer, client_blocks, read_utf8, trim_train
 from floral.errors import ConfigError, DatasetNotFoundError
 
 __all__ = ["OWN_TEXT_DATASETS", "TextClient", "build_text_clients", "read_text_clients"]
@@ -77,12 +77,7 @@ def read_text_clients(path: str) -> list[TextClient]:
 
 
 def _read(file: Path) -> str:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(
-            f"{file}: not UTF-8 text ({error.reason} at byte {error.start})"
-        ) from None
+    text = read_utf8(file)
     if not text.strip():
         raise ConfigError(f"{file}: empty (no text)")
     return text.strip()

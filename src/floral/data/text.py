@@ -33,6 +33,7 @@ __all__ = [
     "austen_novels",
     "load_tokenizer",
     "novel_text",
+    "read_utf8",
     "token_blocks",
 ]
 
@@ -201,3 +202,13 @@ def trim_train(blocks: torch.Tensor, fraction: float, min_samples: int) -> torch
     """The first blocks kept by `task.data_fraction` (contiguous text, so no shuffle)."""
     keep = len(keep_fraction(torch.arange(len(blocks)).numpy(), fraction, min_samples))
     return blocks[:keep]
+
+
+def read_utf8(file: Path) -> str:
+    """A user's text file; one that is not UTF-8 is a one-line error naming the byte."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{file}: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None

@@ -29,6 +29,10 @@ PFEDLORA='pfedlora:model.depths=[30,20,10]:method.include=["*.layers.[0-9].*_pro
 floral sweep "$CONFIG" --methods "$PFEDLORA,floral:train.router_lr=0.5" --seeds 0 "${COMMON[@]}"
 # FLoRAL for twice the rounds: do its routers separate the four languages given time?
 floral sweep "$CONFIG" --methods "floral:train.rounds=12" --seeds 0 "${COMMON[@]}"
+# floral-em finding the languages: a rank-32 warm-up for 2 rounds, or an E-step on a quarter
+# of each client's names that it never trains on.
+floral sweep "$CONFIG" --seeds 0 "${COMMON[@]}" \
+  --methods "floral-em:train_base=false:warmup_rank=32:warmup_rounds=2,floral-em:train_base=false:holdout=0.25"
 # A second seed of FLoRAL.
 floral sweep "$CONFIG" --methods floral --seeds 1 "${COMMON[@]}"
 python docs/llm_family.py "$OUT" --figures docs

@@ -24,8 +24,7 @@ from flower_federation import Federation  # noqa: E402
 from test_flower_deployment import APP, _app_experiment  # noqa: E402
 from test_flower_node_data import client_arrays, expected_task, write_node  # noqa: E402
 
-from floral.engines.local import LocalEngine  # noqa: E402
-from floral.experiment import build_setup, placement_of  # noqa: E402
+from floral.experiment import build_engine  # noqa: E402
 
 SITECUSTOMIZE = """
 import os, sys
@@ -68,17 +67,7 @@ def test_supernodes_read_only_their_own_data_folders(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
 
     config = _app_experiment(run_config)
-    method, task, model = build_setup(config, expected_task(clients))
-    engine = LocalEngine(
-        method,
-        task,
-        model,
-        config.train,
-        config.engine,
-        config.seed,
-        config.comm,
-        placement_of(config),
-    )
+    engine, _ = build_engine(config, expected_task(clients))
     engine.run()
     expected = engine.evaluate()
     final = json.loads((out / "summary.json").read_text())["final"]

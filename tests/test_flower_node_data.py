@@ -30,9 +30,8 @@ from flwr.clientapp import ClientApp  # noqa: E402
 
 from floral.data import ClientData, FederatedTask  # noqa: E402
 from floral.engines.flower.node_data import NodeData, node_task  # noqa: E402
-from floral.engines.local import LocalEngine  # noqa: E402
 from floral.errors import ConfigError  # noqa: E402
-from floral.experiment import build_setup, placement_of, resolve_config  # noqa: E402
+from floral.experiment import build_engine, resolve_config  # noqa: E402
 from floral.flower_app import client_app as floral_client_app  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST's, as published with the data set
@@ -153,17 +152,7 @@ def test_each_node_reads_only_its_own_folder_and_matches_the_local_engine(tmp_pa
         summary, grid = run_loopback(config, tmp_path / "flower", audited_app, node_configs=nodes)
 
     # The local engine on the task assembled by the test: the same numbers.
-    method, task, model = build_setup(config, expected_task(clients))
-    engine = LocalEngine(
-        method,
-        task,
-        model,
-        config.train,
-        config.engine,
-        config.seed,
-        config.comm,
-        placement_of(config),
-    )
+    engine, _ = build_engine(config, expected_task(clients))
     engine.run()
     expected = engine.evaluate()
     assert "accuracy_cluster1" in expected and expected.keys() <= summary.final.keys()

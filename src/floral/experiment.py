@@ -215,10 +215,12 @@ def placement_of(config: ExperimentConfig, device: str = "") -> Placement:
     return Placement(target, check_dtype(config.model.dtype, target), config.engine.compile)
 
 
-def build_engine(config: ExperimentConfig) -> tuple[LocalEngine, FederatedTask]:
-    """The in-process engine for a config."""
+def build_engine(
+    config: ExperimentConfig, task: FederatedTask | None = None
+) -> tuple[LocalEngine, FederatedTask]:
+    """The in-process engine for a config (on `task` instead of the config's, if given)."""
     placement = placement_of(config)
-    method, task, model = build_setup(config)
+    method, task, model = build_setup(config, task)
     engine = LocalEngine(
         method, task, model, config.train, config.engine, config.seed, config.comm, placement
     )

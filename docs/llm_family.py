@@ -125,10 +125,10 @@ def _at_round(history: list[dict[str, float]], round_: int, folder: Path) -> dic
 
 
 def _client_rounds(config: dict, rounds: int) -> float:
-    clients = config["task"]["num_clients"]
+    from floral.engines.driver import sample_clients
+
     fraction = config["train"].get("clients_per_round", 1.0)
-    per_round = max(1, round(fraction * clients)) if fraction <= 1 else int(fraction)
-    return per_round * rounds
+    return len(sample_clients(0, 1, config["task"]["num_clients"], fraction)) * rounds
 
 
 def copy_row(config: dict) -> tuple[float, float, dict[str, float]]:

@@ -7,8 +7,9 @@
 It reads what `floral sweep` wrote: `grid.json`, and per run `metrics.csv`, `summary.json`,
 `config.toml` and `cost.json`. Each row is a method (the mean over the seeds that finished;
 with two or more, "± std" follows the chrF). Two rows need no training: the frozen base is
-round 0 of the first run (every adaptor starts at B = 0), and "copy the source" answers
-every held-out prompt with the English string itself.
+round 0 of each seed's first run (every adaptor starts at B = 0), and "copy the source"
+answers every held-out prompt with the English string itself; both are means over the seeds,
+whose held-out names differ.
 
 Bytes are per client and round: a run's total divided by the client-rounds it trained.
 """
@@ -68,10 +69,11 @@ class Row:
     peak_mb: list[float]
 
 
-def read_rows(out: Path, round_: int | None) -> tuple[list[Row], dict, list[str]]:
+def read_rows(out: Path, round_: int | None) -> tuple[list[Row], dict[int, dict], list[str]]:
+    """The rows, and per seed the config and round-0 metrics of its first finished run."""
     grid = json.loads((out / "grid.json").read_text())
     rows: dict[str, Row] = {}
-    first: dict | None = None
+    seeds: dict[int, dict] = {}
     languages: list[str] = []
     for task in grid["tasks"]:
         for run in task["runs"]:
@@ -82,8 +84,7 @@ def read_rows(out: Path, round_: int | None) -> tuple[list[Row], dict, list[str]
             languages = config["task"]["languages"]
             history = _history(folder / "metrics.csv")
             at = history[-1] if round_ is None else _at_round(history, round_, folder)
-            if first is None:
-                first = {"config": config, "round0": history[0], "folder": folder}
+            seeds.setdefault(run["seed"], {"config": config, "round0": history[0]})
             label = run["method"]
             row = rows.setdefault(
                 label, Row(label, NAMES.get(label, label), [], [], {}, [], [], [], [], [], [])
@@ -106,10 +107,10 @@ def read_rows(out: Path, round_: int | None) -> tuple[list[Row], dict, list[str]
                     row.cpu_seconds.append(data["cpu_seconds"])
                 if data.get("peak_memory_mb") is not None:
                     row.peak_mb.append(data["peak_memory_mb"])
-    if first is None:
+    if not seeds:
         raise SystemExit(f"{out}: no finished run yet")
     ordered = [rows[m] for m in grid["methods"] if m in rows]
-    return ordered, first, languages
+    return ordered, seeds, languages
 
 
 def _history(path: Path) -> list[dict[str, float]]:
@@ -131,15 +132,30 @@ def _client_rounds(config: dict, rounds: int) -> float:
     return len(sample_clients(0, 1, config["task"]["num_clients"], fraction)) * rounds
 
 
-def copy_row(config: dict) -> tuple[float, float, dict[str, float]]:
-    """chrF, exact match and chrF per language of answering with the English string."""
+def reference_rows(seeds: dict[int, dict], languages: list[str]) -> dict[str, dict[str, float]]:
+    """The frozen base and the copy of the English string: chrF, exact match and chrF per
+    language, each the mean over the seeds."""
     from copy_source import copy_scores  # docs/copy_source.py, beside this script
 
     from floral.experiment import resolve_config
 
-    scores = copy_scores(resolve_config(config))
-    languages = {k: v["chrf"] for k, v in scores.items() if k != "all"}
-    return scores["all"]["chrf"], scores["all"]["exact_match"], languages
+    base: list[dict[str, float]] = []
+    copy: list[dict[str, float]] = []
+    for seed in seeds.values():
+        round0 = seed["round0"]
+        base.append(
+            {"chrf": round0["chrf"], "exact": round0["exact_match"]}
+            | {lang: round0[f"chrf_cluster{c}"] for c, lang in enumerate(languages)}
+        )
+        scores = copy_scores(resolve_config(seed["config"]))
+        copy.append(
+            {"chrf": scores["all"]["chrf"], "exact": scores["all"]["exact_match"]}
+            | {lang: scores[lang]["chrf"] for lang in languages}
+        )
+    return {
+        name: {key: _mean([r[key] for r in runs]) for key in runs[0]}
+        for name, runs in (("base", base), ("copy", copy))
+    }
 
 
 def _mean(values: list[float]) -> float:
@@ -160,26 +176,21 @@ def _megabytes(value: float) -> str:
     return f"{value / 1e6:.3g}"
 
 
-def table(rows: list[Row], first: dict, languages: list[str]) -> str:
+def table(rows: list[Row], seeds: dict[int, dict], languages: list[str]) -> str:
     head = (
         "| method | seeds | chrF | "
         + " | ".join(f"chrF {lang}" for lang in languages)
         + " | exact % | router ARI | MB up | MB down | train s/round | CPU s/run | peak GB |"
     )
     lines = [head, "|" + "---|" * 2 + "---:|" * (len(languages) + 8)]
-    round0 = first["round0"]
-    base = [_num(round0[f"chrf_cluster{c}"]) for c in range(len(languages))]
-    lines.append(
-        f"| frozen base (round 0) | | {_num(round0['chrf'])} | "
-        + " | ".join(base)
-        + f" | {_num(round0['exact_match'])} | | 0 | 0 | | | |"
-    )
-    chrf, exact, per_language = copy_row(first["config"])
-    lines.append(
-        f"| copy the English string | | {chrf:.1f} | "
-        + " | ".join(f"{per_language[lang]:.1f}" for lang in languages)
-        + f" | {exact:.1f} | | 0 | 0 | | | |"
-    )
+    references = reference_rows(seeds, languages)
+    for name, key in (("frozen base (round 0)", "base"), ("copy the English string", "copy")):
+        ref = references[key]
+        lines.append(
+            f"| {name} | {len(seeds)} | {_num(ref['chrf'])} | "
+            + " | ".join(_num(ref[lang]) for lang in languages)
+            + f" | {_num(ref['exact'])} | | 0 | 0 | | | |"
+        )
     for row in rows:
         cells = [
             row.name,
@@ -198,15 +209,17 @@ def table(rows: list[Row], first: dict, languages: list[str]) -> str:
     return "\n".join(lines)
 
 
-def figures(rows: list[Row], first: dict, languages: list[str], folder: Path) -> list[Path]:
+def figures(
+    rows: list[Row], seeds: dict[int, dict], languages: list[str], folder: Path
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    copy_chrf, _, _ = copy_row(first["config"])
-    base_chrf = first["round0"]["chrf"]
+    references = reference_rows(seeds, languages)
+    copy_chrf, base_chrf = references["copy"]["chrf"], references["base"]["chrf"]
     # chrF against upload bytes: a method that uploads nothing sits at the left edge.
     sent = [_mean(r.up) for r in rows if _mean(r.up) > 0]
     floor = min(sent) / 4 if sent else 1.0
@@ -263,10 +276,10 @@ def main() -> None:
     parser.add_argument("--round", type=int, default=None, help="default: the last")
     parser.add_argument("--figures", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
-    rows, first, languages = read_rows(args.out, args.round)
-    print(table(rows, first, languages))
+    rows, seeds, languages = read_rows(args.out, args.round)
+    print(table(rows, seeds, languages))
     if args.figures is not None:
-        for path in figures(rows, first, languages, args.figures):
+        for path in figures(rows, seeds, languages, args.figures):
             print(f"wrote {path}")
 
 

@@ -22,17 +22,16 @@ FAMILY+=",fedit:comm.upload=quant:8:comm.download=quant:8"
 FAMILY+=",fedit:comm.upload=quant:4:comm.download=quant:4"
 FAMILY+=",fedit:comm.upload=quant:2:comm.download=quant:2"
 FAMILY+=",hetlora:rank_tiers=[2,4,8],flora:rank_tiers=[2,4,8]"
-floral sweep "$CONFIG" --methods "$FAMILY" --seeds 0 "${COMMON[@]}"
 # pFedLoRA: client k runs SmolLM2's first 30, 20 or 10 blocks (k mod 3); its one shared
-# adapter sits in blocks 0-9, which every client runs. And FLoRAL with a faster router.
-PFEDLORA='pfedlora:model.depths=[30,20,10]:method.include=["*.layers.[0-9].*_proj"]:model_lr=0.00002'
-floral sweep "$CONFIG" --methods "$PFEDLORA,floral:train.router_lr=0.5" --seeds 0 "${COMMON[@]}"
+# adapter sits in blocks 0-9, which every client runs.
+FAMILY+=',pfedlora:model.depths=[30,20,10]:method.include=["*.layers.[0-9].*_proj"]:model_lr=0.00002'
+floral sweep "$CONFIG" --methods "$FAMILY" --seeds 0,1 "${COMMON[@]}"
+# FLoRAL with a faster router.
+floral sweep "$CONFIG" --methods "floral:train.router_lr=0.5" --seeds 0 "${COMMON[@]}"
 # FLoRAL for twice the rounds: do its routers separate the four languages given time?
 floral sweep "$CONFIG" --methods "floral:train.rounds=12" --seeds 0 "${COMMON[@]}"
 # floral-em finding the languages: a rank-32 warm-up for 2 rounds, or an E-step on a quarter
 # of each client's names that it never trains on.
 floral sweep "$CONFIG" --seeds 0 "${COMMON[@]}" \
   --methods "floral-em:train_base=false:warmup_rank=32:warmup_rounds=2,floral-em:train_base=false:holdout=0.25"
-# A second seed of FLoRAL.
-floral sweep "$CONFIG" --methods floral --seeds 1 "${COMMON[@]}"
 python docs/llm_family.py "$OUT" --figures docs

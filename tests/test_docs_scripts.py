@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import runpy
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +57,7 @@ def test_llm_family_table_reads_the_grid_it_summarizes(tmp_path):
         "engine": {"eval_every": 1},
     }))
     out = tmp_path / "grid"
-    assert main(["sweep", str(config), "--methods", "fedit,ffa-lora", "--seeds", "0",
+    assert main(["sweep", str(config), "--methods", "fedit,ffa-lora", "--seeds", "0,1",
                  "--out", str(out), "--quiet", "--jobs", "1", "--no-plots",
                  "--set", 'method.include=["*.q_proj"]', "--set", "method.rank=2",
                  "--set", "method.bias=false"]) == 0
@@ -69,14 +71,20 @@ def test_llm_family_table_reads_the_grid_it_summarizes(tmp_path):
     rows = {row[0]: row for row in cells}
     separator = next(line for line in result.stdout.splitlines() if line.startswith("|---"))
     assert {len(row) for row in cells} == {separator.count("|") - 1}  # one width for all
-    metrics = (out / "tiny-family" / "fedit" / "seed0" / "metrics.csv").read_text().splitlines()
-    header = metrics[0].split(",")
-    round1 = dict(zip(header, metrics[2].split(","), strict=True))
-    round0 = dict(zip(header, metrics[1].split(","), strict=True))
+    def rounds(seed):
+        path = out / "tiny-family" / "fedit" / f"seed{seed}" / "metrics.csv"
+        with open(path) as f:
+            return {int(r["round"]): {k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)}
+
+    history = [rounds(0), rounds(1)]
     fedit = rows["FedIT"]
-    assert fedit[2] == f"{float(round1['chrf']):.1f}"  # the row is round 1, not the last
-    assert fedit[3] == f"{float(round1['chrf_cluster0']):.1f}"
-    assert rows["frozen base (round 0)"][2] == f"{float(round0['chrf']):.1f}"
+    assert fedit[1] == "2"
+    chrf = [h[1]["chrf"] for h in history]  # the row is round 1, not the last
+    assert fedit[2] == f"{statistics.fmean(chrf):.1f} ± {statistics.stdev(chrf):.1f}"
+    assert fedit[3] == f"{statistics.fmean(h[1]['chrf_cluster0'] for h in history):.1f}"
+    # The seeds hold out different strings: the frozen base is their mean.
+    base = statistics.fmean(h[0]["chrf"] for h in history)
+    assert rows["frozen base (round 0)"][2] == f"{base:.1f}"
     summary = json.loads((out / "tiny-family" / "fedit" / "seed0" / "summary.json").read_text())
     # 2 of 4 clients a round, 2 rounds: 4 client-rounds.
     assert fedit[7] == f"{summary['bytes_up'] / 4 / 1e6:.3g}"
@@ -84,7 +92,9 @@ def test_llm_family_table_reads_the_grid_it_summarizes(tmp_path):
     copy_scores = runpy.run_path(str(DOCS / "copy_source.py"))["copy_scores"]
     from floral.experiment import load_config
 
-    expected = copy_scores(load_config(config))["all"]["chrf"]
+    expected = statistics.fmean(
+        copy_scores(load_config(config, [f"seed={seed}"]))["all"]["chrf"] for seed in (0, 1)
+    )
     assert rows["copy the English string"][2] == f"{expected:.1f}"
     for figure in ("llm-family-bytes.png", "llm-family-languages.png"):
         assert (tmp_path / "fig" / figure).stat().st_size > 5000

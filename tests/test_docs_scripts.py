@@ -74,7 +74,8 @@ def test_llm_family_table_reads_the_grid_it_summarizes(tmp_path):
     def rounds(seed):
         path = out / "tiny-family" / "fedit" / f"seed{seed}" / "metrics.csv"
         with open(path) as f:
-            return {int(r["round"]): {k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)}
+            rows = list(csv.DictReader(f))
+        return {int(r["round"]): {k: float(v) for k, v in r.items() if v} for r in rows}
 
     history = [rounds(0), rounds(1)]
     fedit = rows["FedIT"]

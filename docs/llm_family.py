@@ -49,6 +49,7 @@ NAMES = {
     ),
     "floral:train.router_lr=0.5": "FLoRAL, router lr 0.5",
     "floral:train.rounds=12": "FLoRAL, 12 rounds",
+    "floral:task.num_clients=16": "FLoRAL, 16 clients (4 per language)",
     "floral-em:train_base=false:warmup_rank=32:warmup_rounds=2": "floral-em, rank-32 warm-up",
     "floral-em:train_base=false:holdout=0.25": "floral-em, E-step on held-out 1/4",
 }

@@ -28,8 +28,10 @@ FAMILY+=',pfedlora:model.depths=[30,20,10]:method.include=["*.layers.[0-9].*_pro
 floral sweep "$CONFIG" --methods "$FAMILY" --seeds 0,1 "${COMMON[@]}"
 # FLoRAL with a faster router.
 floral sweep "$CONFIG" --methods "floral:train.router_lr=0.5" --seeds 0 "${COMMON[@]}"
-# FLoRAL for twice the rounds: do its routers separate the four languages given time?
-floral sweep "$CONFIG" --methods "floral:train.rounds=12" --seeds 0 "${COMMON[@]}"
+# FLoRAL for twice the rounds: do its routers separate the four languages given time? And
+# FLoRAL with 16 clients, four per language.
+floral sweep "$CONFIG" --methods "floral:train.rounds=12" --seeds 0,1 "${COMMON[@]}"
+floral sweep "$CONFIG" --methods "floral:task.num_clients=16" --seeds 0 "${COMMON[@]}"
 # floral-em finding the languages: a rank-32 warm-up for 2 rounds, or an E-step on a quarter
 # of each client's names that it never trains on.
 floral sweep "$CONFIG" --seeds 0 "${COMMON[@]}" \

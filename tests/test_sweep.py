@@ -194,6 +194,22 @@ def test_plot_rebuilds_tables_and_figures_from_the_folder(tmp_path, two_tasks):
     assert main(["plot", str(tmp_path)]) == 2  # no grid.json there: one-line error
 
 
+def test_plot_reads_runs_kept_without_their_state(tmp_path, two_tasks):
+    # Records kept without state.safetensors (as docs/results keeps them) still plot; the
+    # router map comes from the seed whose state is there.
+    out = tmp_path / "grid"
+    assert _sweep(two_tasks[:1], out, "fedavg,floral", "--no-plots") == 0
+    for method in ("fedavg", "floral"):
+        (out / "ls" / method / "seed0" / "state.safetensors").unlink()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "ls" / "router_heatmap.png").stat().st_size > 1000
+    (out / "ls" / "floral" / "seed1" / "state.safetensors").unlink()
+    (out / "ls" / "router_heatmap.png").unlink()
+    assert main(["plot", str(out)]) == 0
+    assert not (out / "ls" / "router_heatmap.png").exists()  # no final pi left to draw
+    assert (out / "ls" / "curves.png").exists()
+
+
 def test_plan_rejects_two_tasks_with_one_name(tmp_path):
     first = _task(tmp_path, "same", "rotate")
     second = tmp_path / "other.toml"

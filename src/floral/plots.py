@@ -42,7 +42,10 @@ class RouterMap:
 
 
 def router_weights_of_run(run_dir: Path) -> RouterMap | None:
-    """The learned pi of every client in `run_dir`'s final state; None without a learned router."""
+    """The learned pi of every client in `run_dir`'s final state; None without a learned router,
+    or for a run kept without its state (records such as docs/results hold no weights)."""
+    if not (run_dir / "state.safetensors").exists():
+        return None
     config = resolve_config(read_toml(run_dir / "config.toml"))
     method = config.build_method()
     private: dict[int, dict[str, torch.Tensor]] = {}

@@ -238,9 +238,12 @@ def _seed_counts(task: TaskResults) -> str:
 def _task_figures(task: TaskResults, title: str) -> list[Path]:
     maps = {}
     for label, folders in task.folders.items():
-        router = router_weights_of_run(folders[0])
-        if router is not None:
-            maps[f"{label} (seed {task.summaries[label][0].seed})"] = router
+        # The first seed whose final state is there: a kept record may have dropped it.
+        for folder, summary in zip(folders, task.summaries[label], strict=True):
+            router = router_weights_of_run(folder)
+            if router is not None:
+                maps[f"{label} (seed {summary.seed})"] = router
+                break
     figures = [
         plot_curves(task.summaries, task.out / "curves.png", title),
         plot_curves(task.summaries, task.out / "router_ari.png", title, key="router_ari"),

@@ -145,7 +145,7 @@ def _client_rounds(config: dict, rounds: int) -> float:
 
 def reference_rows(seeds: dict[int, dict], languages: list[str]) -> dict[str, dict[str, float]]:
     """The frozen base and the copy of the English string: chrF, exact match and chrF per
-    language, each the mean over the seeds."""
+    language, each the mean over the seeds ("seeds": how many)."""
     from copy_source import copy_scores  # docs/copy_source.py, beside this script
 
     from floral.experiment import resolve_config
@@ -164,7 +164,7 @@ def reference_rows(seeds: dict[int, dict], languages: list[str]) -> dict[str, di
             | {lang: scores[lang]["chrf"] for lang in languages}
         )
     return {
-        name: {key: _mean([r[key] for r in runs]) for key in runs[0]}
+        name: {key: _mean([r[key] for r in runs]) for key in runs[0]} | {"seeds": len(runs)}
         for name, runs in (("base", base), ("copy", copy))
     }
 
@@ -187,18 +187,17 @@ def _megabytes(value: float) -> str:
     return f"{value / 1e6:.3g}"
 
 
-def table(rows: list[Row], seeds: dict[int, dict], languages: list[str]) -> str:
+def table(rows: list[Row], references: dict[str, dict[str, float]], languages: list[str]) -> str:
     head = (
         "| method | seeds | chrF | "
         + " | ".join(f"chrF {lang}" for lang in languages)
         + " | exact % | router ARI | MB up | MB down | train s/round | CPU s/run | peak GB |"
     )
     lines = [head, "|" + "---|" * 2 + "---:|" * (len(languages) + 8)]
-    references = reference_rows(seeds, languages)
     for name, key in (("frozen base (round 0)", "base"), ("copy the English string", "copy")):
         ref = references[key]
         lines.append(
-            f"| {name} | {len(seeds)} | {_num(ref['chrf'])} | "
+            f"| {name} | {ref['seeds']:.0f} | {_num(ref['chrf'])} | "
             + " | ".join(_num(ref[lang]) for lang in languages)
             + f" | {_num(ref['exact'])} | | 0 | 0 | | | |"
         )
@@ -221,7 +220,7 @@ def table(rows: list[Row], seeds: dict[int, dict], languages: list[str]) -> str:
 
 
 def figures(
-    rows: list[Row], seeds: dict[int, dict], languages: list[str], folder: Path
+    rows: list[Row], references: dict[str, dict[str, float]], languages: list[str], folder: Path
 ) -> list[Path]:
     import matplotlib
 
@@ -230,7 +229,6 @@ def figures(
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = [row for row in rows if row.label not in ABLATIONS]
-    references = reference_rows(seeds, languages)
     copy_chrf, base_chrf = references["copy"]["chrf"], references["base"]["chrf"]
     # chrF against upload bytes: a method that uploads nothing sits at the left edge.
     sent = [_mean(r.up) for r in rows if _mean(r.up) > 0]
@@ -293,9 +291,10 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
     rows, seeds, languages = read_rows(args.out, args.round)
-    print(table(rows, seeds, languages))
+    references = reference_rows(seeds, languages)  # builds each seed's task: once
+    print(table(rows, references, languages))
     if args.figures is not None:
-        for path in figures(rows, seeds, languages, args.figures):
+        for path in figures(rows, references, languages, args.figures):
             print(f"wrote {path}")
 
 

@@ -239,11 +239,14 @@ def _task_figures(task: TaskResults, title: str) -> list[Path]:
     maps = {}
     for label, folders in task.folders.items():
         # The first seed whose final state is there: a kept record may have dropped it.
-        for folder, summary in zip(folders, task.summaries[label], strict=True):
-            router = router_weights_of_run(folder)
-            if router is not None:
-                maps[f"{label} (seed {summary.seed})"] = router
-                break
+        kept = [
+            (folder, summary)
+            for folder, summary in zip(folders, task.summaries[label], strict=True)
+            if (folder / "state.safetensors").exists()
+        ]
+        router = router_weights_of_run(kept[0][0]) if kept else None
+        if router is not None:
+            maps[f"{label} (seed {kept[0][1].seed})"] = router
     figures = [
         plot_curves(task.summaries, task.out / "curves.png", title),
         plot_curves(task.summaries, task.out / "router_ari.png", title, key="router_ari"),

@@ -33,6 +33,7 @@ NAMES = {
     "floral": "FLoRAL (learned router)",
     "floral-oracle:train_base=false": "FLoRAL, oracle router",
     "floral-em:train_base=false": "floral-em (hard EM router)",
+    "floral-seeded:train_base=false": "floral-seeded (seeded router)",
     "ffa-lora": "FFA-LoRA",
     "fedsa-lora": "FedSA-LoRA",
     "fdlora": "FDLoRA",

@@ -15,7 +15,7 @@ COMMON=(
   --out "$OUT" --jobs 2
 )
 FAMILY="fedit,local-adaptor:train_base=false,floral,floral-oracle:train_base=false"
-FAMILY+=",floral-em:train_base=false,ffa-lora,fedsa-lora,fdlora"
+FAMILY+=",floral-em:train_base=false,floral-seeded:train_base=false,ffa-lora,fedsa-lora,fdlora"
 FAMILY+=",flasc:comm.upload=topk:0.25,flasc:comm.upload=topk:0.0625"
 FAMILY+=",flasc:comm.upload=topk:0.25:comm.download=topk:0.25"
 FAMILY+=",fedit:comm.upload=quant:8:comm.download=quant:8"

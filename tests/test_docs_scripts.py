@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from floral.experiment import resolve_config
 from floral.run import run_experiment
@@ -99,3 +100,47 @@ def test_llm_family_table_reads_the_grid_it_summarizes(tmp_path):
     assert rows["copy the English string"][2] == f"{expected:.1f}"
     for figure in ("llm-family-bytes.png", "llm-family-languages.png"):
         assert (tmp_path / "fig" / figure).stat().st_size > 5000
+
+
+def test_first_gradients_are_the_loss_s_own_derivative(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    import tomli_w
+    from test_instruct import translations_config, write_locale
+
+    task = dict(translations_config(write_locale(tmp_path / "locale")).__dict__)
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps({
+        "name": "tiny-gradients", "task": task, "model": {"name": "tiny-llama"},
+        "method": {"name": "floral"},
+    }))
+    script = runpy.run_path(str(DOCS / "first_gradients.py"))
+    gradients, clusters = script["client_gradients"](str(config), 0, [])
+    assert gradients.shape[0] == len(clusters) == 4 and gradients.abs().sum() > 0
+    # Client 2's gradient against a central difference of its loss along a random direction
+    # of the B factors (the script's own order: named_parameters).
+    from floral.experiment import build_setup, load_config
+    from floral.train.objective import get_objective
+
+    sets = [*script["FAMILY"], "method.name=local-adaptor", "method.train_base=false", "seed=0"]
+    _, built, model = build_setup(load_config(config, sets))
+    client = built.clients[2]
+    factors = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
+    size = sum(p.numel() for p in factors)
+    direction = torch.randn(size, generator=torch.Generator().manual_seed(0))
+    loss = get_objective(built.kind).loss
+
+    def loss_at(step: float) -> float:
+        with torch.no_grad():
+            offset = 0
+            for p in factors:
+                p.copy_(step * direction[offset: offset + p.numel()].view_as(p))
+                offset += p.numel()
+            return float(loss(model(client.x_train), client.y_train).double())
+
+    eps = 1e-3
+    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    assert float(gradients[2] @ direction) == pytest.approx(numeric, rel=2e-2, abs=1e-4)
+    monkeypatch.setattr(sys, "argv", ["first_gradients.py", str(config)])
+    script["main"]()
+    printed = capsys.readouterr().out
+    assert "cosine of the first gradients" in printed and "length of the mean gradient" in printed

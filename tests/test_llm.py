@@ -230,10 +230,10 @@ def randomize_adaptors(model: torch.nn.Module, seed: int = 2) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
 
 
-def attach_floral(model, num_adaptors=3, rank=2, bias=True, per_layer=False):
+def attach_floral(model, num_adaptors=3, rank=2, bias=True, per_layer=False, shared=False):
     spec = AdapterSpec(num_adaptors=num_adaptors, rank=rank, alpha=0.5, bias=bias,
                        layer_types=("linear",), include=QV_PATTERNS,
-                       router={"per_layer": per_layer})
+                       router={"per_layer": per_layer, "shared": shared})
     attach(model, spec)
     randomize_adaptors(model)
     return model.eval()
@@ -308,13 +308,17 @@ def test_frozen_base_trains_and_sends_only_adaptors(tmp_path, method_name):
     assert set(engine.global_state) <= adaptors  # nothing of the base travels
 
 
-@pytest.mark.parametrize(("bias", "per_layer"), [(False, False), (True, False), (True, True)])
-def test_peft_export_of_a_client_mixture_gives_the_same_logits(tmp_path, bias, per_layer):
+@pytest.mark.parametrize(
+    ("bias", "per_layer", "shared"),
+    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+)
+def test_peft_export_of_a_client_mixture_gives_the_same_logits(tmp_path, bias, per_layer, shared):
     base = tiny()
-    model = attach_floral(copy.deepcopy(base), bias=bias, per_layer=per_layer)
+    model = attach_floral(copy.deepcopy(base), bias=bias, per_layer=per_layer, shared=shared)
     folder = export_peft(model, tmp_path / "client")
     config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["r"] == 3 * 2 and config["lora_alpha"] == config["r"]
+    # With a shared adaptor the client's LoRA holds it too: C + 1 adaptors of rank 2.
+    assert config["r"] == (3 + shared) * 2 and config["lora_alpha"] == config["r"]
     assert config["lora_bias"] is bias
     ids = tokens()
     with torch.no_grad():

@@ -160,7 +160,7 @@ def _name_selected(name: str, spec: AdapterSpec) -> bool:
 
 
 def _adapt(name: str, module: nn.Module, spec: AdapterSpec, index: int) -> AdaptedLayer:
-    count, alpha = spec.num_adaptors, spec.alpha
+    count, alpha = spec.slots, spec.alpha
     if isinstance(module, NORM_TYPES):
         return AdaptedNorm(module, count, alpha, layer_index=index)
     if isinstance(module, nn.Conv2d) and module.groups != 1:

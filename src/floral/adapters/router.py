@@ -21,6 +21,10 @@ class Router(nn.Module):
     RNG in training mode only. After `fix(weights)` pi is exactly `weights` (oracle mode); the
     fixed weights live in the `fixed` buffer, so they travel with the state_dict.
 
+    With `spec.shared` the layers hold one more adaptor, the shared one, and pi has C + 1
+    entries: the C above times the `active` buffer (1 unless a method holds the routed
+    adaptors out), then 1. The logits and the fixed weights stay C wide.
+
     pi is drawn once per forward of the model the router is attached to (`refresh`, called by a
     forward pre-hook), so every layer of one forward sees the same noisy pi. A layer called on
     its own gets a fresh pi whenever the logits, the mode or the grad mode changed since.
@@ -33,6 +37,7 @@ class Router(nn.Module):
 
     logits: nn.Parameter
     fixed: Tensor
+    active: Tensor  # with a shared adaptor only
     # The pi of the current forward, its rows for a per-layer router, and what it was drawn
     # under; all None until the first draw (see `_clear_cache`).
     _pi: Tensor | None
@@ -52,9 +57,15 @@ class Router(nn.Module):
         self.num_adaptors = num_adaptors
         self.temperature = float(spec.temperature)
         self.noise = float(spec.noise)
+        self.shared = bool(spec.shared)
         shape = (num_layers, num_adaptors) if spec.per_layer else (num_adaptors,)
         self.logits = nn.Parameter(torch.zeros(shape))
         self.register_buffer("fixed", torch.empty(0))
+        if self.shared:
+            # 0 holds the routed adaptors out (pi 0, so neither they nor the logits move) and
+            # leaves the shared one alone; a server sets it, as a global tensor, when the
+            # routed adaptors are worth routing to (floral.methods.floral_seeded).
+            self.register_buffer("active", torch.ones(()))
         self._forward_open = False
         self._clear_cache()
 
@@ -143,8 +154,12 @@ class Router(nn.Module):
             return self._compute(noisy=False).detach().clone()
 
     def _compute(self, noisy: bool) -> Tensor:
-        if self.fixed.numel() > 0:
-            return self.fixed
+        pi = self.fixed if self.fixed.numel() > 0 else self._softmax(noisy)
+        if not self.shared:
+            return pi
+        return torch.cat([pi * self.active, torch.ones_like(pi[..., :1])], dim=-1)
+
+    def _softmax(self, noisy: bool) -> Tensor:
         logits: Tensor = self.logits
         if noisy and self.noise > 0:
             logits = torch.add(logits, torch.rand_like(logits), alpha=self.noise)
@@ -157,7 +172,7 @@ class Router(nn.Module):
         return (
             id(self.logits),
             self.logits._version,
-            self.fixed._version,
+            self.fixed._version + (self.active._version if self.shared else 0),
             self.training,
             torch.is_grad_enabled(),
         )
@@ -192,7 +207,7 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_adaptors={self.num_adaptors}, per_layer={self.per_layer}, "
-            f"temperature={self.temperature}, noise={self.noise}"
+            f"temperature={self.temperature}, noise={self.noise}, shared={self.shared}"
         )
 
 

@@ -19,12 +19,15 @@ class RouterSpec:
     """How a client's mixture weights pi come from its logits.
 
     pi = softmax((logits + noise) / temperature), with noise uniform in [0, `noise`) drawn
-    from torch's global RNG in training mode only.
+    from torch's global RNG in training mode only. With `shared`, the layers hold one more
+    adaptor, always on with weight 1 and outside the softmax: what every client has in common
+    goes there, so the routed adaptors are left with what tells the clients apart.
     """
 
     per_layer: bool = False
     temperature: float = 1.0
     noise: float = 1.0
+    shared: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -36,11 +39,16 @@ class RouterSpec:
             raise ConfigError(f"router.temperature = {self.temperature!r}: must be a number > 0")
         if not _is_number(self.noise) or self.noise < 0:
             raise ConfigError(f"router.noise = {self.noise!r}: must be a number >= 0")
+        if not isinstance(self.shared, bool):
+            raise ConfigError(f"router.shared = {self.shared!r}: must be true or false")
 
 
 @dataclass
 class AdapterSpec:
     """Which layers get a mixture of `num_adaptors` low-rank adaptors, and their shape.
+
+    With a shared adaptor (`router.shared`, C > 1) every layer holds C + 1 adaptors, the
+    shared one last (`slots`).
 
     `rank` is an int, or a fraction rho of each layer (see `resolve_rank`). `include` and
     `exclude` are fnmatch patterns on qualified module names (`features.0`, `fc*`); an empty
@@ -65,6 +73,11 @@ class AdapterSpec:
         if isinstance(self.router, dict):
             self.router = RouterSpec(**self.router)
         self.validate()
+
+    @property
+    def slots(self) -> int:
+        """Adaptors per layer: the C routed ones, and the shared one if the router has it."""
+        return self.num_adaptors + int(self.num_adaptors > 1 and self.router.shared)
 
     def validate(self) -> None:
         if not _is_int(self.num_adaptors) or self.num_adaptors < 1:

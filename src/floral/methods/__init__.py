@@ -27,6 +27,7 @@ from floral.methods.flocora import FLoCoRA
 from floral.methods.flora import FLoRA
 from floral.methods.floral import Floral
 from floral.methods.floral_em import FloralEM
+from floral.methods.floral_seeded import FloralSeeded
 from floral.methods.hetlora import HetLoRA
 from floral.methods.local import LocalOnly
 from floral.methods.local_adaptor import LocalAdaptor
@@ -93,6 +94,7 @@ register(
     router="oracle",
 )
 register("floral-em", FloralEM)
+register("floral-seeded", FloralSeeded)
 register("local-adaptor", LocalAdaptor)
 register("ensemble", Ensemble)
 register(

@@ -5,6 +5,10 @@ a private router (one logit per adaptor). The base and the adaptors are global; 
 averaged with weights n_k * pi_kc. The client uploads the pi-weighted sums and the weights, so
 the router itself never leaves the client.
 
+With `shared_adaptor`, every layer holds one more adaptor, mixed in with weight 1 by every
+client and so averaged with weights n_k: a frozen base's stand-in for the paper's trained
+base, where what all clients share is learned once (`floral-seeded` builds on it).
+
 Under differential privacy (`train.dp_clip`, `mixture_mean`) the weights are private too:
 n_k * pi_kc would tell the server each client's router (central mode) and their sums its
 clusters' sizes. So a client's update is taken as the vector (base deltas, pi_kc times adaptor
@@ -35,7 +39,7 @@ from floral.methods.adaptor_options import (
     frozen_base_roles,
     precondition_hook,
 )
-from floral.methods.base import Method, Role
+from floral.methods.base import WEIGHT_SUFFIX, Method, Role
 from floral.methods.routing import (
     ROUTER_PREFIX,
     check_router_mode,
@@ -46,7 +50,7 @@ from floral.methods.routing import (
 from floral.train.loop import TrainConfig
 from floral.train.state import TensorDict
 
-__all__ = ["Floral", "FloralOptions", "learned_weights"]
+__all__ = ["Floral", "FloralOptions", "learned_weights", "routed_names"]
 
 
 @dataclass
@@ -56,6 +60,9 @@ class FloralOptions(AdaptorOptions):
     per_layer_router: bool = False
     temperature: float = 1.0
     noise: float = 1.0  # train-time router noise, uniform in [0, noise)
+    # One more adaptor, always on (weight 1) and averaged over every client, for what all
+    # clients share; the routed adaptors then differ by what sets the clusters apart.
+    shared_adaptor: bool = False
     precondition: bool = True
     train_base: bool = True  # false: the base is frozen; only adaptors and routers train
 
@@ -76,7 +83,9 @@ class Floral(Method):
         num_adaptors = opts.num_adaptors or task.num_clusters
         if num_adaptors < 2:
             raise ConfigError(f"method.num_adaptors: FLoRAL needs at least 2, got {num_adaptors}")
-        router = RouterSpec(opts.per_layer_router, opts.temperature, opts.noise)
+        router = RouterSpec(
+            opts.per_layer_router, opts.temperature, opts.noise, opts.shared_adaptor
+        )
         attach(model, adapter_spec(replace(opts, rank=self.attached_rank), num_adaptors, router))
         freeze_base(model, opts.train_base)
         if self.fixed_router:
@@ -122,6 +131,15 @@ class Floral(Method):
                 shape = (-1,) + (1,) * (weights_rank(model, name) - 1)
                 weights[name] = (n * pi).reshape(shape)
         return weights
+
+
+def routed_names(upload: Mapping[str, torch.Tensor]) -> list[str]:
+    """The adaptor tensors of an upload: those with one weight per adaptor."""
+    return [
+        name[: -len(WEIGHT_SUFFIX)]
+        for name, weight in upload.items()
+        if name.endswith(WEIGHT_SUFFIX) and weight.numel() > 1
+    ]
 
 
 def weights_rank(model: nn.Module, name: str) -> int:

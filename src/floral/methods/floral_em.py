@@ -54,7 +54,7 @@ from floral.adapters.spec import check_rank
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
 from floral.methods.base import WEIGHT_SUFFIX, ClientJob, ServerState
-from floral.methods.floral import Floral, FloralOptions
+from floral.methods.floral import Floral, FloralOptions, routed_names
 from floral.methods.routing import ROUTER_PREFIX
 from floral.train.objective import LossFn
 from floral.train.optim import ServerOptimizer
@@ -108,6 +108,11 @@ class FloralEM(Floral):
         if not 0 <= self.options.holdout < 1:
             raise ConfigError(f"method.holdout: a fraction in [0, 1), got {self.options.holdout}")
         check_warmup(self.options)
+        if self.options.shared_adaptor:
+            raise ConfigError(
+                "method.shared_adaptor = true: floral-em assigns each client to one adaptor; "
+                "use floral or floral-seeded for a shared one"
+            )
         model = super().build_model(model, task)
         if self.options.warmup_rank:
             check_linear_only(model)
@@ -269,11 +274,7 @@ def adaptor_share(
     Adaptor tensors are the ones uploaded with a weight per adaptor (n_k pi_k, C numbers);
     the others carry one number. Only sums of uploads are used, as in aggregation.
     """
-    names = [
-        name[: -len(WEIGHT_SUFFIX)]
-        for name, weight in uploads[0].items()
-        if name.endswith(WEIGHT_SUFFIX) and weight.numel() > 1
-    ]
+    names = routed_names(uploads[0])
     if not names:
         return names, None
     total = torch.stack([u[names[0] + WEIGHT_SUFFIX].flatten() for u in uploads]).sum(dim=0)

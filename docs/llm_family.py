@@ -73,6 +73,7 @@ class Row:
     chrf: list[float]  # one per seed
     exact: list[float]
     languages: dict[str, list[float]]  # chrF per language, one per seed
+    exact_languages: dict[str, list[float]]  # exact match (%) per language, one per seed
     ari: list[float]
     up: list[float]  # bytes per client-round
     down: list[float]
@@ -99,12 +100,15 @@ def read_rows(out: Path, round_: int | None) -> tuple[list[Row], dict[int, dict]
             seeds.setdefault(run["seed"], {"config": config, "round0": history[0]})
             label = run["method"]
             row = rows.setdefault(
-                label, Row(label, NAMES.get(label, label), [], [], {}, [], [], [], [], [], [])
+                label, Row(label, NAMES.get(label, label), [], [], {}, {}, [], [], [], [], [], [])
             )
             row.chrf.append(at["chrf"])
             row.exact.append(at["exact_match"])
             for c, language in enumerate(languages):
                 row.languages.setdefault(language, []).append(at[f"chrf_cluster{c}"])
+                row.exact_languages.setdefault(language, []).append(
+                    at[f"exact_match_cluster{c}"]
+                )
             if not math.isnan(at.get("router_ari", math.nan)):
                 row.ari.append(at["router_ari"])
             summary = json.loads((folder / "summary.json").read_text())
@@ -145,8 +149,8 @@ def _client_rounds(config: dict, rounds: int) -> float:
 
 
 def reference_rows(seeds: dict[int, dict], languages: list[str]) -> dict[str, dict[str, float]]:
-    """The frozen base and the copy of the English string: chrF, exact match and chrF per
-    language, each the mean over the seeds ("seeds": how many)."""
+    """The frozen base and the copy of the English string: chrF, exact match, and both per
+    language ("exact <lang>"), each the mean over the seeds ("seeds": how many)."""
     from copy_source import copy_scores  # docs/copy_source.py, beside this script
 
     from floral.experiment import resolve_config
@@ -158,11 +162,14 @@ def reference_rows(seeds: dict[int, dict], languages: list[str]) -> dict[str, di
         base.append(
             {"chrf": round0["chrf"], "exact": round0["exact_match"]}
             | {lang: round0[f"chrf_cluster{c}"] for c, lang in enumerate(languages)}
+            | {f"exact {lang}": round0[f"exact_match_cluster{c}"]
+               for c, lang in enumerate(languages)}
         )
         scores = copy_scores(resolve_config(seed["config"]))
         copy.append(
             {"chrf": scores["all"]["chrf"], "exact": scores["all"]["exact_match"]}
             | {lang: scores[lang]["chrf"] for lang in languages}
+            | {f"exact {lang}": scores[lang]["exact_match"] for lang in languages}
         )
     return {
         name: {key: _mean([r[key] for r in runs]) for key in runs[0]} | {"seeds": len(runs)}
@@ -215,6 +222,30 @@ def table(rows: list[Row], references: dict[str, dict[str, float]], languages: l
             _num(_mean(row.train_seconds)),
             _num(_mean(row.cpu_seconds), 0),
             _num(_mean(row.peak_mb) / 1024, 2),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def exact_table(
+    rows: list[Row], references: dict[str, dict[str, float]], languages: list[str]
+) -> str:
+    """Exact match (%) overall and per language, the mean over the seeds."""
+    columns = " | ".join(f"exact {lang}" for lang in languages)
+    head = f"| method | seeds | exact % | {columns} |"
+    lines = [head, "|" + "---|" * 2 + "---:|" * (len(languages) + 1)]
+    for name, key in (("frozen base (round 0)", "base"), ("copy the English string", "copy")):
+        ref = references[key]
+        lines.append(
+            f"| {name} | {ref['seeds']:.0f} | {_num(ref['exact'])} | "
+            + " | ".join(_num(ref[f"exact {lang}"]) for lang in languages) + " |"
+        )
+    for row in rows:
+        cells = [
+            row.name,
+            str(len(row.exact)),
+            _num(_mean(row.exact)),
+            *(_num(_mean(row.exact_languages[lang])) for lang in languages),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -290,10 +321,12 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="the folder floral sweep wrote")
     parser.add_argument("--round", type=int, default=None, help="default: the last")
     parser.add_argument("--figures", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--exact", action="store_true",
+                        help="print exact match per language instead of the main table")
     args = parser.parse_args()
     rows, seeds, languages = read_rows(args.out, args.round)
     references = reference_rows(seeds, languages)  # builds each seed's task: once
-    print(table(rows, references, languages))
+    print((exact_table if args.exact else table)(rows, references, languages))
     if args.figures is not None:
         for path in figures(rows, references, languages, args.figures):
             print(f"wrote {path}")

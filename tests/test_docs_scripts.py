@@ -100,6 +100,19 @@ def test_llm_family_table_reads_the_grid_it_summarizes(tmp_path):
     assert rows["copy the English string"][2] == f"{expected:.1f}"
     for figure in ("llm-family-bytes.png", "llm-family-languages.png"):
         assert (tmp_path / "fig" / figure).stat().st_size > 5000
+    # --exact: exact match per language, the mean of the seeds' per-cluster figures.
+    exact = subprocess.run(
+        [sys.executable, str(DOCS / "llm_family.py"), str(out), "--round", "1", "--exact"],
+        capture_output=True, text=True, check=True,
+    )
+    exact_rows = {row[0]: row for row in (
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in exact.stdout.splitlines() if line.startswith("| ")
+    )}
+    assert exact_rows["FedIT"][2] == f"{statistics.fmean(h[1]['exact_match'] for h in history):.1f}"
+    for c in (0, 1):
+        mean = statistics.fmean(h[1][f"exact_match_cluster{c}"] for h in history)
+        assert exact_rows["FedIT"][3 + c] == f"{mean:.1f}"
 
 
 def test_first_gradients_are_the_loss_s_own_derivative(tmp_path, capsys, monkeypatch):

@@ -51,6 +51,7 @@ NAMES = {
     "floral:train.router_lr=0.5": "FLoRAL, router lr 0.5",
     "floral:train.rounds=12": "FLoRAL, 12 rounds",
     "floral:task.num_clients=16": "FLoRAL, 16 clients (4 per language)",
+    "floral-seeded:train_base=false:task.num_clients=16": "floral-seeded, 16 clients",
     "floral-em:train_base=false:warmup_rank=32:warmup_rounds=2": "floral-em, rank-32 warm-up",
     "floral-em:train_base=false:holdout=0.25": "floral-em, E-step on held-out 1/4",
 }
@@ -61,6 +62,7 @@ ABLATIONS = {
     "floral:train.router_lr=0.5",
     "floral:train.rounds=12",
     "floral:task.num_clients=16",
+    "floral-seeded:train_base=false:task.num_clients=16",
     "floral-em:train_base=false:warmup_rank=32:warmup_rounds=2",
     "floral-em:train_base=false:holdout=0.25",
 }

@@ -285,19 +285,17 @@ def seed_routed(
     updates, in `state.global_state` (already updated with this round's mean); returns the
     clients' groups. Each routed A is the shared adaptor's new A; the other tensors (B, bias,
     norm deltas) get `group_offsets` of the clients' updates of them."""
-    updates, weights = shared_updates(uploads, names, routed)
+    factors_a = [name for name in names if name.endswith("lora_A")]
+    rest = [name for name in names if name not in factors_a]
+    # Clustered on every tensor; the offsets are of the first columns, the rest's.
+    updates, weights = shared_updates(uploads, rest + factors_a, routed)
     labels = cluster_directions(updates, routed, seed)
-    rest = [name for name in names if not name.endswith("lora_A")]
-    values, _ = shared_updates(uploads, rest, routed)
-    offsets = group_offsets(values, weights, labels, routed)
-    start = 0
-    for name in names:
+    sizes = [state.global_state[name][routed].numel() for name in rest]
+    offsets = group_offsets(updates[:, : sum(sizes)], weights, labels, routed)
+    for name in factors_a:
         tensor = state.global_state[name]
-        if name.endswith("lora_A"):
-            tensor[:routed] = tensor[routed]
-            continue
-        size = tensor[routed].numel()
-        part = offsets[:, start: start + size].reshape(routed, *tensor.shape[1:])
-        tensor[:routed] = part.to(tensor.dtype)
-        start += size
+        tensor[:routed] = tensor[routed]
+    for name, part in zip(rest, offsets.split(sizes, dim=1)):
+        tensor = state.global_state[name]
+        tensor[:routed] = part.reshape(routed, *tensor.shape[1:]).to(tensor.dtype)
     return labels

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from floral.config import tomllib
 from floral.errors import ConfigError
+from floral.train.state import aligned
 
 __all__ = [
     "Checkpoint",
@@ -57,7 +58,7 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file; a missing or corrupt one is a one-line error naming it."""
     try:
-        return load_file(str(path))
+        return aligned(load_file(str(path)))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except (SafetensorError, OSError, ValueError) as error:

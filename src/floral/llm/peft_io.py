@@ -34,6 +34,7 @@ from floral.adapters.layers import AdaptedLayer, AdaptedLinear
 from floral.errors import ConfigError
 from floral.llm.deps import require
 from floral.llm.model import CausalLM
+from floral.train.state import aligned
 
 __all__ = [
     "CONFIG_FILE",
@@ -210,7 +211,7 @@ def _read_factors(
     if not path.is_file():
         raise ConfigError(f"{folder}: no {WEIGHTS_FILE}")
     try:
-        state = require("safetensors.torch").load_file(str(path))
+        state = aligned(require("safetensors.torch").load_file(str(path)))
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
         raise ConfigError(f"{path}: not a readable safetensors file ({error})") from None
     parts: dict[str, dict[str, Tensor]] = {}

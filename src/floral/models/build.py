@@ -15,6 +15,7 @@ from floral.data import FederatedTask
 from floral.errors import ConfigError
 from floral.models.hetero import HETERO_WIDTHS, HeteroCNN, HeteroFamily
 from floral.models.networks import MLP, VGG8, LinearModel, PaperCNN
+from floral.train.state import aligned
 
 __all__ = [
     "MODEL_NAMES",
@@ -142,7 +143,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"model.init_from: no such file {path}")
     try:
-        return load_file(path)
+        return aligned(load_file(path))
     except (SafetensorError, OSError) as error:
         raise ConfigError(f"model.init_from: {path} is not a safetensors file ({error})") from None
 

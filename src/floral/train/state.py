@@ -14,6 +14,7 @@ __all__ = [
     "WEIGHT_SUFFIX",
     "StateSlots",
     "TensorDict",
+    "aligned",
     "frozen_module_names",
     "is_optimizer_key",
     "payload_bytes",
@@ -26,6 +27,21 @@ WEIGHT_SUFFIX = "::weight"
 # A client's private state may also hold its local optimizer's state (AdamW's moments of its
 # private tensors), under this prefix: kept between its rounds, never part of the model.
 OPTIMIZER_PREFIX = "optimizer/"
+
+
+# Where a tensor's data starts decides which kernel MKL's GEMM runs on some CPUs (AMD EPYC with
+# AVX-512 among them): the same product of data starting 8 bytes off a 64-byte line differs
+# from the aligned one in the last bit. Tensors torch allocates start on 64-byte lines; those
+# read from a file or a message (safetensors aligns data to 8 bytes, NumPy buffers to 16) do
+# not, so a client that read its state back would compute other bits than one that kept it.
+ALIGNMENT = 64
+
+
+def aligned(tensors: Mapping[str, torch.Tensor]) -> TensorDict:
+    """The tensors, each copied into memory torch allocates unless it already starts on an
+    `ALIGNMENT`-byte line: what comes from a file or a message computes as if never stored."""
+    return {name: t if t.data_ptr() % ALIGNMENT == 0 else t.clone()
+            for name, t in tensors.items()}
 
 
 def is_optimizer_key(name: str) -> bool:

@@ -16,7 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from floral.methods.base import ServerState
-from floral.train.state import TensorDict
+from floral.train.state import TensorDict, aligned
 
 __all__ = [
     "CONFIG",
@@ -68,7 +68,7 @@ def from_record(record: ArrayRecord) -> TensorDict:
             tensors[name] = _from_array(record[name])
         except (ValueError, TypeError, RuntimeError) as error:
             raise ValueError(f"array {name!r} cannot be read ({error})") from None
-    return tensors
+    return aligned(tensors)
 
 
 def _to_array(tensor: torch.Tensor) -> Array:

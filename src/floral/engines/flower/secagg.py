@@ -42,7 +42,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from floral.engines.flower.records import error_reason
-from floral.train.state import TensorDict
+from floral.train.state import TensorDict, aligned
 
 __all__ = ["MOD_RANGE", "STRUCTURE", "SecureRound", "levels_for"]
 
@@ -246,7 +246,7 @@ def _tensors(values: list[np.ndarray], metrics: list[Mapping[str, Any]]) -> Tens
         if tuple(value.shape) != tuple(shape):
             raise ValueError(f"{name!r}: summed shape {value.shape}, declared {shape}")
         total[name] = torch.from_numpy(np.ascontiguousarray(value)).to(getattr(torch, dtype))
-    return total
+    return aligned(total)
 
 
 def layout_of(upload: Mapping[str, torch.Tensor]) -> str:

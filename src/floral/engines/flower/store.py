@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from floral.errors import ConfigError
-from floral.train.state import TensorDict
+from floral.train.state import TensorDict, aligned
 
 __all__ = ["KEEP_RUNS", "DiskStore", "PrivateStore", "keep_from", "prune_lineages",
            "valid_lineage"]
@@ -105,7 +105,7 @@ class DiskStore:
             return None
         path = self._versions(k)[max(versions)]
         try:
-            return load_file(str(path))
+            return aligned(load_file(str(path)))
         except (SafetensorError, OSError, ValueError) as error:
             raise ConfigError(
                 f"{path}: this node's private state cannot be read ({error})"

@@ -36,6 +36,7 @@ from floral.data import ClientData, FederatedTask, TaskConfig
 from floral.data.instruct import GenerationData, TextGeneration
 from floral.data.text import load_tokenizer
 from floral.engines.flower.node_data import NodeData
+from floral.train.state import aligned
 
 __all__ = ["FORMAT", "MAX_ENTRIES", "cached_task", "task_key"]
 
@@ -99,7 +100,7 @@ def _load(folder: Path, key: str, cfg: TaskConfig) -> FederatedTask | None:
         meta = json.loads((folder / f"{key}.json").read_text())
         if meta.get("key") != key:
             return None
-        tensors = load_file(str(folder / f"{key}.safetensors"))
+        tensors = aligned(load_file(str(folder / f"{key}.safetensors")))
         if sorted(tensors) != sorted(meta["tensors"]):
             return None
         clients = []

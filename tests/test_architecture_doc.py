@@ -31,7 +31,7 @@ def test_a_method_of_ones_own_keeps_its_server_state_and_ramps_the_update():
     task, fedavg = engine.task, get_method("fedavg")
     reference = LocalEngine(fedavg, task, fedavg.build_model(torch.nn.Linear(8, 2), task),
                             engine.train, seed=engine.seed)
-    initial = ServerState({k: v.clone() for k, v in engine.local.initial.global_state.items()})
+    initial = ServerState({k: v.clone() for k, v in engine.worker.initial.global_state.items()})
     reference.state = initial  # the doc's model as it was built
     for round_ in range(1, 4):
         reference.server_optimizer.lr = min(1.0, round_ / 5)

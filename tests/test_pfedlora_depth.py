@@ -170,7 +170,7 @@ def test_blocks_beyond_a_clients_depth_are_untouched_by_its_training(one_round):
 
 def test_the_model_phase_has_its_own_learning_rate(one_round):
     engine, _, _ = one_round
-    config = engine.local.train_config
+    config = engine.worker.train_config
     method = engine.method
     assert method.phase(engine.model, config, "model").lr == 0.01
     assert method.phase(engine.model, config, "adapter").lr == config.lr

@@ -387,11 +387,32 @@ def test_threads_are_set_while_clients_train_and_restored_after():
 
     cfg = config(method={"name": "fedavg"}, engine={"threads": 2})
     engine, _ = build_engine(cfg)
-    engine.local.method = Watching()
+    engine.worker.method = Watching()
     before = torch.get_num_threads()
     engine.run_round()
     assert seen and set(seen) == {2}
     assert torch.get_num_threads() == before
+
+
+def test_flower_nodes_pin_threads_as_the_local_engine_does(tmp_path, monkeypatch):
+    # One client worker on both transports: a node's steps and evaluations run on the
+    # experiment's `engine.threads` too.
+    pytest.importorskip("flwr")
+    import floral.engines.worker as worker
+    from flower_support import run_loopback
+
+    seen: list[int] = []
+    real = worker.threads
+
+    def watched(count: int):  # noqa: ANN202
+        seen.append(count)
+        return real(count)
+
+    monkeypatch.setattr(worker, "threads", watched)
+    cfg = config(method={"name": "fedavg"}, engine={"threads": 2},
+                 train={"rounds": 1})
+    run_loopback(cfg, tmp_path / "flower")
+    assert seen and set(seen) == {2}
 
 
 def test_automatic_threads_are_one_for_small_steps_only():
@@ -406,7 +427,7 @@ def test_engine_takes_a_placement():
     engine, task = build_engine(cfg)
     other = LocalEngine(method, task, _mlp_for(task), cfg.train, EngineConfig(), 0,
                         placement=placement)
-    assert other.local.placement is placement
+    assert other.worker.placement is placement
 
 
 def _mlp_for(task) -> nn.Module:
@@ -449,6 +470,6 @@ def test_a_flower_node_builds_on_the_device_its_node_config_names():
     from floral.flower_app import experiment_text, runtime_for
 
     runtime = runtime_for(experiment_text(config()), "cpu")
-    assert runtime.placement.device == CPU
+    assert runtime.worker.placement.device == CPU
     with pytest.raises(ConfigError, match="^device: unknown 'tpu'"):
         runtime_for(experiment_text(config()), "tpu")

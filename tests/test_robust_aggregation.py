@@ -11,11 +11,12 @@ import pytest
 import torch
 from scipy.stats import trim_mean
 
-from floral.engines.driver import check_aggregation
+from floral.engines.aggregation import aggregation_for, robust_upload
 from floral.errors import ConfigError
 from floral.experiment import resolve_config
 from floral.methods import get_method
-from floral.methods.base import WEIGHT_SUFFIX, robust_upload, weighted_mean_delta
+from floral.methods.base import WEIGHT_SUFFIX, weighted_mean_delta
+from floral.train import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
 import robust_aggregation  # noqa: E402
@@ -57,7 +58,7 @@ def test_one_weight_per_part_is_refused():
 )
 def test_bad_rules_are_one_line_errors_naming_the_key(rule, method, words):
     with pytest.raises(ConfigError) as error:
-        check_aggregation(rule, get_method(method))
+        aggregation_for(TrainConfig(aggregation=rule), get_method(method), num_clients=10)
     message = str(error.value)
     assert message.startswith("train.aggregation:") and words in message and "\n" not in message
     with pytest.raises(ConfigError, match="train.aggregation"):

@@ -176,8 +176,8 @@ def test_floral_em_routes_each_client_one_hot_and_never_sees_the_cluster():
         pi = method.router_weights(engine.private[k])
         assert sorted(pi.tolist()) == [0.0, 1.0]
     # The clusters never reach the method: its private state starts uniform for everyone.
-    first = method.init_private(engine.local.initial_private, task.clients[0])
-    second = method.init_private(engine.local.initial_private, task.clients[1])
+    first = method.init_private(engine.worker.initial_private, task.clients[0])
+    second = method.init_private(engine.worker.initial_private, task.clients[1])
     assert torch.equal(first[ROUTER_PREFIX + "fixed"], second[ROUTER_PREFIX + "fixed"])
 
 

@@ -44,7 +44,7 @@ def generate_answers(run_dir: str | Path, client: int, prompts: list[str]) -> li
                           f"{len(task.clients) - 1})")
     model = engine.client_model(client)
     ids = [task.generation.prompt_ids(p) for p in prompts]
-    return task.generation.generate(model, ids, engine.local.placement)
+    return task.generation.generate(model, ids, engine.worker.placement)
 
 
 def export_run(

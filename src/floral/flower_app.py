@@ -27,20 +27,21 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from floral.comm import build_codec
 from floral.config import tomllib
 from floral.data import FederatedTask, build_task
+from floral.engines.aggregation import aggregation_for
 from floral.engines.driver import Driver, RoundResult
 from floral.engines.flower.client import ClientRuntime, make_client_app
 from floral.engines.flower.node_data import NodeData, node_task
 from floral.engines.flower.options import (
     FlowerOptions,
-    check_secure_aggregation,
     experiment_from_run_config,
     options_from_run_config,
 )
 from floral.engines.flower.server import FlowerTransport, log
 from floral.engines.flower.task_cache import cached_task
-from floral.engines.local import LocalTransport
+from floral.engines.worker import ClientWorker, WorkerSettings
 from floral.errors import FloralError
 from floral.experiment import (
     ExperimentConfig,
@@ -79,14 +80,12 @@ def runtime_for(
 
     own = build() if cache is None else cached_task(cache, config.task, config.seed, data, build)
     method, task, model = build_setup(config, own)
-    # The local engine's own set-up, so a node starts from exactly the local engine's state.
-    local = LocalTransport(
-        method, task, model, config.train, config.engine, config.seed, config.comm, placement
-    )
+    # The local engine's own worker, so a node starts from and computes exactly its numbers.
+    settings = WorkerSettings(placement, config.engine.threads, config.engine.batch_clients)
+    worker = ClientWorker(method, task, model, config.train, config.seed, settings)
     return ClientRuntime(
-        method, task, local.slots, local.initial, local.initial_private, config.train,
-        local.objective, config.seed, local.down, local.up, placement,
-        config.engine.checkpoint_every,
+        worker, build_codec(config.comm.download, "comm.download"),
+        build_codec(config.comm.upload, "comm.upload"), config.engine.checkpoint_every,
     )
 
 
@@ -105,8 +104,6 @@ def serve(
     """Run `config` over the grid's nodes, writing the usual results folder to `out`;
     `resume` as for `run_rounds` (the nodes must keep their private state on disk)."""
     method = config.build_method()
-    check_secure_aggregation(options or FlowerOptions(), method, config.train,
-                             config.comm.upload, config.task.num_clients)
     transport = FlowerTransport(grid, experiment_text(config), config.task.num_clients, options)
     driver = Driver(
         method, transport, transport.initial, get_objective(transport.kind),
@@ -161,8 +158,9 @@ def simulate(
 
     out = Path(out).absolute()  # the virtual nodes run in other processes
     build_setup(config)  # bad data settings stop here, before Ray starts or anything is written
-    check_secure_aggregation(options or FlowerOptions(), config.build_method(), config.train,
-                             config.comm.upload, config.task.num_clients)
+    # What the driver will refuse, refused before Ray starts.
+    aggregation_for(config.train, config.build_method(), config.task.num_clients,
+                    config.comm.upload, secure=(options or FlowerOptions()).secagg)
     if resume is True:
         check_resumable(config, out)  # likewise a missing or foreign checkpoint
     results: list[RunSummary] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
@@ -106,6 +107,8 @@ def print_summary(summary: Any) -> None:
     final = summary.final
     metric = summary.metric
     value = f"{final[metric]:.2f}%" if metric == "accuracy" else f"{final[metric]:.5g}"
+    if "dp_epsilon" in final:  # the privacy spent belongs beside what it bought
+        value += f" at ε = {final['dp_epsilon']:.3g}, δ = {final.get('dp_delta', math.nan):g}"
     console.print(
         f"[bold]{summary.name}[/] · {summary.method} · seed {summary.seed}: "
         f"{metric} {value} after {summary.rounds} rounds "

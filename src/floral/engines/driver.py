@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,14 +26,15 @@ import numpy as np
 import torch
 
 from floral.comm import CommConfig, build_codec
+from floral.engines.aggregation import RoundInfo, aggregation_for
 from floral.engines.config import EngineConfig, check_engine_config
 from floral.errors import ConfigError, DivergedError
-from floral.methods.base import Method, ServerState, private_upload, robust_upload
+from floral.methods.base import Method, ServerState
 from floral.methods.checks import all_finite
 from floral.train.loop import TrainConfig
 from floral.train.objective import EvalResult, Objective
 from floral.train.optim import build_server_optimizer
-from floral.train.privacy import dp_epsilon
+from floral.train.privacy import dp_epsilon, secret_rng
 from floral.train.recovery import router_recovery
 from floral.train.state import TensorDict, payload_bytes
 from floral.train.text_metrics import generation_metrics
@@ -41,11 +42,10 @@ from floral.train.text_metrics import generation_metrics
 __all__ = [
     "Driver",
     "Evaluated",
+    "Observer",
     "RoundResult",
     "Trained",
     "Transport",
-    "check_aggregation",
-    "check_privacy",
     "check_state_names",
     "client_seed",
     "router_summary",
@@ -88,6 +88,9 @@ class Transport(Protocol):
     it and goes on without that client)."""
 
     clusters: Mapping[int, int]  # the reachable clients: id -> true cluster
+    # Whether a round's replies carry only the sum of the uploads (Flower's SecAgg+): then
+    # no aggregation policy that reads each upload may run.
+    sums_uploads: bool
 
     def train(
         self, round_: int, clients: Sequence[int], payload: TensorDict
@@ -102,10 +105,14 @@ class Transport(Protocol):
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
 
 
-def sample_clients(seed: int, round_: int, num_clients: int, fraction: float) -> list[int]:
-    """The clients of one round: a seeded draw without replacement, sorted."""
+def sample_clients(
+    seed: int, round_: int, num_clients: int, fraction: float,
+    rng: np.random.Generator | None = None,
+) -> list[int]:
+    """The clients of one round: a draw without replacement, sorted; seeded by (seed, round)
+    unless `rng` is given (a DP run's secret one)."""
     count = max(1, round(fraction * num_clients))
-    rng = np.random.default_rng([seed, round_, 0x5A])
+    rng = rng or np.random.default_rng([seed, round_, 0x5A])
     return sorted(rng.choice(num_clients, size=count, replace=False).tolist())
 
 
@@ -129,9 +136,30 @@ def router_summary(method: Method, private: Mapping[str, torch.Tensor]) -> tuple
     return int(weights.argmax()), float(weights.max())
 
 
+class Observer:
+    """Watches the round loop: recording, checkpoints, trackers and progress are observers.
+    Every hook does nothing unless a subclass says otherwise."""
+
+    def started(self, driver: Driver) -> None:
+        """Before the first round this run will train."""
+
+    def round_done(self, driver: Driver, result: RoundResult) -> None:
+        """After each whole round (its server update applied, evaluated when due)."""
+
+    def stopped(self, driver: Driver, error: BaseException) -> None:
+        """The loop stopped early (a divergence, an interrupt); the driver holds the last
+        whole round's state."""
+
+    def finished(self, driver: Driver) -> None:
+        """After the last round, when the loop ended normally."""
+
+    def closed(self, driver: Driver) -> None:
+        """Always, last: release what the observer holds open."""
+
+
 class Driver:
-    """Runs a method's rounds over a transport: sampling, codecs, checks, the server update,
-    evaluation and checkpoints."""
+    """Runs a method's rounds over a transport: sampling, codecs, checks, the aggregation
+    policy, the server update and evaluation; observers record, checkpoint and report."""
 
     def __init__(
         self,
@@ -152,8 +180,8 @@ class Driver:
             raise ConfigError(
                 f"train.clients_per_round: must be in (0, 1], got {train.clients_per_round}"
             )
-        check_aggregation(train.aggregation, method)
-        check_privacy(train, method)
+        self.aggregation = aggregation_for(train, method, num_clients, comm.upload,
+                                           secure=transport.sums_uploads)
         self.method, self.transport, self.objective = method, transport, objective
         self.num_clients, self.train, self.config, self.seed = num_clients, train, config, seed
         self.down = build_codec(comm.download, "comm.download")
@@ -167,13 +195,26 @@ class Driver:
     def global_state(self) -> TensorDict:
         return self.state.global_state
 
-    def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
-        """Run rounds until `train.rounds`; returns what each round reported."""
+    def run(self, observers: Sequence[Observer] = ()) -> list[RoundResult]:
+        """Run rounds until `train.rounds`, telling the observers, in their order; returns
+        what each round reported. This is the one round loop of every engine."""
+        for observer in observers:
+            observer.started(self)
         results = []
-        while self.round < self.train.rounds:
-            results.append(self.run_round())
-            if on_round is not None:
-                on_round(results[-1])
+        try:
+            while self.round < self.train.rounds:
+                results.append(self.run_round())
+                for observer in observers:
+                    observer.round_done(self, results[-1])
+        except (DivergedError, KeyboardInterrupt) as error:
+            for observer in observers:
+                observer.stopped(self, error)
+            raise
+        finally:
+            for observer in observers:
+                observer.closed(self)
+        for observer in observers:
+            observer.finished(self)
         return results
 
     # -- one round ---------------------------------------------------------------------------
@@ -181,8 +222,11 @@ class Driver:
         """Train the sampled clients, check and aggregate their uploads, evaluate when due."""
         self.round += 1
         start = time.perf_counter()
+        # Under differential privacy, who is sampled is secret: the accountant's amplification
+        # by subsampling assumes nobody can tell.
+        secret = secret_rng() if self.train.dp_clip > 0 else None
         sampled = sample_clients(
-            self.seed, self.round, self.num_clients, self.train.clients_per_round
+            self.seed, self.round, self.num_clients, self.train.clients_per_round, secret
         )
         clients = self._reachable(sampled)
         # Every sampled client receives the same payload: encode once, count it per client.
@@ -203,14 +247,7 @@ class Driver:
                 diverged += 1
         if diverged and not uploads:
             self._diverged(f"every client's update diverged ({diverged} of {len(clients)})")
-        if self.train.aggregation != "mean" and uploads:
-            uploads = [robust_upload(uploads, self.train.aggregation)]
-        if self.train.dp_clip > 0 and self.train.dp_mode == "central" and uploads:
-            # Divided by the number of clients sampled, public (it depends only on the
-            # settings), rather than by those that replied.
-            noise = torch.Generator().manual_seed(client_seed(self.seed, self.round, -1))
-            uploads = [private_upload(uploads, self.train.dp_clip, self.train.dp_noise, noise,
-                                      count=float(len(sampled)))]
+        uploads = self.aggregation.combine(uploads, RoundInfo(self.round, len(sampled)))
         new = self.method.server_update(self.state, uploads, self.server_optimizer)
         if not all_finite(new.global_state):
             self._diverged("the global model is no longer finite (NaN or infinity)")
@@ -275,6 +312,7 @@ class Driver:
             metrics.update(self._router_recovery(routers))
         if self.train.dp_clip > 0:
             metrics["dp_epsilon"] = self.dp_epsilon()
+            metrics["dp_delta"] = self.train.dp_delta
         return metrics
 
     def dp_epsilon(self) -> float:
@@ -355,55 +393,6 @@ def check_state_names(kind: str, found: Mapping[str, object], expected: set[str]
             f"the saved state {problem}, which this run's model does not match: it was "
             "written by another method, model or floral version; delete it to start afresh"
         )
-
-
-def check_aggregation(rule: str, method: Method | None = None) -> None:
-    """`train.aggregation`: mean, median or trimmed:<fraction in [0, 0.5)>, the robust rules
-    only for methods that declare they allow them."""
-    name, _, argument = rule.partition(":")
-    if name in ("mean", "median") and not argument:
-        pass
-    elif name == "trimmed":
-        try:
-            fraction = float(argument)
-        except ValueError:
-            fraction = math.nan
-        if not 0 <= fraction < 0.5:
-            raise ConfigError(
-                f"train.aggregation: trimmed needs a fraction in [0, 0.5) cut at each end, "
-                f"e.g. trimmed:0.1; got {rule!r}"
-            )
-    else:
-        raise ConfigError(
-            f"train.aggregation: unknown {rule!r} (choose from mean, median, trimmed:<fraction>)"
-        )
-    if name != "mean" and method is not None and not method.plain_mean:
-        raise ConfigError(
-            f"train.aggregation: {rule!r} needs uploads combined by a mean with one weight per "
-            f"tensor; {method.name} combines its uploads otherwise"
-        )
-
-
-def check_privacy(train: TrainConfig, method: Method | None = None) -> None:
-    """The `train.dp_*` settings: one-line errors naming the key."""
-    if train.dp_clip < 0 or train.dp_noise < 0:
-        raise ConfigError("train.dp_clip and train.dp_noise: must be 0 or more, got "
-                          f"{train.dp_clip} and {train.dp_noise}")
-    if train.dp_mode not in ("central", "local"):
-        raise ConfigError(f"train.dp_mode: unknown {train.dp_mode!r} (choose from central, local)")
-    if not 0 < train.dp_delta < 1:
-        raise ConfigError(f"train.dp_delta: must be in (0, 1), got {train.dp_delta}")
-    if train.dp_clip == 0:
-        if train.dp_noise > 0:
-            raise ConfigError("train.dp_noise: needs train.dp_clip > 0 (the noise is a "
-                              "multiple of the clipping bound)")
-        return
-    if train.aggregation != "mean":
-        raise ConfigError(f"train.dp_clip: differential privacy takes the mean of the clipped "
-                          f"updates; it does not combine with aggregation = {train.aggregation!r}")
-    if method is not None and not (method.plain_mean or method.mixture_mean):
-        raise ConfigError(f"train.dp_clip: needs uploads combined by a mean with one weight per "
-                          f"tensor or per adaptor; {method.name} combines its uploads otherwise")
 
 
 def summarize(

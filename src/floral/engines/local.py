@@ -1,8 +1,9 @@
 """The in-process engine: the round driver over a transport that runs clients in this process.
 
-Clients run one after another on one shared scratch model (or, with `[engine] batch_clients`,
-many at once: floral.engines.batched), on the placement's device. Each client's private state
-lives in a per-client store, on the CPU, as does everything the driver sees. Randomness comes
+The transport wraps a `ClientWorker` (floral.engines.worker), which runs the clients one after
+another on one shared scratch model (or, with `[engine] batch_clients`, many at once), on the
+placement's device. Each client's private state lives in a per-client dict, on the CPU, as
+does everything the driver sees. Randomness comes
 only from (seed, round, client), so a run resumed from a checkpoint ends with exactly the
 numbers of an uninterrupted one.
 """
@@ -16,122 +17,61 @@ from torch import nn
 
 from floral.comm import CommConfig, build_codec
 from floral.data import FederatedTask
-from floral.engines.batched import batched_client_steps
 from floral.engines.config import EngineConfig
-from floral.engines.driver import (
-    Driver,
-    Evaluated,
-    Trained,
-    check_state_names,
-    client_seed,
-    router_summary,
-)
-from floral.methods.base import ClientJob, ClientUpdate, Method, ServerState, split_roles
-from floral.train.device import Placement, default_threads, threads, to_device
+from floral.engines.driver import Driver, Evaluated, Trained, check_state_names
+from floral.engines.worker import ClientWorker, WorkerSettings
+from floral.methods.base import ClientJob, Method
+from floral.train.device import Placement
 from floral.train.loop import TrainConfig
-from floral.train.objective import get_objective
 from floral.train.state import StateSlots, TensorDict, is_optimizer_key
 
 __all__ = ["LocalEngine", "LocalTransport"]
 
 
 class LocalTransport:
-    """Client steps in this process, on one scratch model; private states kept per client."""
+    """Client steps in this process, by one `ClientWorker`; private states kept per client."""
 
-    def __init__(
-        self,
-        method: Method,
-        task: FederatedTask,
-        model: nn.Module,
-        train: TrainConfig,
-        config: EngineConfig,
-        seed: int,
-        comm: CommConfig,
-        placement: Placement | None = None,
-    ) -> None:
-        self.method, self.task, self.train_config, self.config, self.seed = (
-            method, task, train, config, seed
-        )
-        self.placement = placement or Placement()
-        self.objective = get_objective(task.kind)
+    sums_uploads = False  # the driver sees each client's upload
+
+    def __init__(self, worker: ClientWorker, comm: CommConfig) -> None:
+        self.worker = worker
         self.down = build_codec(comm.download, "comm.download")
         self.up = build_codec(comm.upload, "comm.upload")
-        self.slots = StateSlots(model.to(self.placement.device))
-        self.threads = config.threads or default_threads(model, train.batch_size)
-        global_names, private_names = split_roles(method.roles(model))
-        global_state = self.slots.snapshot(global_names)
-        self.initial = ServerState(global_state, method.init_server_state(model, global_state))
-        self.initial_private: TensorDict = self.slots.snapshot(private_names)
         self.private: dict[int, TensorDict] = {}
         self.clusters: Mapping[int, int] = {
-            k: client.cluster for k, client in enumerate(task.clients)
+            k: client.cluster for k, client in enumerate(worker.task.clients)
         }
 
     def train(
         self, round_: int, clients: Sequence[int], payload: TensorDict
     ) -> dict[int, Trained | str]:
-        # Identical on every client: decoded and moved to the device once.
-        received = to_device(self.down.decode(payload), self.placement.device)
-        jobs = {k: self.job(k, received, round_) for k in clients}
+        private = {k: self.private_state(k) for k in clients}
+        updates = self.worker.train(round_, self.down.decode(payload), private)
         replies: dict[int, Trained | str] = {}
-        with threads(self.threads):
-            batched = self.batched_steps(jobs)
-            for k, job in jobs.items():
-                update = (batched.get(k) or self.method.client_step(self.slots, job)).on_cpu()
-                self.private[k] = update.private
-                loss = update.metrics.get("train_loss", float("nan"))
-                replies[k] = Trained(self.up.encode(update.upload), loss)
+        for k, update in updates.items():
+            self.private[k] = update.private
+            loss = update.metrics.get("train_loss", float("nan"))
+            replies[k] = Trained(self.up.encode(update.upload), loss)
         return replies
-
-    def job(self, k: int, global_state: Mapping[str, torch.Tensor], round_: int) -> ClientJob:
-        """Client k's step in round `round_`, its tensors on the device."""
-        private = to_device(self.private_state(k), self.placement.device)
-        return ClientJob(
-            global_state, private, self.task.clients[k], self.train_config, self.objective,
-            client_seed(self.seed, round_, k), round_, self.placement,
-        )
-
-    def batched_steps(self, jobs: Mapping[int, ClientJob]) -> dict[int, ClientUpdate]:
-        """Updates of the clients that `engine.batch_clients` trains together (none when off);
-        the round runs the rest one by one."""
-        if self.config.batch_clients == 0:
-            return {}
-        batch = list(jobs.values())
-        return batched_client_steps(self.method, self.slots, batch, self.config.batch_clients)
 
     def evaluate(
         self, round_: int, clients: Sequence[int], global_state: TensorDict | None
     ) -> dict[int, Evaluated | str]:
-        replies: dict[int, Evaluated | str] = {}
-        with threads(self.threads):
-            for k in clients:
-                private = self.private_state(k)
-                result = None
-                if global_state is not None:
-                    model = self.client_model(k, global_state)
-                    data = self.task.clients[k]
-                    result = self.objective.evaluate(
-                        model, data.x_test, data.y_test, self.train_config.eval_batch_size,
-                        self.placement,
-                    )
-                    generation = self.task.generation
-                    if generation is not None and data.generation is not None:
-                        result.extra.update(generation.sums(model, data.generation,
-                                                            self.placement))
-                replies[k] = Evaluated(result, router_summary(self.method, private))
-        return replies
+        return {k: self.worker.evaluate(k, global_state, self.private_state(k)) for k in clients}
+
+    def job(self, k: int, global_state: Mapping[str, torch.Tensor], round_: int) -> ClientJob:
+        """Client k's step in round `round_` with its kept private state (for inspection)."""
+        return self.worker.job(k, global_state, self.private_state(k), round_)
 
     def private_state(self, k: int) -> TensorDict:
         state = self.private.get(k)
-        if state is None:
-            state = self.method.init_private(self.initial_private, self.task.clients[k])
-        return state
+        return self.worker.fresh_private(k) if state is None else state
 
     def client_model(self, k: int, global_state: Mapping[str, torch.Tensor]) -> nn.Module:
         """The scratch model loaded with client k's personalized state."""
-        self.slots.load(global_state)
-        self.slots.load(self.private_state(k))
-        return self.slots.model
+        self.worker.slots.load(global_state)
+        self.worker.slots.load(self.private_state(k))
+        return self.worker.slots.model
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> TensorDict:
@@ -150,7 +90,8 @@ class LocalTransport:
         # tensors (pFedLoRA's own architecture), and clients not yet trained hold none.
         # Kept optimizer state (AdamW's moments) travels with the private tensors.
         found = {name for tensors in private.values() for name in tensors}
-        known = {name for name in found if is_optimizer_key(name)} | set(self.initial_private)
+        known = {name for name in found if is_optimizer_key(name)} | set(
+            self.worker.initial_private)
         check_state_names("private", dict.fromkeys(found), found & known)
         self.private = private
 
@@ -170,23 +111,25 @@ class LocalEngine(Driver):
         placement: Placement | None = None,
     ) -> None:
         config, comm = config or EngineConfig(), comm or CommConfig()
-        self.local = LocalTransport(method, task, model, train, config, seed, comm, placement)
+        settings = WorkerSettings(placement or Placement(), config.threads, config.batch_clients)
+        self.worker = ClientWorker(method, task, model, train, seed, settings)
+        self.local = LocalTransport(self.worker, comm)
         super().__init__(
-            method, self.local, self.local.initial, self.local.objective, len(task.clients),
+            method, self.local, self.worker.initial, self.worker.objective, len(task.clients),
             train, config, comm, seed,
         )
 
     @property
     def task(self) -> FederatedTask:
-        return self.local.task
+        return self.worker.task
 
     @property
     def slots(self) -> StateSlots:
-        return self.local.slots
+        return self.worker.slots
 
     @property
     def model(self) -> nn.Module:
-        return self.local.slots.model
+        return self.worker.slots.model
 
     @property
     def private(self) -> dict[int, TensorDict]:

@@ -53,6 +53,7 @@ from floral.train.state import (
 
 __all__ = [
     "WEIGHT_SUFFIX",
+    "Capability",
     "ClientJob",
     "ClientUpdate",
     "Method",
@@ -60,10 +61,7 @@ __all__ = [
     "Role",
     "ServerState",
     "optimizer_state_of",
-    "private_update",
-    "private_upload",
     "restore_optimizer_state",
-    "robust_upload",
     "split_roles",
     "sum_uploads",
     "weighted_deltas",
@@ -75,6 +73,15 @@ class Role(str, enum.Enum):
     GLOBAL = "global"  # sent down, trained, sent up, aggregated
     PRIVATE = "private"  # lives with one client only
     FROZEN = "frozen"  # identical everywhere and never trained
+
+
+class Capability(str, enum.Enum):
+    """What a method may offer the engines; each is a class flag of `Method`."""
+
+    BATCHED = "batchable"
+    MEAN_PER_TENSOR = "plain_mean"
+    MEAN_PER_PART = "mixture_mean"
+    SUM_ONLY = "secure_sum"
 
 
 @dataclass
@@ -132,30 +139,43 @@ class Method:
     name: ClassVar[str] = "fedavg"
     description: ClassVar[str] = "Federated averaging of the whole model, weighted by examples."
     Options: ClassVar[type] = NoOptions
+    # What the method offers, declared, never found by looking at its code. The defaults offer
+    # nothing: a method opts in to each, and tests/test_capabilities.py checks every
+    # registered method's declarations against what its steps and server do.
+    #
     # Whether engines may run this method's clients as one batch (floral.engines.batched),
     # which reproduces the default client step (SGD over `param_groups`, then
-    # `upload_weights`): a method that replaces `client_step` or `train_locally` sets False.
-    batchable: ClassVar[bool] = True
+    # `upload_weights`): only for methods that keep `client_step` and `train_locally`.
+    batchable: ClassVar[bool] = False
     # Whether `server_update` takes the weighted mean of the uploads' deltas with one weight per
-    # tensor, so that a robust rule (`train.aggregation`, `robust_upload`) or differential
-    # privacy (`train.dp_clip`, `private_upload`) may stand in for the mean; False where
-    # uploads are combined otherwise or weighted per part (FLoRAL's adaptors, stacking,
-    # zero-padding).
-    plain_mean: ClassVar[bool] = True
+    # tensor, and nothing else of them, so that a robust rule (`train.aggregation`) or
+    # differential privacy (`train.dp_clip`) may stand in for the mean
+    # (floral.engines.aggregation).
+    plain_mean: ClassVar[bool] = False
     # Whether the per-part weights are n times a mixture over the parts (FLoRAL's n * pi per
     # adaptor) and the server takes their weighted mean: differential privacy may then stand
     # in for the mean too, clipping the pi-weighted update (`private_upload`).
     mixture_mean: ClassVar[bool] = False
-    # Whether `server_update` needs only the element-wise sum of the round's uploads, all of
-    # the global tensors' shapes, so that secure aggregation may hand it that sum alone;
-    # False where it looks at each upload (ranks per client, stacking).
-    secure_sum: ClassVar[bool] = True
+    # Whether `server_update` needs only the element-wise sum of the round's uploads, so that
+    # secure aggregation may hand it that sum alone.
+    secure_sum: ClassVar[bool] = False
     # Whether the state of the local optimizer (AdamW's moments) for the private tensors a
     # client trains is kept with its private state between its rounds; never uploaded.
     keeps_optimizer_state: ClassVar[bool] = True
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
+
+    @classmethod
+    def offers(cls) -> frozenset[Capability]:
+        """The capabilities this method declares (what aggregation policies may rely on)."""
+        declared = {
+            Capability.BATCHED: cls.batchable,
+            Capability.MEAN_PER_TENSOR: cls.plain_mean,
+            Capability.MEAN_PER_PART: cls.mixture_mean,
+            Capability.SUM_ONLY: cls.secure_sum,
+        }
+        return frozenset(c for c, offered in declared.items() if offered)
 
     # -- the model ---------------------------------------------------------------------------
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
@@ -210,10 +230,6 @@ class Method:
         n = job.data.num_train
         weights = self.upload_weights(slots.model, list(job.global_state), n)
         upload = weighted_deltas(slots, job.global_state, weights)
-        config = job.config
-        if config.dp_clip > 0 and config.dp_mode == "local":  # noised here, before it leaves
-            noise = torch.Generator().manual_seed(job.seed ^ 0xD1FF)  # on the CPU, as the upload
-            upload = private_upload([on_cpu(upload)], config.dp_clip, config.dp_noise, noise)
         names = [name for name in job.private_state if not is_optimizer_key(name)]
         private = slots.snapshot(names)
         private.update(self.kept_optimizer_state(slots, job, names))
@@ -381,99 +397,6 @@ def sum_uploads(uploads: Sequence[Mapping[str, torch.Tensor]]) -> TensorDict:
         if rest:
             torch._foreach_add_([totals[n] for n in rest], [upload[n] for n in rest])
     return totals
-
-
-@torch.no_grad()
-def robust_upload(uploads: Sequence[Mapping[str, torch.Tensor]], rule: str) -> TensorDict:
-    """One upload standing for all of them under a robust rule: for every tensor, the
-    coordinate-wise median (`median`) or trimmed mean (`trimmed:<fraction>`: that fraction of
-    the clients cut at each end, coordinate by coordinate) of the clients' deltas, sent with
-    their summed weight, so that the weighted mean of this one upload is that statistic.
-
-    Needs one weight per tensor and client (FedAvg-style uploads); clients of weight 0 (no
-    examples) take no part. Unlike the mean, it needs each client's delta, not only the sum.
-    """
-    name, _, argument = rule.partition(":")
-    trim = float(argument) if name == "trimmed" else 0.0
-    robust: TensorDict = {}
-    for tensor_name in [n for n in uploads[0] if not n.endswith(WEIGHT_SUFFIX)]:
-        weights = [u[tensor_name + WEIGHT_SUFFIX] for u in uploads]
-        if any(w.numel() != 1 for w in weights):
-            raise ValueError(
-                f"{tensor_name!r} is uploaded with a weight per part (as FLoRAL's adaptors are); "
-                f"train.aggregation = {rule!r} needs one weight per tensor"
-            )
-        live = [(u[tensor_name] / w, w) for u, w in zip(uploads, weights) if float(w) > 0]
-        total = sum((w for _, w in live), torch.zeros(()))
-        if not live:
-            robust[tensor_name] = torch.zeros_like(uploads[0][tensor_name])
-        else:
-            ordered = torch.stack([d for d, _ in live]).sort(dim=0).values
-            k = len(live)
-            if name == "median":
-                middle = (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
-            else:
-                cut = min(int(trim * k), (k - 1) // 2)
-                middle = ordered[cut : k - cut].mean(dim=0)
-            robust[tensor_name] = middle * total
-        robust[tensor_name + WEIGHT_SUFFIX] = total
-    return robust
-
-
-@torch.no_grad()
-def private_upload(
-    uploads: Sequence[Mapping[str, torch.Tensor]], clip: float, noise: float,
-    generator: torch.Generator, count: float | None = None,
-) -> TensorDict:
-    """One upload standing for all under DP-FedAvg: every client's update clipped to L2 norm
-    `clip`, summed with equal weights, plus Gaussian noise of standard deviation
-    `noise * clip` on every coordinate, sent with weight `count` (default: the number of
-    uploads) on every tensor and part, so that its mean is the noisy sum divided by `count`.
-
-    A client's update is `private_update`: its deltas over all tensors together, where a
-    tensor uploaded with a weight per part (FLoRAL's adaptor c, weight n * pi_c) has each part
-    scaled by its share of the weight (pi_c, in [0, 1]). The clip bounds that whole vector, so
-    one client, whatever its data, examples n and router pi, moves the sum by at most `clip`
-    in L2 norm: adding or removing a client is the Gaussian mechanism of multiplier `noise`
-    that the accountant counts (`floral.train.privacy`), and nothing else is released. The
-    clients' weights (n, and n * pi, which tell their routers and, summed, the clusters'
-    sizes) never reach the result: every tensor and part is divided by the public `count`,
-    which is post-processing. For an adaptor this is the pi-weighted mean over all `count`
-    clients, its usage share of FLoRAL's own mean (the share is private); a public
-    denominator below `count`, such as count / C, would raise the noise on little-used
-    adaptors above the base's. Every client counts once, not by n.
-    """
-    names = [n for n in uploads[0] if not n.endswith(WEIGHT_SUFFIX)]
-    total = {name: torch.zeros_like(uploads[0][name]) for name in names}
-    for upload in uploads:
-        update = private_update(upload, names)
-        norm = torch.linalg.vector_norm(torch.stack([update[n].norm() for n in names]))
-        scale = min(1.0, clip / max(float(norm), 1e-12))
-        for name in names:
-            total[name] += scale * update[name]
-    clients = float(len(uploads)) if count is None else count
-    private: TensorDict = {}
-    for name in names:
-        draw = torch.randn(total[name].shape, generator=generator, dtype=total[name].dtype)
-        private[name] = total[name] + noise * clip * draw
-        weight = uploads[0][name + WEIGHT_SUFFIX]
-        private[name + WEIGHT_SUFFIX] = (
-            torch.tensor(clients) if weight.numel() == 1 else torch.full_like(weight, clients)
-        )
-    return private
-
-
-def private_update(upload: Mapping[str, torch.Tensor], names: Sequence[str]) -> TensorDict:
-    """What differential privacy clips of one upload: every tensor's weighted delta divided by
-    the sum of its weights, so a tensor with one weight gives its delta, and a tensor with a
-    weight per part (n * pi_c) gives each part's delta times its share pi_c, in [0, 1]. A
-    tensor whose weights sum to zero gives zeros."""
-    update: TensorDict = {}
-    for name in names:
-        total = float(upload[name + WEIGHT_SUFFIX].sum())
-        update[name] = (upload[name] / total if total > 0
-                        else torch.zeros_like(upload[name]))
-    return update
 
 
 def optimizer_state_of(

@@ -71,7 +71,10 @@ class Ensemble(Method):
     name = "ensemble"
     description = "C full models mixed by a private per-client router over their outputs."
     Options = EnsembleOptions
+    batchable = True
     plain_mean = False  # each model is weighted by n_k * pi_kc
+    mixture_mean = False
+    secure_sum = True
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: EnsembleOptions = self.options

@@ -84,6 +84,9 @@ class FDLoRA(Phased, Method):
     description = "Personal and global LoRA per client, fused with learned weights; global shared."
     Options = FDLoRAOptions
     batchable = False  # phases and a fusion search per step
+    plain_mean = True
+    mixture_mean = False
+    secure_sum = True
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: FDLoRAOptions = self.options

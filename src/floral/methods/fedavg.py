@@ -10,3 +10,7 @@ __all__ = ["FedAvg"]
 class FedAvg(Method):
     name = "fedavg"
     description = "Federated averaging of the whole model, weighted by examples."
+    batchable = True
+    plain_mean = True
+    mixture_mean = False
+    secure_sum = True

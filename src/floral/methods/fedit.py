@@ -14,3 +14,7 @@ __all__ = ["FedIT"]
 class FedIT(LoraMethod):
     name = "fedit"
     description = "LoRA on a frozen base; A and B averaged separately (examples-weighted)."
+    batchable = True
+    plain_mean = True
+    mixture_mean = False
+    secure_sum = True

@@ -23,3 +23,7 @@ class FedSALoRA(LoraMethod):
         "lora_B": Role.PRIVATE,
         "lora_bias": Role.PRIVATE,
     }
+    batchable = True
+    plain_mean = True
+    mixture_mean = False
+    secure_sum = True

@@ -20,3 +20,7 @@ class FFALoRA(LoraMethod):
     name = "ffa-lora"
     description = "LoRA with A frozen at its seeded random init; only B trained and averaged."
     factor_roles: ClassVar[Mapping[str, Role]] = {"lora_A": Role.FROZEN}
+    batchable = True
+    plain_mean = True
+    mixture_mean = False
+    secure_sum = True

@@ -32,3 +32,7 @@ __all__ = ["FLASC"]
 class FLASC(LoraMethod):
     name = "flasc"
     description = "LoRA, dense local training; top-k sparse messages and server Adam (by config)."
+    batchable = True
+    plain_mean = True
+    mixture_mean = False
+    secure_sum = True

@@ -58,6 +58,10 @@ class FLoCoRA(LoraMethod):
     name = "flocora"
     description = "LoRA, norms and head trained on a frozen random base; quantized messages."
     Options = FLoCoRAOptions
+    batchable = True
+    plain_mean = True
+    mixture_mean = False
+    secure_sum = True
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         self.head = head_layers(model, self.options.head)

@@ -81,6 +81,7 @@ class FLoRA(LoraMethod):
     ranked_uploads = True
     batchable = False  # a fresh LoRA per step, and factors uploaded instead of deltas
     plain_mean = False  # stacked factors
+    mixture_mean = False
     secure_sum = False  # ranks per client: each upload is read on its own
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar, cast
+from typing import cast
 
 import torch
 from torch import nn
@@ -71,11 +71,13 @@ class Floral(Method):
     name = "floral"
     description = "C shared LoRA adaptors per layer mixed by a private per-client router."
     Options = FloralOptions
-    plain_mean = False  # each adaptor is weighted by n_k * pi_kc
-    # Differential privacy may stand in for the mean (engines.driver.check_privacy): the
+    # Differential privacy may stand in for the mean (floral.engines.aggregation): the
     # weights per adaptor are n_k times the mixture pi_k, and the server takes the weighted
     # mean of the uploads, so `private_upload` clips the pi-weighted update.
-    mixture_mean: ClassVar[bool] = True
+    batchable = True
+    plain_mean = False  # each adaptor is weighted by n_k * pi_kc
+    mixture_mean = True
+    secure_sum = True
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: FloralOptions = self.options

@@ -103,6 +103,8 @@ class FloralEM(Floral):
     Options = FloralEMOptions
     batchable = False  # an E-step before the local epochs
     plain_mean = False  # adaptor usage counted from the weights
+    mixture_mean = True
+    secure_sum = True
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         if not 0 <= self.options.holdout < 1:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import cast
 
 import torch
 from torch import nn
@@ -84,8 +84,8 @@ class FloralSeeded(Floral):
     Options = FloralSeededOptions
     batchable = False  # a fresh router is started from the client's losses first
     plain_mean = False
-    mixture_mean: ClassVar[bool] = False  # the seeding reads each upload, not a noised mean
-    secure_sum: ClassVar[bool] = False
+    mixture_mean = False  # the seeding reads each upload, not a noised mean
+    secure_sum = False
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: FloralSeededOptions = self.options

@@ -86,6 +86,7 @@ class HetLoRA(LoraMethod):
     ranked_uploads = True
     batchable = False  # each client trains the first r_k ranks of the global factors
     plain_mean = False  # zero-padded ranks
+    mixture_mean = False
     secure_sum = False  # ranks per client: each upload is read on its own
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:

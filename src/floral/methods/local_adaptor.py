@@ -33,6 +33,10 @@ class LocalAdaptor(Method):
     name = "local-adaptor"
     description = "Global base model; each client keeps its own private LoRA adaptor."
     Options = LocalAdaptorOptions
+    batchable = True
+    plain_mean = True
+    mixture_mean = False
+    secure_sum = True
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         attach(model, adapter_spec(self.options, num_adaptors=1))

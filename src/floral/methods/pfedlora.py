@@ -113,8 +113,11 @@ class PFedLoRA(Phased, Method):
     name = "pfedlora"
     description = "Own model per client (any architecture), one shared small adapter; alternating."
     Options = PFedLoRAOptions
-    batchable = False  # two phases per step
     keeps_optimizer_state = False
+    batchable = False  # two phases per step
+    plain_mean = True
+    mixture_mean = False
+    secure_sum = True
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: PFedLoRAOptions = self.options
@@ -166,6 +169,10 @@ class HeteroLocal(LocalOnly):
     name = "local-hetero"
     # The README prints this line; model.depths gives the depth of each client on an LM.
     description = "No federation; client k trains its own architecture (k mod 5 on hetero-cnn)."
+    batchable = True
+    plain_mean = True
+    mixture_mean = False
+    secure_sum = True
 
     def init_private(self, initial: TensorDict, client: ClientData) -> TensorDict:
         return own_architecture(initial, client)

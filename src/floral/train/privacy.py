@@ -14,8 +14,12 @@ fixed number of clients per round is treated as Poisson sampling of rate q, as i
 from __future__ import annotations
 
 import math
+import secrets
 
-__all__ = ["ORDERS", "dp_epsilon", "rdp_subsampled_gaussian"]
+import numpy as np
+import torch
+
+__all__ = ["ORDERS", "dp_epsilon", "rdp_subsampled_gaussian", "secret_generator", "secret_rng"]
 
 ORDERS = tuple(range(2, 65))
 
@@ -47,3 +51,17 @@ def dp_epsilon(q: float, noise: float, rounds: int, delta: float) -> float:
         loss = (math.log(delta) + math.log(order)) / (order - 1)
         best = min(best, rdp + math.log((order - 1) / order) - loss)
     return max(best, 0.0)
+
+
+# Randomness that protects someone comes from the operating system's entropy, never from the
+# run's seed: the seed is in config.toml, and whoever replays noise drawn from it subtracts it
+# (the update comes back exact), or knows who was sampled (the accountant's amplification by
+# subsampling assumes nobody does). A DP run is therefore not repeatable, by design.
+def secret_generator() -> torch.Generator:
+    """A CPU generator seeded from OS entropy, for DP noise: nobody can replay its draws."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def secret_rng() -> np.random.Generator:
+    """A NumPy generator seeded from OS entropy, for a DP run's choice of clients."""
+    return np.random.default_rng(secrets.randbits(128))

@@ -36,7 +36,6 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
 from floral.comm import Codec
 from floral.data import FederatedTask
-from floral.engines.driver import client_seed, router_summary
 from floral.engines.flower.mods import SECAGG_RECORD, privacy_mod
 from floral.engines.flower.node_data import NodeData, node_data
 from floral.engines.flower.records import (
@@ -63,12 +62,9 @@ from floral.engines.flower.store import (
     keep_from,
     valid_lineage,
 )
+from floral.engines.worker import ClientWorker
 from floral.errors import ConfigError
-from floral.methods.base import ClientJob, Method, ServerState
-from floral.train.device import Placement, to_device
-from floral.train.loop import TrainConfig
-from floral.train.objective import Objective
-from floral.train.state import StateSlots, TensorDict
+from floral.train.state import TensorDict
 
 if TYPE_CHECKING:
     from flwr.app import MetricRecordValues
@@ -80,18 +76,14 @@ __all__ = ["ClientNode", "ClientRuntime", "make_client_app", "partition_of"]
 class ClientRuntime:
     """Everything a client rebuilds from the experiment: the same on every node."""
 
-    method: Method
-    task: FederatedTask
-    slots: StateSlots
-    initial: ServerState  # what the server starts from, sent when it asks
-    initial_private: TensorDict
-    train: TrainConfig
-    objective: Objective
-    seed: int
+    worker: ClientWorker  # the local engine's: placement, threads, local DP, the steps
     down: Codec
     up: Codec
-    placement: Placement = Placement()  # this node's device (node config `device`), precision
     checkpoint_every: int = 0  # the server's `engine.checkpoint_every`: which versions to keep
+
+    @property
+    def task(self) -> FederatedTask:
+        return self.worker.task
 
 
 def partition_of(context: Context, num_clients: int) -> int:
@@ -187,31 +179,21 @@ def _hello(call: Call) -> RecordDict:
         "partition_id": k,
         "cluster": runtime.task.clients[k].cluster,
         "kind": runtime.task.kind,
-        "initial_digest": initial_digest(runtime.initial),
+        "initial_digest": initial_digest(runtime.worker.initial),
         "private_store": call.kind,
     })
     content = RecordDict({NODE: info})
     if _config(call.content).get("send_initial", False):
-        content[INITIAL] = to_record(runtime.initial.global_state)
-        content[INITIAL_STATE] = to_record(runtime.initial.method_state)
+        content[INITIAL] = to_record(runtime.worker.initial.global_state)
+        content[INITIAL_STATE] = to_record(runtime.worker.initial.method_state)
     return content
 
 
 def _train(call: Call) -> RecordDict:
     runtime, k = call.runtime, call.k
     round_ = int(_config(call.content)["round"])
-    device = runtime.placement.device
-    job = ClientJob(
-        to_device(runtime.down.decode(_tensors(call.content, GLOBAL)), device),
-        to_device(_private_state(call, round_ - 1), device),
-        runtime.task.clients[k],
-        runtime.train,
-        runtime.objective,
-        client_seed(runtime.seed, round_, k),
-        round_,
-        runtime.placement,
-    )
-    update = runtime.method.client_step(runtime.slots, job).on_cpu()
+    received = runtime.down.decode(_tensors(call.content, GLOBAL))
+    update = runtime.worker.train(round_, received, {k: _private_state(call, round_ - 1)})[k]
     call.store.write(k, round_, update.private, keep_from(round_, runtime.checkpoint_every))
     if SECAGG_RECORD in call.content.config_records:
         return _secure_reply(call, update.upload, float(update.metrics.get("train_loss", nan)))
@@ -242,27 +224,16 @@ def _secure_reply(call: Call, upload: Mapping[str, torch.Tensor], loss: float) -
 
 def _evaluate(call: Call) -> RecordDict:
     """Test sums when the message carries the global tensors; the router's summary always."""
-    runtime = call.runtime
     private = _private_state(call, int(_config(call.content).get("round", 0)))
+    received = _tensors(call.content, GLOBAL) if GLOBAL in call.content else None
+    evaluated = call.runtime.worker.evaluate(call.k, received, private)
     sums: dict[str, MetricRecordValues] = {}
-    if GLOBAL in call.content:
-        data = runtime.task.clients[call.k]
-        runtime.slots.load(_tensors(call.content, GLOBAL))
-        runtime.slots.load(private)
-        result = runtime.objective.evaluate(
-            runtime.slots.model, data.x_test, data.y_test, runtime.train.eval_batch_size,
-            runtime.placement,
-        )
+    if evaluated.result is not None:
+        result = evaluated.result
         sums.update(loss_sum=result.loss_sum, score_sum=result.score_sum, count=result.count)
-        generation = runtime.task.generation
-        if generation is not None and data.generation is not None:
-            # Statistics that add up across clients, as the local engine sums them: the
-            # server derives chrF and exact match from the totals, never from one client's.
-            extra = generation.sums(runtime.slots.model, data.generation, runtime.placement)
-            sums.update({GENERATION_PREFIX + key: value for key, value in extra.items()})
-    router = router_summary(runtime.method, private)
-    if router is not None:
-        sums.update(router_choice=router[0], router_confidence=router[1])
+        sums.update({GENERATION_PREFIX + key: value for key, value in result.extra.items()})
+    if evaluated.router is not None:
+        sums.update(router_choice=evaluated.router[0], router_confidence=evaluated.router[1])
     return RecordDict({EVAL: MetricRecord(sums)})
 
 
@@ -270,11 +241,7 @@ def _private_state(call: Call, round_: int) -> TensorDict:
     """The client's private tensors after round `round_`: from this node's store, or fresh
     before its first round."""
     stored = call.store.read(call.k, round_)
-    if stored is not None:
-        return stored
-    return call.runtime.method.init_private(
-        call.runtime.initial_private, call.runtime.task.clients[call.k]
-    )
+    return call.runtime.worker.fresh_private(call.k) if stored is None else stored
 
 
 def _config(content: RecordDict) -> Mapping[str, Any]:

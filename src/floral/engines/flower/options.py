@@ -21,7 +21,6 @@ from floral.errors import ConfigError
 
 __all__ = [
     "FlowerOptions",
-    "check_secure_aggregation",
     "experiment_from_run_config",
     "options_from_run_config",
 ]
@@ -73,32 +72,6 @@ def options_from_run_config(run_config: Mapping[str, Any]) -> FlowerOptions:
             raise ConfigError(f"{key}: expected a positive {what}, got {value!r}")
         values[name] = float(value)
     return FlowerOptions(**values, resume=resume, secagg=secagg)
-
-
-def check_secure_aggregation(
-    options: FlowerOptions, method: Any, train: Any, upload_codec: str, num_clients: int
-) -> None:
-    """`flower.secagg`: one-line errors, before any round, where the server would need more
-    than the sum of the round's uploads (or the round could have fewer than two clients)."""
-    if not options.secagg:
-        return
-    key = "flower.secagg"
-    if not method.secure_sum:
-        raise ConfigError(f"{key}: {method.name} reads each client's upload on its own (ranks "
-                          "per client), which secure aggregation hides; it needs the sum only")
-    if train.aggregation != "mean":
-        raise ConfigError(f"{key}: train.aggregation = {train.aggregation!r} needs each "
-                          "client's update, which secure aggregation hides; use \"mean\"")
-    if train.dp_clip > 0 and train.dp_mode == "central":
-        raise ConfigError(f"{key}: central differential privacy (train.dp_clip) clips each "
-                          "client's update on the server, which secure aggregation hides; use "
-                          "train.dp_mode = \"local\" (clipped and noised on the client)")
-    if upload_codec != "dense":
-        raise ConfigError(f"{key}: comm.upload = {upload_codec!r}: SecAgg+ masks the dense "
-                          "upload with its own quantization; use comm.upload = \"dense\"")
-    if max(1, round(train.clients_per_round * num_clients)) < 2:
-        raise ConfigError(f"{key}: a sum hides nothing with one client per round; raise "
-                          "train.clients_per_round to at least 2 clients")
 
 
 def experiment_from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

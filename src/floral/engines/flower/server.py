@@ -88,6 +88,7 @@ class FlowerTransport:
         self, grid: Grid, experiment: str, num_clients: int, options: FlowerOptions | None = None
     ) -> None:
         self.grid, self.experiment, self.options = grid, experiment, options or FlowerOptions()
+        self.sums_uploads = self.options.secagg  # SecAgg+: the server sees only the sum
         self.round = 0
         self._seen: set[int] = set()  # every node asked which client it holds
         self.lineage = secrets.token_hex(16)  # this run's name on the nodes; kept on resume

@@ -1,0 +1,154 @@
+"""An experiment's settings: a TOML file in, a checked `ExperimentConfig` out.
+
+    name = "mnist5k-label-shift"
+    seed = 0
+    [task]    dataset, shift, clients, clusters       (floral.data.TaskConfig)
+    [model]   name, hidden                            (floral.models.ModelConfig)
+    [method]  name, then that method's own options    (floral.methods)
+    [train]   rounds, sampling, local SGD, server     (floral.train.TrainConfig)
+    [engine]  name, evaluation, checkpoints           (floral.engines.EngineConfig)
+    [comm]    download and upload codecs              (floral.comm.CommConfig)
+    [output]  dir
+
+Every key and value is checked here, before any work: one line naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from floral.comm import CommConfig, build_codec
+from floral.config import from_dict, parse_value, set_dotted, to_dict, tomllib
+from floral.data import TaskConfig
+from floral.engines.aggregation import aggregation_for
+from floral.engines.config import EngineConfig, check_engine_config
+from floral.errors import ConfigError
+from floral.methods import Method, get_method
+from floral.models import ModelConfig
+from floral.models.quantize import check_quantize
+from floral.tracking import check_sinks
+from floral.train.device import Placement, check_dtype, resolve_device
+from floral.train.loop import TrainConfig, check_local_optimizer
+
+__all__ = [
+    "TABLES",
+    "ExperimentConfig",
+    "OutputConfig",
+    "check_values",
+    "load_config",
+    "placement_of",
+    "read_experiment",
+    "resolve_config",
+]
+
+TABLES = ("task", "model", "method", "train", "engine", "comm", "output")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = ""  # "" = results/<name>
+    tensorboard: bool = False  # every metrics row to TensorBoard, under <results>/tensorboard
+    mlflow: bool = False  # every metrics row to MLflow (MLFLOW_TRACKING_URI, else a SQLite file)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    description: str = ""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "floral"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def method_name(self) -> str:
+        return self.method["name"]
+
+    def build_method(self) -> Method:
+        options = {k: v for k, v in self.method.items() if k != "name"}
+        return get_method(self.method_name, options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read an experiment file, apply `key=value` overrides, and check everything."""
+    return resolve_config(read_experiment(path), overrides)
+
+
+def read_experiment(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw tables of an experiment file; `name` defaults to the file's stem."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such experiment file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    data.setdefault("name", path.stem)
+    return data
+
+
+def resolve_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """An `ExperimentConfig` from nested dicts; every key and type checked, method included."""
+    tables: dict[str, Any] = copy.deepcopy(dict(data))  # a private copy
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        set_dotted(tables, key.strip(), parse_value(value.strip()))
+    method = tables.get("method", {"name": "floral"})
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        raise ConfigError("method.name: required, e.g. name = \"floral\"")
+    config = from_dict(ExperimentConfig, {**tables, "method": {}}, "")
+    config.method = dict(method)
+    config.build_method()  # checks the method's name and options now, before any work
+    check_values(config)
+    return config
+
+
+def check_values(config: ExperimentConfig) -> None:
+    """Value checks that do not need the data (the data checks its own when loaded)."""
+    positive = {
+        "train.rounds": config.train.rounds,
+        "train.local_epochs": config.train.local_epochs,
+        "train.batch_size": config.train.batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if not 0 < config.train.clients_per_round <= 1:
+        raise ConfigError(
+            f"train.clients_per_round: must be in (0, 1], got {config.train.clients_per_round}"
+        )
+    if config.train.lr <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
+    check_local_optimizer(config.train)
+    check_sinks(config.output.tensorboard, config.output.mlflow)
+    check_engine_config(config.engine)
+    placement = placement_of(config)  # an unknown device or a precision it cannot run stops here
+    check_quantize(config.model.quantize, placement.device)
+    aggregation_for(config.train, config.build_method(), config.task.num_clients,
+                    config.comm.upload)
+    build_codec(config.comm.download, "comm.download")
+    build_codec(config.comm.upload, "comm.upload")
+
+
+def placement_of(config: ExperimentConfig, device: str = "") -> Placement:
+    """Where and how clients train: `engine.device` (or `device`, a node's own choice),
+    `model.dtype` and `engine.compile`, checked against this machine."""
+    key = "engine.device" if not device else "device"
+    target = resolve_device(device or config.engine.device, key)
+    return Placement(target, check_dtype(config.model.dtype, target), config.engine.compile)
+
+

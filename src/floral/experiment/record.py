@@ -1,0 +1,319 @@
+"""Recording a run: the results folder, written by observers of the one round loop.
+
+The results folder holds the resolved `config.toml`, `metrics.csv` (one row per evaluated
+round), `summary.json` and the final state (`state.safetensors`); `checkpoint/` lets an
+interrupted run resume and end with exactly the numbers of an uninterrupted one.
+
+`run_rounds` decides whether the run starts afresh or resumes, then runs the driver's loop
+(`Driver.run`) with its observers: the `Recorder` (metrics rows and totals), `Checkpoints`,
+`Trackers` (TensorBoard, MLflow) and `Progress` (a callback per round).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from floral.checkpoint import Checkpoint, atomic_write_text, json_safe, save_tensors
+from floral.engines.driver import Driver, Observer, RoundResult
+from floral.errors import ConfigError, DivergedError
+from floral.experiment.config import TABLES, ExperimentConfig, resolve_config
+from floral.tracking import Sinks, flat_params, open_sinks
+
+__all__ = [
+    "Checkpoints",
+    "Progress",
+    "ProgressFn",
+    "Recorder",
+    "RunSummary",
+    "Trackers",
+    "check_resumable",
+    "run_rounds",
+]
+
+
+@dataclass
+class RunSummary:
+    name: str
+    method: str
+    seed: int
+    rounds: int
+    metric: str  # accuracy | mse
+    final: dict[str, float]
+    seconds: float  # training and evaluation, excluding data loading
+    seconds_per_round: float  # training only
+    bytes_down: int
+    bytes_up: int
+    out_dir: str
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data.pop("history")
+        return data
+
+
+ProgressFn = Callable[[RoundResult, dict[str, float]], None]
+
+
+def run_rounds(
+    engine: Driver,
+    config: ExperimentConfig,
+    out: Path,
+    *,
+    resume: bool | str = False,
+    overwrite: bool = False,
+    on_round: ProgressFn | None = None,
+) -> RunSummary:
+    """Drive an engine to `train.rounds`, writing the results folder as it goes.
+
+    `resume=True` continues from the folder's checkpoint (an error if it is from another
+    experiment or there is none); `resume="auto"` continues only from a checkpoint of the same
+    experiment, else starts afresh. Starting afresh in a folder that holds a run needs
+    `overwrite` (implied by "auto"). A run whose global model stops being finite saves its last
+    good state as the checkpoint and stops with a one-line error."""
+    recorder = Recorder(out, engine.objective.metric)
+    identity = _identity(config)
+    if resume and _can_resume(identity, out, strict=resume is True):
+        recorder.restore(engine)
+    else:
+        _start_afresh(out, overwrite=overwrite or resume == "auto")
+        _write_config(config, out)
+        recorder.record_initial(engine)
+    sinks = open_sinks(config.output.tensorboard, config.output.mlflow, out, config.name,
+                       flat_params(config.to_dict()))
+    # In this order: checkpoints and trackers read the recorder's rows of the round.
+    observers: list[Observer] = [
+        recorder, Checkpoints(recorder, identity, config.engine.checkpoint_every),
+        Trackers(recorder, sinks),
+    ]
+    if on_round is not None:
+        observers.append(Progress(recorder, on_round))
+    try:
+        engine.run(observers)
+    except DivergedError as error:
+        raise DivergedError(
+            f"{error}; the last good state (round {engine.round}) is saved in "
+            f"{out / 'checkpoint'}: lower train.lr (or the other rates) and rerun"
+        ) from None
+    save_tensors(engine.state_dict(), out / "state.safetensors")
+    summary = recorder.summary(config, engine)
+    text = json.dumps(json_safe(summary.to_json()), indent=2, allow_nan=False)
+    atomic_write_text(out / "summary.json", text + "\n")
+    return summary
+
+
+class Recorder(Observer):
+    """Metrics rows and running totals of one run, in `metrics.csv` as they come."""
+
+    def __init__(self, out: Path, metric: str) -> None:
+        self.out, self.metric = out, metric
+        self.rows: list[dict[str, float]] = []
+        self.totals = {"bytes_down": 0, "bytes_up": 0, "train_seconds": 0.0, "seconds": 0.0}
+        self.latest: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def record_initial(self, engine: Driver) -> None:
+        self._add_row(0, engine.evaluate(), float("nan"))
+
+    def round_done(self, driver: Driver, result: RoundResult) -> None:
+        self.totals["bytes_down"] += result.bytes_down
+        self.totals["bytes_up"] += result.bytes_up
+        self.totals["train_seconds"] += result.seconds
+        if result.eval:
+            self._add_row(result.round, result.eval, result.train_loss)
+
+    def progress(self, round_: int) -> dict[str, Any]:
+        """What a checkpoint keeps of the recording after round `round_`."""
+        return {"round": round_, "rows": list(self.rows), "totals": dict(self.totals)}
+
+    def _add_row(self, round_: int, metrics: dict[str, float], train_loss: float) -> None:
+        now = time.perf_counter()
+        self.totals["seconds"] += now - self._clock
+        self._clock = now
+        row = {"round": round_, **metrics, "train_loss": train_loss}
+        row.update({k: self.totals[k] for k in ("bytes_down", "bytes_up")})
+        row["seconds"] = round(self.totals["seconds"], 3)
+        self.rows.append(row)
+        self.latest = row
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        text = io.StringIO(newline="")
+        # Columns in order of first appearance: a round that evaluates other clients (the
+        # sampled ones) may add per-client or per-cluster columns; missing cells stay empty.
+        fields = list(dict.fromkeys(key for row in self.rows for key in row))
+        writer = csv.DictWriter(text, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.out / "metrics.csv", text.getvalue())
+
+    def restore(self, engine: Driver) -> None:
+        state, progress = Checkpoint(self.out / "checkpoint").read()
+        engine.load_state_dict(state)
+        if progress.get("round") != engine.round:
+            raise ConfigError(f"{self.out / 'checkpoint'}: its files disagree on the round")
+        self.rows = [_numbers(r) for r in progress["rows"] if r["round"] <= engine.round]
+        self.totals = progress["totals"]
+        self.latest = self.rows[-1] if self.rows else {}
+        self._clock = time.perf_counter()
+
+    def summary(self, config: ExperimentConfig, engine: Driver) -> RunSummary:
+        final = {k: v for k, v in self.latest.items() if k not in ("round", "seconds")}
+        return RunSummary(
+            name=config.name,
+            method=config.method_name,
+            seed=config.seed,
+            rounds=engine.round,
+            metric=self.metric,
+            final=final,
+            seconds=round(self.totals["seconds"], 3),
+            seconds_per_round=round(self.totals["train_seconds"] / max(engine.round, 1), 5),
+            bytes_down=int(self.totals["bytes_down"]),
+            bytes_up=int(self.totals["bytes_up"]),
+            out_dir=str(self.out),
+            history=self.rows,
+        )
+
+
+class Checkpoints(Observer):
+    """`checkpoint/` every `every` rounds (0: never on schedule), and the last whole round's
+    when the loop stops early, whatever a round cut short has changed since."""
+
+    def __init__(self, recorder: Recorder, identity: Mapping[str, Any], every: int) -> None:
+        self.recorder, self.identity, self.every = recorder, identity, every
+        self.folder = recorder.out / "checkpoint"
+
+    def started(self, driver: Driver) -> None:
+        self._settle(driver)
+
+    def round_done(self, driver: Driver, result: RoundResult) -> None:
+        self._settle(driver)
+        if self.every and driver.round % self.every == 0:
+            Checkpoint(self.folder).write(*self.settled, self.identity)
+
+    def stopped(self, driver: Driver, error: BaseException) -> None:
+        Checkpoint(self.folder).write(*self.settled, self.identity)
+
+    def _settle(self, driver: Driver) -> None:
+        """Remember the state after a whole round. Rounds replace tensors and never change
+        them in place, so holding the references costs nothing and stays that round's."""
+        self.settled = (driver.state_dict(), self.recorder.progress(driver.round))
+
+
+class Trackers(Observer):
+    """Every evaluated round's metrics (and routers) to TensorBoard and MLflow."""
+
+    def __init__(self, recorder: Recorder, sinks: Sinks) -> None:
+        self.recorder, self.sinks = recorder, sinks
+
+    def round_done(self, driver: Driver, result: RoundResult) -> None:
+        if result.eval:
+            self.sinks.log(result.round, self.recorder.latest, driver.router_weights())
+
+    def closed(self, driver: Driver) -> None:
+        self.sinks.close()
+
+
+class Progress(Observer):
+    """A callback after every round with the latest metrics row (the CLI's progress bar)."""
+
+    def __init__(self, recorder: Recorder, on_round: ProgressFn) -> None:
+        self.recorder, self.on_round = recorder, on_round
+
+    def round_done(self, driver: Driver, result: RoundResult) -> None:
+        self.on_round(result, self.recorder.latest)
+
+
+def _numbers(row: Mapping[str, Any]) -> dict[str, float]:
+    """A metrics row as saved in JSON, where NaN was written as null."""
+    return {k: math.nan if v is None else v for k, v in row.items()}
+
+
+# Settings that may change between an interrupted run and its resumption.
+# Where a run executes may change too (resume a GPU run on a CPU): numbers then follow the device.
+_RESUMABLE_CHANGES = {
+    ("train", "rounds"), ("engine", "checkpoint_every"), ("output", "dir"),
+    ("engine", "device"), ("engine", "threads"), ("engine", "compile"),
+}
+# What a results folder holds of a run: starting afresh over them needs --overwrite.
+# (`nodes`: a Flower simulation's virtual nodes keep their clients' private state there.)
+_RUN_FILES = (
+    "config.toml", "metrics.csv", "summary.json", "state.safetensors", "checkpoint", "nodes",
+)
+
+
+def _identity(config: ExperimentConfig) -> dict[str, Any]:
+    """The experiment a checkpoint belongs to: its resolved config, less what may change."""
+    identity = config.to_dict()
+    for table, key in _RESUMABLE_CHANGES:
+        identity.get(table, {}).pop(key, None)
+    return identity
+
+
+def check_resumable(config: ExperimentConfig, out: Path) -> None:
+    """`--resume`'s checks, for an engine that must know before it starts: `out` holds a
+    complete checkpoint of this experiment (else a one-line error)."""
+    _can_resume(_identity(config), out, strict=True)
+
+
+def _can_resume(identity: Mapping[str, Any], out: Path, strict: bool) -> bool:
+    checkpoint = Checkpoint(out / "checkpoint")
+    if not checkpoint.exists():
+        if strict:
+            raise ConfigError(f"--resume: {out} holds no complete checkpoint to resume from")
+        return False
+    try:
+        # Resolved again, so a setting added to floral since the checkpoint takes its default.
+        saved = _identity(resolve_config(checkpoint.identity()))
+        _check_same_experiment(identity, saved, out)
+    except ConfigError:
+        if strict:
+            raise
+        return False
+    return True
+
+
+def _check_same_experiment(
+    current: Mapping[str, Any], saved: Mapping[str, Any], out: Path
+) -> None:
+    for table in TABLES:
+        here, there = current.get(table, {}), saved.get(table, {})
+        for key in sorted(set(here) | set(there)):
+            if here.get(key) != there.get(key):
+                raise ConfigError(f"{table}.{key}: differs from the checkpoint's config in {out}")
+    for key in ("seed",):
+        if current.get(key) != saved.get(key):
+            raise ConfigError(f"{key}: differs from the checkpoint's config in {out}")
+
+
+def _start_afresh(out: Path, overwrite: bool) -> None:
+    """An empty results folder, or one whose run files `overwrite` allows to replace."""
+    found = [name for name in _RUN_FILES if (out / name).exists()]
+    if found and not overwrite:
+        what = "a finished run" if "summary.json" in found else "another run's results"
+        raise ConfigError(
+            f"{out} holds {what} ({', '.join(found)}): pass --overwrite to replace it, "
+            "--resume to continue it, or --out to write elsewhere"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in found:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _write_config(config: ExperimentConfig, out: Path) -> None:
+    atomic_write_text(out / "config.toml", tomli_w.dumps(config.to_dict()))

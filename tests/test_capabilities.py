@@ -96,7 +96,8 @@ def _summable(uploads: Sequence[Mapping[str, torch.Tensor]]) -> bool:
 
 def sum_only(method: str) -> bool:
     engine, state, uploads, _ = _round(method)
-    return _summable(uploads) and _same(_server(engine, state, [sum_uploads(uploads)]), _server(engine, state, uploads))
+    return _summable(uploads) and _same(_server(engine, state, [sum_uploads(uploads)]),
+                                        _server(engine, state, uploads))
 
 
 def mean_per_tensor(method: str) -> bool:
@@ -114,9 +115,9 @@ def mean_per_part(method: str) -> bool:
         return False
     for upload, n in zip(uploads, examples):
         for name, weight in upload.items():
-            if name.endswith(WEIGHT_SUFFIX) and weight.numel() > 1:
-                if not torch.allclose(weight.sum(), torch.tensor(float(n))):
-                    return False
+            parts = name.endswith(WEIGHT_SUFFIX) and weight.numel() > 1
+            if parts and not torch.allclose(weight.sum(), torch.tensor(float(n))):
+                return False
     return _same(_server(engine, state, [_mean_as_one(uploads)]), _server(engine, state, uploads))
 
 

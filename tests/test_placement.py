@@ -398,8 +398,9 @@ def test_flower_nodes_pin_threads_as_the_local_engine_does(tmp_path, monkeypatch
     # One client worker on both transports: a node's steps and evaluations run on the
     # experiment's `engine.threads` too.
     pytest.importorskip("flwr")
-    import floral.engines.worker as worker
     from flower_support import run_loopback
+
+    import floral.engines.worker as worker
 
     seen: list[int] = []
     real = worker.threads

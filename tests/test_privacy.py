@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from floral.engines.aggregation import private_upload
 from floral.errors import ConfigError
 from floral.experiment import build_engine, resolve_config
-from floral.engines.aggregation import private_upload
 from floral.methods.base import WEIGHT_SUFFIX, weighted_mean_delta
 from floral.methods.floral import learned_weights
 from floral.run import run_experiment

@@ -17,8 +17,8 @@ from floral.experiment import resolve_config
 from floral.methods import get_method
 from floral.methods.base import WEIGHT_SUFFIX, robust_upload, weighted_mean_delta
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
-import robust_aggregation  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+from scripts import robust_aggregation  # noqa: E402
 
 
 def _uploads(k: int, seed: int) -> tuple[list[dict], np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """How a finished `floral-em` run's adaptors judge each client, on its training samples and on
 its test samples.
 
-    python docs/router_margin.py results/paper/mnist5k-rotate-5pct/floral-em/seed0
+    python scripts/router_margin.py results/paper/mnist5k-rotate-5pct/floral-em/seed0
 
 For every client, the loss of its samples under each adaptor alone (the E-step's comparison).
 Prints the cluster recovery (ARI) of the client's assignment, of the adaptor with the lowest

@@ -40,9 +40,8 @@ def client_gradients(
     factors = [p for name, p in model.named_parameters() if name.endswith("lora_B")]
     rows = []
     for client in task.clients:
-        model.zero_grad()
-        loss(model(client.x_train), client.y_train).backward()
-        rows.append(torch.cat([p.grad.flatten() for p in factors]))
+        grads = torch.autograd.grad(loss(model(client.x_train), client.y_train), factors)
+        rows.append(torch.cat([g.flatten() for g in grads]))
     return torch.stack(rows), [client.cluster for client in task.clients]
 
 

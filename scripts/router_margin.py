@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -58,7 +59,7 @@ def main() -> None:
     print(f"clients with an assignment: {len(truth)} of {len(task.clients)}")
     for name, labels in [("assigned", assigned), ("lowest training loss", by_train),
                          ("lowest test loss", by_test)]:
-        print(f"ARI, {name}: {adjusted_rand_index(truth, labels):.2f}")
+        print(f"ARI, {name}: {adjusted_rand_index(np.asarray(truth), np.asarray(labels)):.2f}")
     print(f"margin of the assigned adaptor, training samples: "
           f"{sum(train_margin) / len(train_margin):.3f}")
     print(f"margin of the assigned adaptor, test samples: "

@@ -1,4 +1,4 @@
-"""The scripts docs/results.md runs on finished runs."""
+"""The scripts in scripts/ that docs/results.md and docs/llm*.md run on finished runs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from floral.experiment import resolve_config
 from floral.run import run_experiment
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 TINY_EM = {
     "name": "tiny-digits",
     "task": {"dataset": "digits", "shift": "label-shift", "num_clients": 8, "num_clusters": 2},
@@ -30,7 +30,7 @@ TINY_EM = {
 def test_router_margin_reports_the_run_s_own_cluster_recovery(tmp_path):
     summary = run_experiment(resolve_config(TINY_EM), tmp_path)
     result = subprocess.run(
-        [sys.executable, str(DOCS / "router_margin.py"), str(tmp_path)],
+        [sys.executable, str(SCRIPTS / "router_margin.py"), str(tmp_path)],
         capture_output=True, text=True, check=True,
     )
     lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
@@ -63,7 +63,7 @@ def test_llm_family_table_reads_the_grid_it_summarizes(tmp_path):
                  "--set", 'method.include=["*.q_proj"]', "--set", "method.rank=2",
                  "--set", "method.bias=false"]) == 0
     result = subprocess.run(
-        [sys.executable, str(DOCS / "llm_family.py"), str(out), "--round", "1",
+        [sys.executable, str(SCRIPTS / "llm_family.py"), str(out), "--round", "1",
          "--figures", str(tmp_path / "fig")],
         capture_output=True, text=True, check=True,
     )
@@ -91,7 +91,7 @@ def test_llm_family_table_reads_the_grid_it_summarizes(tmp_path):
     # 2 of 4 clients a round, 2 rounds: 4 client-rounds.
     assert fedit[7] == f"{summary['bytes_up'] / 4 / 1e6:.3g}"
     assert float(rows["FFA-LoRA"][7]) == pytest.approx(float(fedit[7]) / 2, rel=0.01)  # no A
-    copy_scores = runpy.run_path(str(DOCS / "copy_source.py"))["copy_scores"]
+    copy_scores = runpy.run_path(str(SCRIPTS / "copy_source.py"))["copy_scores"]
     from floral.experiment import load_config
 
     expected = statistics.fmean(
@@ -102,7 +102,7 @@ def test_llm_family_table_reads_the_grid_it_summarizes(tmp_path):
         assert (tmp_path / "fig" / figure).stat().st_size > 5000
     # --exact: exact match per language, the mean of the seeds' per-cluster figures.
     exact = subprocess.run(
-        [sys.executable, str(DOCS / "llm_family.py"), str(out), "--round", "1", "--exact"],
+        [sys.executable, str(SCRIPTS / "llm_family.py"), str(out), "--round", "1", "--exact"],
         capture_output=True, text=True, check=True,
     )
     exact_rows = {row[0]: row for row in (
@@ -126,7 +126,7 @@ def test_first_gradients_are_the_loss_s_own_derivative(tmp_path, capsys, monkeyp
         "name": "tiny-gradients", "task": task, "model": {"name": "tiny-llama"},
         "method": {"name": "floral"},
     }))
-    script = runpy.run_path(str(DOCS / "first_gradients.py"))
+    script = runpy.run_path(str(SCRIPTS / "first_gradients.py"))
     gradients, clusters = script["client_gradients"](str(config), 0, [])
     assert gradients.shape[0] == len(clusters) == 4 and gradients.abs().sum() > 0
     # Client 2's gradient against a central difference of its loss along a random direction

@@ -421,7 +421,7 @@ def test_copy_source_script_scores_the_english_strings(tmp_path, capsys):
     task_table = dict(translations_config(root).__dict__)
     config = tmp_path / "tr.toml"
     config.write_text(tomli_w.dumps({"task": task_table, "model": {"name": "tiny-llama"}}))
-    script = Path(__file__).resolve().parents[1] / "docs" / "copy_source.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "copy_source.py"
     namespace = runpy.run_path(str(script))
     namespace["main"](str(config))
     lines = capsys.readouterr().out.splitlines()

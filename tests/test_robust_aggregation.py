@@ -18,8 +18,8 @@ from floral.methods import get_method
 from floral.methods.base import WEIGHT_SUFFIX, weighted_mean_delta
 from floral.train import TrainConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs"))
-import robust_aggregation  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+from scripts import robust_aggregation  # noqa: E402
 
 
 def _uploads(k: int, seed: int) -> tuple[list[dict], np.ndarray, np.ndarray]:

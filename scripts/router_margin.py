@@ -1,7 +1,7 @@
 """How a finished `floral-em` run's adaptors judge each client, on its training samples and on
 its test samples.
 
-    python docs/router_margin.py results/paper/mnist5k-rotate-5pct/floral-em/seed0
+    python scripts/router_margin.py results/paper/mnist5k-rotate-5pct/floral-em/seed0
 
 For every client, the loss of its samples under each adaptor alone (the E-step's comparison).
 Prints the cluster recovery (ARI) of the client's assignment, of the adaptor with the lowest
@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -58,7 +59,7 @@ def main() -> None:
     print(f"clients with an assignment: {len(truth)} of {len(task.clients)}")
     for name, labels in [("assigned", assigned), ("lowest training loss", by_train),
                          ("lowest test loss", by_test)]:
-        print(f"ARI, {name}: {adjusted_rand_index(truth, labels):.2f}")
+        print(f"ARI, {name}: {adjusted_rand_index(np.asarray(truth), np.asarray(labels)):.2f}")
     print(f"margin of the assigned adaptor, training samples: "
           f"{sum(train_margin) / len(train_margin):.3f}")
     print(f"margin of the assigned adaptor, test samples: "

@@ -1,8 +1,8 @@
 """Refill every table of docs/results.md from the command in the comment above it.
 
-    python docs/fill_tables.py            # after `floral plot results/paper`
+    python scripts/fill_tables.py            # after `floral plot results/paper`
 
-A table follows a line `<!-- python docs/paper_table.py ARGS -->`; it is replaced by what that
+A table follows a line `<!-- python scripts/paper_table.py ARGS -->`; it is replaced by what that
 command prints now, so the page always shows the folder's numbers.
 """
 
@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-PAGE = Path(__file__).resolve().parent / "results.md"
-MARKER = re.compile(r"<!-- (python docs/paper_table\.py .*) -->")
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+MARKER = re.compile(r"<!-- (python scripts/paper_table\.py .*) -->")
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """The table and figures of docs/llm-family.md, from a finished (or partly finished) grid.
 
-    python docs/llm_family.py results/llm-family              # the table, at the last round
-    python docs/llm_family.py results/llm-family --round 4    # at round 4
-    python docs/llm_family.py results/llm-family --figures docs   # and the two figures
+    python scripts/llm_family.py results/llm-family              # the table, at the last round
+    python scripts/llm_family.py results/llm-family --round 4    # at round 4
+    python scripts/llm_family.py results/llm-family --figures docs   # and the two figures
 
 It reads what `floral sweep` wrote: `grid.json`, and per run `metrics.csv`, `summary.json`,
 `config.toml` and `cost.json`. Each row is a method (the mean over the seeds that finished;
@@ -21,10 +21,14 @@ import csv
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from floral.checkpoint import read_toml
+
+if not __package__:  # run as a file: the repository root makes scripts.copy_source importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Readable names for the grid's method labels (anything else is shown as its label).
 NAMES = {
@@ -153,9 +157,8 @@ def _client_rounds(config: dict, rounds: int) -> float:
 def reference_rows(seeds: dict[int, dict], languages: list[str]) -> dict[str, dict[str, float]]:
     """The frozen base and the copy of the English string: chrF, exact match, and both per
     language ("exact <lang>"), each the mean over the seeds ("seeds": how many)."""
-    from copy_source import copy_scores  # docs/copy_source.py, beside this script
-
     from floral.experiment import resolve_config
+    from scripts.copy_source import copy_scores
 
     base: list[dict[str, float]] = []
     copy: list[dict[str, float]] = []

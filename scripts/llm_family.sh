@@ -3,7 +3,7 @@
 # names (configs/translations-family.toml), then its table and figures. Resumable: run it
 # again after an interruption and finished runs are kept, unfinished ones resume.
 #
-#   bash docs/llm_family.sh [OUT]          # OUT defaults to results/llm-family
+#   bash scripts/llm_family.sh [OUT]          # OUT defaults to results/llm-family
 set -euo pipefail
 OUT=${1:-results/llm-family}
 CONFIG=configs/translations-family.toml
@@ -36,4 +36,4 @@ floral sweep "$CONFIG" --methods "floral:task.num_clients=16" --seeds 0 "${COMMO
 # of each client's names that it never trains on.
 floral sweep "$CONFIG" --seeds 0 "${COMMON[@]}" \
   --methods "floral-em:train_base=false:warmup_rank=32:warmup_rounds=2,floral-em:train_base=false:holdout=0.25"
-python docs/llm_family.py "$OUT" --figures docs
+python scripts/llm_family.py "$OUT" --figures docs

@@ -1,7 +1,7 @@
 """The copy-the-source row of docs/llm.md: chrF and exact match of answering every held-out
 prompt of a translations task with the English string itself, per language.
 
-    python docs/copy_source.py configs/translations-floral.toml
+    python scripts/copy_source.py configs/translations-floral.toml
 """
 
 from __future__ import annotations

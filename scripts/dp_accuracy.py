@@ -1,6 +1,6 @@
 """Accuracy against privacy spent (DP-FedAvg, central): FedAvg, FLASC and FLoRAL on digits.
 
-    python docs/dp_accuracy.py [--rounds 30] [--seeds 0,1,2]
+    python scripts/dp_accuracy.py [--rounds 30] [--seeds 0,1,2]
 
 scikit-learn's digits over 20 clients, half of them sampled each round, MLP 64-32-10, local
 SGD lr 0.05; two tasks: no shift, and label shift in 2 clusters (cluster c sees label y as

@@ -5,9 +5,9 @@ LoRA B factor of one fresh adaptor (B = 0, A at its seeded init, as FLoRAL's ada
 on all its training data at once. Prints the cosine between every two clients, then the same
 with the clients' mean gradient removed, and how much of a client's gradient the mean is.
 
-    python docs/first_gradients.py configs/translations-family.toml --seed 0
+    python scripts/first_gradients.py configs/translations-family.toml --seed 0
 
-Settings as in docs/llm_family.sh (rank 8 on every linear layer, no bias); `--set` as in
+Settings as in scripts/llm_family.sh (rank 8 on every linear layer, no bias); `--set` as in
 `floral run`. One forward and backward per client: about a minute for the translations task.
 """
 
@@ -40,9 +40,8 @@ def client_gradients(
     factors = [p for name, p in model.named_parameters() if name.endswith("lora_B")]
     rows = []
     for client in task.clients:
-        model.zero_grad()
-        loss(model(client.x_train), client.y_train).backward()
-        rows.append(torch.cat([p.grad.flatten() for p in factors]))
+        grads = torch.autograd.grad(loss(model(client.x_train), client.y_train), factors)
+        rows.append(torch.cat([g.flatten() for g in grads]))
     return torch.stack(rows), [client.cluster for client in task.clients]
 
 

@@ -1,9 +1,9 @@
 """Our sweep's table next to the FLoRAL paper's numbers, in the paper's layout.
 
-    python docs/paper_table.py results/paper          # the paper-layout table
-    python docs/paper_table.py results/paper --tasks fmnist-rotate,fmnist-label-shift
-    python docs/paper_table.py results/paper --goal   # the router goal, setting by setting
-    python docs/paper_table.py results/paper --cost   # CPU minutes per run, and per grid
+    python scripts/paper_table.py results/paper          # the paper-layout table
+    python scripts/paper_table.py results/paper --tasks fmnist-rotate,fmnist-label-shift
+    python scripts/paper_table.py results/paper --goal   # the router goal, setting by setting
+    python scripts/paper_table.py results/paper --cost   # CPU minutes per run, and per grid
 
 Reads `table.csv` of a `floral sweep` folder and prints Markdown: one row per method in the
 paper's order, and for every task a column "ours" next to the paper's column for the setting

@@ -1,6 +1,6 @@
 """Robust aggregation against clients that send bad updates: accuracy, clean and attacked.
 
-    python docs/robust_aggregation.py [--rounds 30] [--bad 2]
+    python scripts/robust_aggregation.py [--rounds 30] [--bad 2]
 
 FedAvg on scikit-learn's digits (10 clients, all sampled each round, MLP 64-32-10); the first
 `--bad` clients send their update sign-flipped and scaled by 10. For each server rule

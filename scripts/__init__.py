@@ -1,0 +1,1 @@
+"""The scripts behind the tables and figures of docs/, each run as `python scripts/NAME.py`."""

@@ -60,8 +60,10 @@ __all__ = [
     "NoOptions",
     "Role",
     "ServerState",
+    "local_epochs",
     "optimizer_state_of",
     "restore_optimizer_state",
+    "round_optimizer",
     "split_roles",
     "sum_uploads",
     "weighted_deltas",
@@ -241,29 +243,10 @@ class Method:
         Methods whose upload is not a delta of the global tensors (FLoRA sends its trained
         factors) call this and build their upload themselves.
         """
-        model = slots.model
-        config, placement = job.config, job.placement
         generator = torch.Generator().manual_seed(job.seed)
         optimizer = self.local_optimizer(slots, job)
-        forward = None
-        if placement.compile:  # one compiled forward per scratch model, for every client
-            forward = slots.memo(("compiled", id(model)), lambda: compiled(model))
-        with seeded_rng(job.seed, placement.device):  # router noise, dropout
-            return train_epochs(
-                model,
-                optimizer,
-                job.data.x_train,
-                job.data.y_train,
-                job.objective.loss,
-                batch_size=config.batch_size,
-                epochs=config.local_epochs,
-                generator=generator,
-                after_backward=self.backward_hook(model),
-                placement=placement,
-                accumulation=config.grad_accumulation,
-                max_grad_norm=config.max_grad_norm,
-                forward=forward,
-            )
+        hook = self.backward_hook(slots.model)
+        return local_epochs(slots, job, optimizer, job.config.local_epochs, generator, hook)
 
     def local_optimizer(self, slots: StateSlots, job: ClientJob) -> torch.optim.Optimizer:
         """The client's optimizer over `param_groups`, built once per model and reset for each
@@ -274,13 +257,12 @@ class Method:
         saves rebuilding groups for every client.
         """
         config = job.config
-        optimizer = slots.memo(
+        optimizer = round_optimizer(
+            slots,
+            job,
             self._optimizer_key(config),
             lambda: build_optimizer(self.param_groups(slots.model, config), config),
         )
-        optimizer.state.clear()
-        if config.lr_schedule != "constant" or config.warmup_rounds:
-            set_lr_factor(optimizer, round_lr_factor(config, job.round))
         if self.keeps_optimizer_state:
             restore_optimizer_state(optimizer, slots, job.private_state)
         return optimizer
@@ -328,6 +310,53 @@ class Method:
         new_global = optimizer.step(state.global_state, weighted_mean_delta(uploads))
         return ServerState(new_global, dict(state.method_state))
 
+
+
+def round_optimizer(
+    slots: StateSlots, job: ClientJob, key: Any, build: Callable[[], torch.optim.Optimizer]
+) -> torch.optim.Optimizer:
+    """The optimizer built once per scratch model under `key`, reset for this client step
+    (no state carried over from another client), its learning rates set for the job's round
+    (`train.lr_schedule`)."""
+    config = job.config
+    optimizer = slots.memo(key, build)
+    optimizer.state.clear()
+    if config.lr_schedule != "constant" or config.warmup_rounds:
+        set_lr_factor(optimizer, round_lr_factor(config, job.round))
+    return optimizer
+
+
+def local_epochs(
+    slots: StateSlots,
+    job: ClientJob,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    generator: torch.Generator,
+    after_backward: Callable[[], None] | None = None,
+) -> float:
+    """`epochs` passes of `optimizer` over the client's training data, on the job's placement:
+    the forward compiled once per scratch model (`engine.compile`), router noise and dropout
+    seeded by the job. Returns the mean training loss."""
+    model, config, placement = slots.model, job.config, job.placement
+    forward = None
+    if placement.compile:  # one compiled forward per scratch model, for every client
+        forward = slots.memo(("compiled", id(model)), lambda: compiled(model))
+    with seeded_rng(job.seed, placement.device):  # router noise, dropout
+        return train_epochs(
+            model,
+            optimizer,
+            job.data.x_train,
+            job.data.y_train,
+            job.objective.loss,
+            batch_size=config.batch_size,
+            epochs=epochs,
+            generator=generator,
+            after_backward=after_backward,
+            placement=placement,
+            accumulation=config.grad_accumulation,
+            max_grad_norm=config.max_grad_norm,
+            forward=forward,
+        )
 
 def _default_role(tensor: torch.Tensor) -> Role:
     # Integer buffers (BatchNorm's num_batches_tracked) are counters, not weights to average.

@@ -14,14 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from floral.methods.base import ClientJob
-from floral.train.loop import (
-    TrainConfig,
-    build_optimizer,
-    round_lr_factor,
-    set_lr_factor,
-    train_epochs,
-)
+from floral.methods.base import ClientJob, local_epochs, round_optimizer
+from floral.train.loop import TrainConfig, build_optimizer
 from floral.train.state import StateSlots
 
 __all__ = ["Phase", "Phased", "run_phase", "train_only"]
@@ -67,25 +61,9 @@ def run_phase(
         params = [p for n, p in model.named_parameters() if n in phase.names]
         return build_optimizer([{"params": params, "lr": phase.lr}], config)
 
-    optimizer = slots.memo(("phase", phase.key, phase.lr, id(config)), build)
-    optimizer.state.clear()  # no momentum carried over from another client
-    if config.lr_schedule != "constant" or config.warmup_rounds:
-        set_lr_factor(optimizer, round_lr_factor(config, job.round))
+    optimizer = round_optimizer(slots, job, ("phase", phase.key, phase.lr, id(config)), build)
     with train_only(model, phase.names):
-        return train_epochs(
-            model,
-            optimizer,
-            job.data.x_train,
-            job.data.y_train,
-            job.objective.loss,
-            batch_size=config.batch_size,
-            epochs=phase.epochs,
-            generator=generator,
-            after_backward=after_backward,
-            placement=job.placement,
-            accumulation=config.grad_accumulation,
-            max_grad_norm=config.max_grad_norm,
-        )
+        return local_epochs(slots, job, optimizer, phase.epochs, generator, after_backward)
 
 
 class Phased(ABC):

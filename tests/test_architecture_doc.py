@@ -25,6 +25,7 @@ def test_a_method_of_ones_own_keeps_its_server_state_and_ramps_the_update():
     doc = _run_doc_example()
     engine: LocalEngine = doc["engine"]
     assert int(engine.state.method_state["rounds"]) == 3
+    assert doc["losses"].seen == [(1, 4), (2, 4), (3, 4)]  # its observer saw every round
     assert int(engine.state_dict()["method/rounds"]) == 3  # checkpointed with the run
 
     # Independently: plain FedAvg whose server SGD takes lr r/5 in round r is the same ramp.
@@ -39,3 +40,15 @@ def test_a_method_of_ones_own_keeps_its_server_state_and_ramps_the_update():
     for name, tensor in engine.global_state.items():
         torch.testing.assert_close(tensor, reference.global_state[name], rtol=1e-6, atol=1e-7)
     assert not torch.equal(engine.global_state["weight"], initial.global_state["weight"])
+
+
+def test_the_line_counts_are_the_trees():
+    import sys
+
+    sys.path.insert(0, str(DOC.parents[1]))
+    from scripts import architecture_counts
+
+    text = DOC.read_text()
+    assert architecture_counts.refreshed(text) == text, (
+        "docs/architecture.md's line counts are stale: python scripts/architecture_counts.py "
+        "--write")

@@ -7,6 +7,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DivergedError",
     "FloralError",
+    "RoundFailedError",
     "RunCrashedError",
 ]
 
@@ -30,6 +31,11 @@ class DatasetNotFoundError(ConfigError):
 class DivergedError(ConfigError):
     """Training diverged: the global model, or every update of a round, is no longer finite.
     Almost always a setting (a learning rate too large), hence a ConfigError's exit status."""
+
+
+class RoundFailedError(FloralError):
+    """A round applied fewer updates than `engine.min_fit_clients` (or dropped one while
+    `engine.accept_failures` is false): the run stops at its last whole round, not a success."""
 
 
 class RunCrashedError(FloralError):

@@ -55,7 +55,8 @@ from floral.experiment import (
 )
 from floral.train.objective import get_objective
 
-__all__ = ["client_app", "experiment_text", "runtime_for", "serve", "server_app", "simulate"]
+__all__ = ["client_app", "experiment_text", "log_round", "runtime_for", "serve", "server_app",
+           "simulate"]
 
 
 def experiment_text(config: ExperimentConfig) -> str:
@@ -114,12 +115,15 @@ def serve(
     )
 
 
-def _log_round(result: RoundResult, latest: Mapping[str, float]) -> None:
+def log_round(result: RoundResult, latest: Mapping[str, float]) -> None:
+    """One line per round: the updates applied of those sampled, each dropped client and why."""
     headline = ("accuracy", "mse", "perplexity", "loss", "router_ari")
     shown = {k: round(v, 4) for k, v in latest.items() if k in headline}
     suffix = f" {shown}" if result.eval else ""
-    log.info("round %d: %d clients, train loss %.4f%s", result.round, len(result.clients),
-             result.train_loss, suffix)
+    sampled = result.applied + len(result.dropped)
+    left = "".join(f"; dropped client {k}: {why}" for k, why in result.dropped.items())
+    log.info("round %d: %d of %d updates applied%s, train loss %.4f%s", result.round,
+             result.applied, sampled, left, result.train_loss, suffix)
 
 
 server_app = ServerApp()
@@ -131,7 +135,7 @@ def _main(grid: Grid, context: Context) -> None:
     config = resolve_config(data, [*overrides, "engine.name=flower"])
     out = Path(config.output.dir or Path("results") / config.name).absolute()
     options = options_from_run_config(context.run_config)
-    summary = serve(grid, config, out, options, _log_round, resume=options.resume)
+    summary = serve(grid, config, out, options, log_round, resume=options.resume)
     log.info("%s: final %s = %.4f; results in %s", config.name, summary.metric,
              summary.final[summary.metric], out)
 

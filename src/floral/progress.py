@@ -107,6 +107,8 @@ def print_summary(summary: Any) -> None:
     final = summary.final
     metric = summary.metric
     value = f"{final[metric]:.2f}%" if metric == "accuracy" else f"{final[metric]:.5g}"
+    if "clients_evaluated" in final:  # what the metric covers
+        value += f" over {int(final['clients_evaluated'])} clients"
     if "dp_epsilon" in final:  # the privacy spent belongs beside what it bought
         value += f" at ε = {final['dp_epsilon']:.3g}, δ = {final.get('dp_delta', math.nan):g}"
     console.print(

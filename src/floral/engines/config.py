@@ -29,6 +29,10 @@ class EngineConfig:
     # torch's intra-op threads in this process while clients train and evaluate; 0 = one
     # for small models (where threads cost more than they save), torch's default otherwise.
     threads: int = 0
+    # A round must apply at least this many clients' updates, else the run stops there (after
+    # Flower's min_fit_clients); with accept_failures = false, one dropped reply stops it.
+    min_fit_clients: int = 1
+    accept_failures: bool = True
 
 
 def check_engine_config(config: EngineConfig) -> None:
@@ -47,6 +51,9 @@ def check_engine_config(config: EngineConfig) -> None:
         )
     if config.batch_clients < 0:
         raise ConfigError(f"engine.batch_clients: must be >= 0, got {config.batch_clients}")
+    if config.min_fit_clients < 1:
+        raise ConfigError(f"engine.min_fit_clients: must be at least 1 (a round that applies no "
+                          f"update is no round), got {config.min_fit_clients}")
     if config.threads < 0:
         raise ConfigError(f"engine.threads: must be >= 0 (0 = automatic), got {config.threads}")
     resolve_device(config.device)

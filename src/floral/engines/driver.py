@@ -28,7 +28,7 @@ import torch
 from floral.comm import CommConfig, build_codec
 from floral.engines.aggregation import RoundInfo, aggregation_for
 from floral.engines.config import EngineConfig, check_engine_config
-from floral.errors import ConfigError, DivergedError
+from floral.errors import ConfigError, DivergedError, RoundFailedError
 from floral.methods.base import Method, ServerState
 from floral.methods.checks import all_finite
 from floral.train.loop import TrainConfig
@@ -46,6 +46,7 @@ __all__ = [
     "RoundResult",
     "Trained",
     "Transport",
+    "check_round_minimum",
     "check_state_names",
     "client_seed",
     "router_summary",
@@ -60,9 +61,11 @@ class RoundResult:
     seconds: float
     bytes_down: int
     bytes_up: int
-    clients: list[int]
-    train_loss: float
+    clients: list[int]  # sampled and reachable: sent the round's training message
+    train_loss: float  # mean over the applied updates
     eval: dict[str, float] = field(default_factory=dict)  # empty on rounds without evaluation
+    applied: int = 0  # updates that reached the aggregation
+    dropped: dict[int, str] = field(default_factory=dict)  # sampled client -> why not applied
 
 
 @dataclass
@@ -180,6 +183,7 @@ class Driver:
             raise ConfigError(
                 f"train.clients_per_round: must be in (0, 1], got {train.clients_per_round}"
             )
+        check_round_minimum(config, train, num_clients)
         self.aggregation = aggregation_for(train, method, num_clients, comm.upload,
                                            secure=transport.sums_uploads)
         self.method, self.transport, self.objective = method, transport, objective
@@ -206,7 +210,7 @@ class Driver:
                 results.append(self.run_round())
                 for observer in observers:
                     observer.round_done(self, results[-1])
-        except (DivergedError, KeyboardInterrupt) as error:
+        except (DivergedError, RoundFailedError, KeyboardInterrupt) as error:
             for observer in observers:
                 observer.stopped(self, error)
             raise
@@ -229,36 +233,54 @@ class Driver:
             self.seed, self.round, self.num_clients, self.train.clients_per_round, secret
         )
         clients = self._reachable(sampled)
+        dropped = {k: "it has no node" for k in sampled if k not in clients}
         # Every sampled client receives the same payload: encode once, count it per client.
         payload = self.down.encode(self.state.global_state)
         replies = self.transport.train(self.round, clients, payload)
         uploads, losses, bytes_up, diverged = [], [], 0, 0
-        for k in sorted(replies):  # client order: sums do not depend on the transport
-            reply = replies[k]
+        for k in clients:  # client order: sums do not depend on the transport
+            reply = replies.get(k, "no reply")
             if isinstance(reply, str):
-                self._drop(k, reply)
+                dropped[k] = self._drop(k, reply)
                 continue
             bytes_up += payload_bytes(reply.payload)  # what crossed the network, kept or not
-            upload = self._checked(k, reply.payload)
+            upload, problem = self._checked(reply.payload)
             if upload is not None:
                 uploads.append(upload)
                 losses.append(reply.train_loss)
-            elif not (math.isfinite(reply.train_loss) and all_finite(reply.payload)):
+                continue
+            dropped[k] = self._drop(k, problem)
+            if not (math.isfinite(reply.train_loss) and all_finite(reply.payload)):
                 diverged += 1
         if diverged and not uploads:
             self._diverged(f"every client's update diverged ({diverged} of {len(clients)})")
-        uploads = self.aggregation.combine(uploads, RoundInfo(self.round, len(sampled)))
-        new = self.method.server_update(self.state, uploads, self.server_optimizer)
+        self._enough(len(uploads), len(sampled), dropped)
+        combined = self.aggregation.combine(uploads, RoundInfo(self.round, len(sampled)))
+        new = self.method.server_update(self.state, combined, self.server_optimizer)
         if not all_finite(new.global_state):
             self._diverged("the global model is no longer finite (NaN or infinity)")
         self.state = new
         result = RoundResult(
             self.round, time.perf_counter() - start, payload_bytes(payload) * len(clients),
             bytes_up, clients, float(np.mean(losses)) if losses else math.nan,
+            applied=len(uploads), dropped=dict(sorted(dropped.items())),
         )
         if self.is_eval_round(self.round):
             result.eval = self.evaluate(clients if self.config.eval_clients == "sampled" else None)
         return result
+
+    def _enough(self, applied: int, sampled: int, dropped: Mapping[int, str]) -> None:
+        """Stop at the last good state when the round applied fewer updates than
+        `engine.min_fit_clients`, or dropped any while `engine.accept_failures` is false."""
+        config = self.config
+        if applied >= config.min_fit_clients and (config.accept_failures or not dropped):
+            return
+        why = "; ".join(f"client {k}: {reason}" for k, reason in sorted(dropped.items()))
+        rule = (f"fewer than engine.min_fit_clients = {config.min_fit_clients}"
+                if applied < config.min_fit_clients else "engine.accept_failures = false")
+        self.round -= 1
+        raise RoundFailedError(f"round {self.round + 1}: {applied} of {sampled} updates applied, "
+                               f"{rule} ({why or 'no client was sampled'})")
 
     def is_eval_round(self, round_: int) -> bool:
         return round_ % self.config.eval_every == 0 or round_ == self.train.rounds
@@ -269,26 +291,26 @@ class Driver:
             self.log.warning("round %d: clients %s have no node; skipped", self.round, absent)
         return [k for k in sampled if k in self.transport.clusters]
 
-    def _checked(self, k: int, payload: TensorDict) -> TensorDict | None:
-        """The decoded upload, or None when it may not be aggregated (logged)."""
+    def _checked(self, payload: TensorDict) -> tuple[TensorDict | None, str]:
+        """(the decoded upload, "") or (None, why it may not be aggregated)."""
         try:
             upload = self.up.decode(payload)
             problems = self.method.check_upload(self.state, upload)
         except (ValueError, KeyError, TypeError, RuntimeError) as error:
             problems = [str(error)]
         if not problems:
-            return upload
+            return upload, ""
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        self._drop(k, "; ".join(problems[:3]) + more)
-        return None
+        return None, "; ".join(problems[:3]) + more
 
     def _diverged(self, what: str) -> None:
         """Stop at the last good state: this round did not happen."""
         self.round -= 1
         raise DivergedError(f"round {self.round + 1}: {what}")
 
-    def _drop(self, k: int, reason: str) -> None:
+    def _drop(self, k: int, reason: str) -> str:
         self.log.warning("round %d: dropped the reply of client %d: %s", self.round, k, reason)
+        return reason
 
     # -- evaluation --------------------------------------------------------------------------
     def router_weights(self) -> dict[int, torch.Tensor]:
@@ -308,6 +330,7 @@ class Driver:
         if routers and others:  # recovery is judged over all clients: ask the rest for routers
             routers.update(self._evaluations(others, None)[1])
         metrics = summarize(results, self.transport.clusters, self.objective)
+        metrics["clients_evaluated"] = len(results)  # what the metrics cover: replies counted
         if routers:
             metrics.update(self._router_recovery(routers))
         if self.train.dp_clip > 0:
@@ -373,6 +396,15 @@ class Driver:
         )
         self.server_optimizer.load_state_dict(_under(state, "server"))
         self.round = int(state["engine/round"])
+
+
+def check_round_minimum(config: EngineConfig, train: TrainConfig, num_clients: int) -> None:
+    """`engine.min_fit_clients` no larger than the clients a round samples."""
+    sampled = max(1, round(train.clients_per_round * num_clients))
+    if config.min_fit_clients > sampled:
+        raise ConfigError(f"engine.min_fit_clients: {config.min_fit_clients} can never be met: "
+                          f"a round samples {sampled} clients (train.clients_per_round = "
+                          f"{train.clients_per_round:g} of {num_clients})")
 
 
 def _under(state: Mapping[str, torch.Tensor], prefix: str) -> TensorDict:

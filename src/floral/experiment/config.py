@@ -27,6 +27,7 @@ from floral.config import from_dict, parse_value, set_dotted, to_dict, tomllib
 from floral.data import TaskConfig
 from floral.engines.aggregation import aggregation_for
 from floral.engines.config import EngineConfig, check_engine_config
+from floral.engines.driver import check_round_minimum
 from floral.errors import ConfigError
 from floral.methods import Method, get_method
 from floral.models import ModelConfig
@@ -140,6 +141,7 @@ def check_values(config: ExperimentConfig) -> None:
     check_quantize(config.model.quantize, placement.device)
     aggregation_for(config.train, config.build_method(), config.task.num_clients,
                     config.comm.upload)
+    check_round_minimum(config.engine, config.train, config.task.num_clients)
     build_codec(config.comm.download, "comm.download")
     build_codec(config.comm.upload, "comm.upload")
 

@@ -26,7 +26,7 @@ import tomli_w
 
 from floral.checkpoint import Checkpoint, atomic_write_text, json_safe, save_tensors
 from floral.engines.driver import Driver, Observer, RoundResult
-from floral.errors import ConfigError, DivergedError
+from floral.errors import ConfigError, DivergedError, RoundFailedError
 from floral.experiment.config import TABLES, ExperimentConfig, resolve_config
 from floral.tracking import Sinks, flat_params, open_sinks
 
@@ -106,6 +106,11 @@ def run_rounds(
             f"{error}; the last good state (round {engine.round}) is saved in "
             f"{out / 'checkpoint'}: lower train.lr (or the other rates) and rerun"
         ) from None
+    except RoundFailedError as error:
+        raise RoundFailedError(
+            f"{error}; the last whole round ({engine.round}) is saved in {out / 'checkpoint'}: "
+            "fix the clients and rerun with --resume"
+        ) from None
     save_tensors(engine.state_dict(), out / "state.safetensors")
     summary = recorder.summary(config, engine)
     text = json.dumps(json_safe(summary.to_json()), indent=2, allow_nan=False)
@@ -119,7 +124,8 @@ class Recorder(Observer):
     def __init__(self, out: Path, metric: str) -> None:
         self.out, self.metric = out, metric
         self.rows: list[dict[str, float]] = []
-        self.totals = {"bytes_down": 0, "bytes_up": 0, "train_seconds": 0.0, "seconds": 0.0}
+        self.totals = {"bytes_down": 0, "bytes_up": 0, "train_seconds": 0.0, "seconds": 0.0,
+                       "updates_applied": 0, "updates_dropped": 0}
         self.latest: dict[str, float] = {}
         self._clock = time.perf_counter()
 
@@ -130,6 +136,8 @@ class Recorder(Observer):
         self.totals["bytes_down"] += result.bytes_down
         self.totals["bytes_up"] += result.bytes_up
         self.totals["train_seconds"] += result.seconds
+        self.totals["updates_applied"] += result.applied
+        self.totals["updates_dropped"] += len(result.dropped)
         if result.eval:
             self._add_row(result.round, result.eval, result.train_loss)
 
@@ -142,7 +150,8 @@ class Recorder(Observer):
         self.totals["seconds"] += now - self._clock
         self._clock = now
         row = {"round": round_, **metrics, "train_loss": train_loss}
-        row.update({k: self.totals[k] for k in ("bytes_down", "bytes_up")})
+        row.update({k: self.totals.get(k, 0) for k in (
+            "bytes_down", "bytes_up", "updates_applied", "updates_dropped")})
         row["seconds"] = round(self.totals["seconds"], 3)
         self.rows.append(row)
         self.latest = row
@@ -164,7 +173,7 @@ class Recorder(Observer):
         if progress.get("round") != engine.round:
             raise ConfigError(f"{self.out / 'checkpoint'}: its files disagree on the round")
         self.rows = [_numbers(r) for r in progress["rows"] if r["round"] <= engine.round]
-        self.totals = progress["totals"]
+        self.totals = {"updates_applied": 0, "updates_dropped": 0, **progress["totals"]}
         self.latest = self.rows[-1] if self.rows else {}
         self._clock = time.perf_counter()
 

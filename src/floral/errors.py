@@ -29,8 +29,16 @@ class DatasetNotFoundError(ConfigError):
 
 
 class DivergedError(ConfigError):
-    """Training diverged: the global model, or every update of a round, is no longer finite.
-    Almost always a setting (a learning rate too large), hence a ConfigError's exit status."""
+    """Training diverged: the global model, or every update of a round, is no longer finite,
+    or the round's training loss broke the divergence rule. Almost always a setting (a learning
+    rate too large), hence a ConfigError's exit status.
+
+    `start_suspect`: the round's training diverged from the state it started from, so that
+    state is no good place to continue from either: the one before it is kept."""
+
+    def __init__(self, message: str, start_suspect: bool = False) -> None:
+        super().__init__(message)
+        self.start_suspect = start_suspect
 
 
 class RoundFailedError(FloralError):

@@ -33,6 +33,9 @@ class EngineConfig:
     # Flower's min_fit_clients); with accept_failures = false, one dropped reply stops it.
     min_fit_clients: int = 1
     accept_failures: bool = True
+    # A round whose mean training loss is over this many times the initial model's test loss
+    # (round 0) has diverged: the run stops at the round before; 0 = only non-finite losses.
+    divergence_factor: float = 10.0
 
 
 def check_engine_config(config: EngineConfig) -> None:
@@ -54,6 +57,9 @@ def check_engine_config(config: EngineConfig) -> None:
     if config.min_fit_clients < 1:
         raise ConfigError(f"engine.min_fit_clients: must be at least 1 (a round that applies no "
                           f"update is no round), got {config.min_fit_clients}")
+    if not config.divergence_factor >= 0:
+        raise ConfigError(f"engine.divergence_factor: must be 0 (off) or more, got "
+                          f"{config.divergence_factor}")
     if config.threads < 0:
         raise ConfigError(f"engine.threads: must be >= 0 (0 = automatic), got {config.threads}")
     resolve_device(config.device)

@@ -194,6 +194,9 @@ class Driver:
         self.server_optimizer = build_server_optimizer(train)
         self.log = log or logging.getLogger("floral")
         self.round = 0
+        # The initial model's test loss (the round-0 evaluation): the level a diverging run's
+        # training loss climbs far above (`engine.divergence_factor`).
+        self.start_loss: float | None = None
 
     @property
     def global_state(self) -> TensorDict:
@@ -253,8 +256,11 @@ class Driver:
             if not (math.isfinite(reply.train_loss) and all_finite(reply.payload)):
                 diverged += 1
         if diverged and not uploads:
-            self._diverged(f"every client's update diverged ({diverged} of {len(clients)})")
+            self._diverged(f"every client's update diverged ({diverged} of {len(clients)})",
+                           start_suspect=True)
         self._enough(len(uploads), len(sampled), dropped)
+        train_loss = float(np.mean(losses)) if losses else math.nan
+        self._check_loss(train_loss, bool(losses))
         combined = self.aggregation.combine(uploads, RoundInfo(self.round, len(sampled)))
         new = self.method.server_update(self.state, combined, self.server_optimizer)
         if not all_finite(new.global_state):
@@ -262,12 +268,23 @@ class Driver:
         self.state = new
         result = RoundResult(
             self.round, time.perf_counter() - start, payload_bytes(payload) * len(clients),
-            bytes_up, clients, float(np.mean(losses)) if losses else math.nan,
-            applied=len(uploads), dropped=dict(sorted(dropped.items())),
+            bytes_up, clients, train_loss, applied=len(uploads),
+            dropped=dict(sorted(dropped.items())),
         )
         if self.is_eval_round(self.round):
             result.eval = self.evaluate(clients if self.config.eval_clients == "sampled" else None)
         return result
+
+    def _check_loss(self, loss: float, trained: bool) -> None:
+        """The divergence rule: a round whose mean training loss is not finite, or over
+        `engine.divergence_factor` times the initial model's test loss, did not happen."""
+        if trained and not math.isfinite(loss):
+            self._diverged("the training loss is not finite", start_suspect=True)
+        factor, start = self.config.divergence_factor, self.start_loss
+        if factor > 0 and start is not None and start > 0 and loss > factor * start:
+            self._diverged(f"the training loss {loss:.4g} is over {factor:g} times the initial "
+                           f"model's test loss {start:.4g} (engine.divergence_factor)",
+                           start_suspect=True)
 
     def _enough(self, applied: int, sampled: int, dropped: Mapping[int, str]) -> None:
         """Stop at the last good state when the round applied fewer updates than
@@ -303,10 +320,11 @@ class Driver:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         return None, "; ".join(problems[:3]) + more
 
-    def _diverged(self, what: str) -> None:
-        """Stop at the last good state: this round did not happen."""
+    def _diverged(self, what: str, start_suspect: bool = False) -> None:
+        """Stop at the last good state: this round did not happen (and where its training
+        diverged from the state it started from, observers keep the one before)."""
         self.round -= 1
-        raise DivergedError(f"round {self.round + 1}: {what}")
+        raise DivergedError(f"round {self.round + 1}: {what}", start_suspect)
 
     def _drop(self, k: int, reason: str) -> str:
         self.log.warning("round %d: dropped the reply of client %d: %s", self.round, k, reason)
@@ -331,6 +349,8 @@ class Driver:
             routers.update(self._evaluations(others, None)[1])
         metrics = summarize(results, self.transport.clusters, self.objective)
         metrics["clients_evaluated"] = len(results)  # what the metrics cover: replies counted
+        if self.round == 0 and clients is None and math.isfinite(metrics.get("loss", math.nan)):
+            self.start_loss = metrics["loss"]
         if routers:
             metrics.update(self._router_recovery(routers))
         if self.train.dp_clip > 0:
@@ -383,6 +403,8 @@ class Driver:
         state.update({f"server/{k}": v for k, v in self.server_optimizer.state_dict().items()})
         state.update(self.transport.state_dict())
         state["engine/round"] = torch.tensor(self.round)
+        if self.start_loss is not None:
+            state["engine/start_loss"] = torch.tensor(self.start_loss, dtype=torch.float64)
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -396,6 +418,8 @@ class Driver:
         )
         self.server_optimizer.load_state_dict(_under(state, "server"))
         self.round = int(state["engine/round"])
+        start = state.get("engine/start_loss")  # absent from checkpoints of older runs
+        self.start_loss = None if start is None else float(start)
 
 
 def check_round_minimum(config: EngineConfig, train: TrainConfig, num_clients: int) -> None:

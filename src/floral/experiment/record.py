@@ -14,10 +14,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,10 @@ from floral.engines.driver import Driver, Observer, RoundResult
 from floral.errors import ConfigError, DivergedError, RoundFailedError
 from floral.experiment.config import TABLES, ExperimentConfig, resolve_config
 from floral.tracking import Sinks, flat_params, open_sinks
+from floral.train.state import TensorDict
 
 __all__ = [
+    "TUNABLE",
     "Checkpoints",
     "Progress",
     "ProgressFn",
@@ -64,6 +67,7 @@ class RunSummary:
 
 
 ProgressFn = Callable[[RoundResult, dict[str, float]], None]
+log = logging.getLogger("floral")
 
 
 def run_rounds(
@@ -84,8 +88,11 @@ def run_rounds(
     good state as the checkpoint and stops with a one-line error."""
     recorder = Recorder(out, engine.objective.metric)
     identity = _identity(config)
-    if resume and _can_resume(identity, out, strict=resume is True):
+    changes = _can_resume(identity, out, strict=resume is True) if resume else None
+    if changes is not None:
         recorder.restore(engine)
+        if changes:
+            _record_changes(config, out, engine.round, changes)
     else:
         _start_afresh(out, overwrite=overwrite or resume == "auto")
         _write_config(config, out)
@@ -102,9 +109,11 @@ def run_rounds(
     try:
         engine.run(observers)
     except DivergedError as error:
+        kept = max(engine.round - 1, 0) if error.start_suspect else engine.round
         raise DivergedError(
-            f"{error}; the last good state (round {engine.round}) is saved in "
-            f"{out / 'checkpoint'}: lower train.lr (or the other rates) and rerun"
+            f"{error}; the last good state (round {kept}) is saved in "
+            f"{out / 'checkpoint'}: lower train.lr (or another rate) and continue from it with "
+            f"--resume --set train.lr=..."
         ) from None
     except RoundFailedError as error:
         raise RoundFailedError(
@@ -195,13 +204,18 @@ class Recorder(Observer):
         )
 
 
+Settled = tuple[TensorDict, dict[str, Any]]  # a whole round's state and recording
+
+
 class Checkpoints(Observer):
-    """`checkpoint/` every `every` rounds (0: never on schedule), and the last whole round's
+    """`checkpoint/` every `every` rounds (0: never on schedule), and the last good round's
     when the loop stops early, whatever a round cut short has changed since."""
 
     def __init__(self, recorder: Recorder, identity: Mapping[str, Any], every: int) -> None:
         self.recorder, self.identity, self.every = recorder, identity, every
         self.folder = recorder.out / "checkpoint"
+        self.settled: Settled | None = None
+        self.previous: Settled | None = None
 
     def started(self, driver: Driver) -> None:
         self._settle(driver)
@@ -209,15 +223,24 @@ class Checkpoints(Observer):
     def round_done(self, driver: Driver, result: RoundResult) -> None:
         self._settle(driver)
         if self.every and driver.round % self.every == 0:
-            Checkpoint(self.folder).write(*self.settled, self.identity)
+            self._write(self.settled)
 
     def stopped(self, driver: Driver, error: BaseException) -> None:
-        Checkpoint(self.folder).write(*self.settled, self.identity)
+        # A round whose training diverged from the state it started from condemns that state
+        # too: the one before it is the last good one.
+        suspect = isinstance(error, DivergedError) and error.start_suspect
+        self._write(self.previous if suspect else self.settled)
 
     def _settle(self, driver: Driver) -> None:
-        """Remember the state after a whole round. Rounds replace tensors and never change
-        them in place, so holding the references costs nothing and stays that round's."""
-        self.settled = (driver.state_dict(), self.recorder.progress(driver.round))
+        """Remember the state after a whole round, and the one before. Rounds replace tensors
+        and never change them in place, so holding the references costs nothing."""
+        now = (driver.state_dict(), self.recorder.progress(driver.round))
+        self.previous, self.settled = self.settled or now, now
+
+    def _write(self, settled: Settled | None) -> None:
+        if settled is not None:
+            state, progress = settled
+            Checkpoint(self.folder).write(state, progress, self.identity)
 
 
 class Trackers(Observer):
@@ -259,6 +282,7 @@ _RESUMABLE_CHANGES = {
 # (`nodes`: a Flower simulation's virtual nodes keep their clients' private state there.)
 _RUN_FILES = (
     "config.toml", "metrics.csv", "summary.json", "state.safetensors", "checkpoint", "nodes",
+    "changes.json",
 )
 
 
@@ -270,40 +294,73 @@ def _identity(config: ExperimentConfig) -> dict[str, Any]:
     return identity
 
 
+# Optimization settings a resumed run may change (`--resume`): the experiment stays the same
+# one, only how it is optimized from there on. Each change is recorded in `changes.json`.
+TUNABLE = tuple(("train", key) for key in (
+    "lr", "adaptor_lr", "router_lr", "server_lr", "momentum", "weight_decay",
+    "server_momentum", "lr_schedule", "warmup_rounds", "max_grad_norm",
+))
+Change = tuple[str, Any, Any]  # (table.key, the checkpoint's value, this run's)
+
+
 def check_resumable(config: ExperimentConfig, out: Path) -> None:
     """`--resume`'s checks, for an engine that must know before it starts: `out` holds a
     complete checkpoint of this experiment (else a one-line error)."""
     _can_resume(_identity(config), out, strict=True)
 
 
-def _can_resume(identity: Mapping[str, Any], out: Path, strict: bool) -> bool:
+def _can_resume(identity: Mapping[str, Any], out: Path, strict: bool) -> list[Change] | None:
+    """The settings this run changes from the checkpoint's (strict: only `TUNABLE` ones may
+    differ, else a one-line error), or None where there is nothing to resume (not strict:
+    also where the checkpoint is another experiment's)."""
     checkpoint = Checkpoint(out / "checkpoint")
     if not checkpoint.exists():
         if strict:
             raise ConfigError(f"--resume: {out} holds no complete checkpoint to resume from")
-        return False
+        return None
     try:
         # Resolved again, so a setting added to floral since the checkpoint takes its default.
         saved = _identity(resolve_config(checkpoint.identity()))
-        _check_same_experiment(identity, saved, out)
+        return _changes(identity, saved, out, TUNABLE if strict else ())
     except ConfigError:
         if strict:
             raise
-        return False
-    return True
+        return None
 
 
-def _check_same_experiment(
-    current: Mapping[str, Any], saved: Mapping[str, Any], out: Path
-) -> None:
+def _changes(
+    current: Mapping[str, Any], saved: Mapping[str, Any], out: Path,
+    tunable: Sequence[tuple[str, str]],
+) -> list[Change]:
+    found: list[Change] = []
     for table in TABLES:
         here, there = current.get(table, {}), saved.get(table, {})
         for key in sorted(set(here) | set(there)):
-            if here.get(key) != there.get(key):
-                raise ConfigError(f"{table}.{key}: differs from the checkpoint's config in {out}")
+            if here.get(key) == there.get(key):
+                continue
+            if (table, key) not in tunable:
+                allowed = ", ".join(f"{t}.{k}" for t, k in tunable)
+                hint = f" (a resumed run may change {allowed})" if allowed else ""
+                raise ConfigError(
+                    f"{table}.{key}: differs from the checkpoint's config in {out}{hint}")
+            found.append((f"{table}.{key}", there.get(key), here.get(key)))
     for key in ("seed",):
         if current.get(key) != saved.get(key):
             raise ConfigError(f"{key}: differs from the checkpoint's config in {out}")
+    return found
+
+
+def _record_changes(
+    config: ExperimentConfig, out: Path, round_: int, changes: Sequence[Change]
+) -> None:
+    """The run folder says what changed when: `changes.json` (appended) and `config.toml`."""
+    path = out / "changes.json"
+    kept = json.loads(path.read_text()) if path.exists() else []
+    kept += [{"round": round_, "key": key, "from": old, "to": new} for key, old, new in changes]
+    atomic_write_text(path, json.dumps(kept, indent=2) + "\n")
+    _write_config(config, out)
+    for key, old, new in changes:
+        log.warning("resumed after round %d with %s = %r (was %r)", round_, key, new, old)
 
 
 def _start_afresh(out: Path, overwrite: bool) -> None:

@@ -2,7 +2,8 @@
 
 Every table of an experiment maps onto a dataclass; unknown keys, values of the wrong type and
 numbers that are not finite (nan, inf, -inf) stop with a `ConfigError` that names the full
-dotted key, before any work starts.
+dotted key, before any work starts. A setting that is one of fixed choices is typed
+`Literal[...]`, and its error lists the choices from the type itself (`check_choice`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["from_dict", "to_dict", "parse_value", "set_dotted", "tomllib"]
+__all__ = [
+    "check_choice",
+    "choices",
+    "from_dict",
+    "parse_value",
+    "set_dotted",
+    "to_dict",
+    "tomllib",
+]
 
 T = TypeVar("T")
 
@@ -40,6 +49,22 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
             raise ConfigError(f"{_join(prefix, _show_key(key))}: unknown key (known: {choices})")
         kwargs[key] = _coerce(value, hints[key], _join(prefix, key))
     return cls(**kwargs)
+
+
+def choices(hint: Any) -> tuple[Any, ...]:
+    """The values that `Literal[...]` type `hint` (or an alias of one) allows, in its order."""
+    hint = getattr(hint, "__value__", hint)  # a `type X = Literal[...]` statement's alias
+    if typing.get_origin(hint) is not typing.Literal:
+        raise TypeError(f"{hint!r} is not a Literal type")
+    return typing.get_args(hint)
+
+
+def check_choice(key: str, value: Any, hint: Any) -> None:
+    """A one-line ConfigError naming `key` unless `value` is one of Literal `hint`'s choices."""
+    allowed = choices(hint)
+    # By type too: True == 1, and a choice 1 must not accept true.
+    if not any(type(value) is type(c) and value == c for c in allowed):
+        raise ConfigError(f"{key}: unknown {value!r} (choose from {', '.join(map(str, allowed))})")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -96,6 +121,9 @@ def _finite_error(key: str, value: Any) -> ConfigError:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        check_choice(key, value, hint)
+        return value
     if origin in (typing.Union, types.UnionType):
         if float in typing.get_args(hint) and _is_non_finite_float(value):
             raise _finite_error(key, value)  # the precise reason, not "expected X or Y"
@@ -151,6 +179,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(h) for h in typing.get_args(hint))
     if origin in (list, tuple):
         return "a list"
+    if origin is typing.Literal:
+        return f"one of {', '.join(map(str, typing.get_args(hint)))}"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
         hint, getattr(hint, "__name__", str(hint))
     )

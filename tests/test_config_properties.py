@@ -129,6 +129,9 @@ def _wrong_for(hint: Any) -> st.SearchStrategy[Any]:
         return st.one_of(_STRINGS, _NUMBERS, _LISTS, _TABLES)
     if hint is str:
         return st.one_of(_NUMBERS, st.booleans(), _LISTS, _TABLES)
+    if origin is typing.Literal:  # a fixed choice: any other string, or not a string at all
+        return st.one_of(_STRINGS.filter(lambda s: s not in args), _NUMBERS, st.booleans(),
+                         _LISTS, _TABLES)
     raise AssertionError(f"no wrong values for {hint!r}")
 
 

@@ -86,6 +86,7 @@ def test_bad_settings_stop_with_one_line_and_exit_2(tiny, tmp_path, capsys, over
 def test_missing_dataset_says_how_to_get_it(tiny, tmp_path, capsys):
     code = main(["run", str(tiny), "--quiet", "--out", str(tmp_path / "o"),
                  "--set", "task.dataset=fashion-mnist", "--set", "task.shift=rotate",
+                 "--set", "task.samples_per_client=0",  # a synthetic option: not for images
                  "--set", f"task.data_dir={tmp_path / 'empty'}"])
     assert code == 2
     line = _error_line(capsys)

@@ -2,7 +2,12 @@
 
 Every table of an experiment maps onto a dataclass; unknown keys, values of the wrong type and
 numbers that are not finite (nan, inf, -inf) stop with a `ConfigError` that names the full
-dotted key, before any work starts.
+dotted key, before any work starts. A setting that is one of fixed choices is typed
+`Literal[...]`, and its error lists the choices from the type itself (`check_choice`).
+
+A table whose meaningful keys depend on one of its values (`[task]`: the dataset's options)
+says so with a classmethod `key_scope(data, prefix) -> KeyScope | None`; `from_dict` then
+refuses, naming the owner, any key outside the scope that is not at its default.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import sys
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from floral.errors import ConfigError
@@ -22,9 +28,33 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["from_dict", "to_dict", "parse_value", "set_dotted", "tomllib"]
+__all__ = [
+    "KeyScope",
+    "check_choice",
+    "choices",
+    "field_default",
+    "from_dict",
+    "parse_value",
+    "set_dotted",
+    "to_dict",
+    "tomllib",
+]
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class KeyScope:
+    """The keys of a table that mean something for one of its values, e.g. a dataset's options."""
+
+    owner: str  # what the keys belong to, as a message names it: "dataset 'mnist'"
+    keys: tuple[str, ...]
+
+    def refuse(self, key: str, unknown: bool = False) -> ConfigError:
+        what = "unknown key, not" if unknown else "not"
+        return ConfigError(
+            f"{key}: {what} an option of {self.owner} (its options: {', '.join(self.keys)})"
+        )
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
@@ -32,14 +62,50 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix}: expected a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    scope_of = getattr(cls, "key_scope", None)
+    scope: KeyScope | None = scope_of(data, prefix) if scope_of is not None else None
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            choices = ", ".join(sorted(fields))
-            raise ConfigError(f"{_join(prefix, _show_key(key))}: unknown key (known: {choices})")
+            if scope is not None:
+                raise scope.refuse(_join(prefix, _show_key(key)), unknown=True)
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{_join(prefix, _show_key(key))}: unknown key (known: {known})")
         kwargs[key] = _coerce(value, hints[key], _join(prefix, key))
+        if scope is not None:
+            _check_in_scope(scope, fields[key], kwargs[key], _join(prefix, key))
     return cls(**kwargs)
+
+
+def _check_in_scope(scope: KeyScope, f: dataclasses.Field, value: Any, key: str) -> None:
+    # A key at its default changes nothing, and resolved configs (a results folder's
+    # config.toml) list every setting: they must read back.
+    if f.name not in scope.keys and value != field_default(f):
+        raise scope.refuse(key)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """The value a dataclass field takes when it is not given."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def choices(hint: Any) -> tuple[Any, ...]:
+    """The values that `Literal[...]` type `hint` (or an alias of one) allows, in its order."""
+    hint = getattr(hint, "__value__", hint)  # a `type X = Literal[...]` statement's alias
+    if typing.get_origin(hint) is not typing.Literal:
+        raise TypeError(f"{hint!r} is not a Literal type")
+    return typing.get_args(hint)
+
+
+def check_choice(key: str, value: Any, hint: Any) -> None:
+    """A one-line ConfigError naming `key` unless `value` is one of Literal `hint`'s choices."""
+    allowed = choices(hint)
+    # By type too: True == 1, and a choice 1 must not accept true.
+    if not any(type(value) is type(c) and value == c for c in allowed):
+        raise ConfigError(f"{key}: unknown {value!r} (choose from {', '.join(map(str, allowed))})")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -96,6 +162,9 @@ def _finite_error(key: str, value: Any) -> ConfigError:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        check_choice(key, value, hint)
+        return value
     if origin in (typing.Union, types.UnionType):
         if float in typing.get_args(hint) and _is_non_finite_float(value):
             raise _finite_error(key, value)  # the precise reason, not "expected X or Y"
@@ -151,6 +220,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(h) for h in typing.get_args(hint))
     if origin in (list, tuple):
         return "a list"
+    if origin is typing.Literal:
+        return f"one of {', '.join(map(str, typing.get_args(hint)))}"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
         hint, getattr(hint, "__name__", str(hint))
     )

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TypeGuard
+from typing import Literal, TypeGuard
 
+from floral.config import choices
 from floral.errors import ConfigError
 
-__all__ = ["AdapterSpec", "RouterSpec", "LAYER_TYPES", "CONV_FORMS"]
+__all__ = ["AdapterSpec", "RouterSpec", "LAYER_TYPES", "CONV_FORMS", "ConvForm", "LayerType"]
 
-LAYER_TYPES = ("linear", "conv2d", "embedding", "norm")
-CONV_FORMS = ("separable", "kxk-1x1")
+LayerType = Literal["linear", "conv2d", "embedding", "norm"]
+ConvForm = Literal["separable", "kxk-1x1"]
+LAYER_TYPES: tuple[str, ...] = choices(LayerType)
+CONV_FORMS: tuple[str, ...] = choices(ConvForm)
 
 
 @dataclass
@@ -63,7 +66,7 @@ class AdapterSpec:
     layer_types: tuple[str, ...] = ("linear", "conv2d")
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    conv_form: str = "separable"
+    conv_form: ConvForm = "separable"
     router: RouterSpec = field(default_factory=RouterSpec)
 
     def __post_init__(self) -> None:

@@ -40,12 +40,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from floral.config import choices
 from floral.data.mo import read_mo
 from floral.data.partition import clients_of_cluster, dirichlet_proportions, split_by_proportions
 from floral.data.text import Tokenizer, read_utf8
@@ -58,6 +59,8 @@ __all__ = [
     "CATALOG_PACKAGES",
     "LOCALE_DIR",
     "TEMPLATES",
+    "GroupSplit",
+    "Template",
     "Example",
     "GenerationData",
     "TextGeneration",
@@ -69,7 +72,8 @@ __all__ = [
 
 LOCALE_DIR = "/usr/share/locale"
 HF_PREFIX = "hf:"  # task.source: a Hugging Face dataset
-TEMPLATES = ("auto", "chat", "plain")
+Template = Literal["auto", "chat", "plain"]
+TEMPLATES: tuple[str, ...] = choices(Template)
 # The Debian package that installs each catalog under /usr/share/locale/<lang>/LC_MESSAGES/.
 CATALOG_PACKAGES = {
     "iso_3166-1": "iso-codes",
@@ -364,7 +368,8 @@ def clients_by_column(
     return list(by_name.values())
 
 
-GROUP_SPLITS = ("dirichlet", "per-value")
+GroupSplit = Literal["dirichlet", "per-value"]
+GROUP_SPLITS: tuple[str, ...] = choices(GroupSplit)
 # Dirichlet draws that leave some client too few rows are redrawn this many times at most.
 _GROUP_DRAWS = 100
 

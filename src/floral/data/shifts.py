@@ -6,19 +6,24 @@ Each function acts on a whole batch at once, so a cluster's data is shifted in o
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SHIFTS", "rotation_angle", "rotate", "rotate_bilinear", "shift_labels", "in_label_set"]
+from floral.config import choices
+
+__all__ = [
+    "SHIFTS", "Shift", "rotation_angle", "rotate", "rotate_bilinear", "shift_labels",
+    "in_label_set",
+]
 
 # The last two are label-skew partitions (floral.data.partition), not concept shifts: every
 # client reads labels the same way, but each holds its own mix of classes.
-SHIFTS: tuple[str, ...] = (
-    "none", "rotate", "label-shift", "label-set", "dirichlet", "classes-per-client"
-)
+Shift = Literal["none", "rotate", "label-shift", "label-set", "dirichlet", "classes-per-client"]
+SHIFTS: tuple[str, ...] = choices(Shift)
 
 
 def rotation_angle(cluster: int, num_clusters: int) -> float:

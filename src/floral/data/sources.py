@@ -22,6 +22,7 @@ from floral.errors import DatasetNotFoundError
 __all__ = [
     "ImageData",
     "IMAGE_SOURCES",
+    "SPLIT_SOURCES",
     "load_source",
     "read_idx",
     "read_cifar_binary",
@@ -121,7 +122,7 @@ def load_source(name: str, data_dir: str = "", test_fraction: float = 0.2) -> Im
 
     `test_fraction` only matters for sources that ship without a test split (mnist5k, digits).
     """
-    if name not in _NEEDS_SPLIT:
+    if name not in SPLIT_SOURCES:
         test_fraction = 0.0  # keeps one cache entry per source whatever the setting
     return _load_cached(name, data_dir, test_fraction)
 
@@ -291,4 +292,5 @@ _LOADERS: dict[str, Callable[[str, float], ImageData]] = {
     "cifar100": _load_cifar100,
 }
 IMAGE_SOURCES: tuple[str, ...] = tuple(_LOADERS)
-_NEEDS_SPLIT = frozenset({"mnist5k", "digits"})
+# Sources that ship without a test split: task.test_fraction holds out part of the training set.
+SPLIT_SOURCES = frozenset({"mnist5k", "digits"})

@@ -1,19 +1,29 @@
-"""Federated tasks: each client's train and test tensors, built from a `[task]` table and a seed."""
+"""Federated tasks: each client's train and test tensors, built from a `[task]` table and a seed.
+
+Each dataset is registered (floral.data.registry) with the options it reads and its builder;
+the families below are synthetic regression, image sources, the Austen novels, users' text
+folders, and prompt/response tasks (translations, JSON lines).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from floral.config import KeyScope, check_choice, field_default
 from floral.data.instruct import (
-    GROUP_SPLITS,
     HF_PREFIX,
-    TEMPLATES,
     GenerationData,
+    GroupSplit,
+    PromptedTask,
+    Template,
     TextGeneration,
     build_jsonl,
     build_translations,
@@ -30,8 +40,9 @@ from floral.data.partition import (
     set_proportions,
     split_by_proportions,
 )
-from floral.data.shifts import SHIFTS, rotate, rotation_angle, shift_labels
-from floral.data.sources import IMAGE_SOURCES, ImageData, load_source
+from floral.data.registry import dataset_entry, dataset_names, register_dataset
+from floral.data.shifts import Shift, rotate, rotation_angle, shift_labels
+from floral.data.sources import IMAGE_SOURCES, SPLIT_SOURCES, ImageData, load_source
 from floral.data.synthetic import INPUT_DIM, SYNTHETIC_DATASETS, generate_clients
 from floral.data.text import (
     AUSTEN_NOVELS,
@@ -49,12 +60,6 @@ __all__ = [
     "validate_task",
 ]
 
-# Prompt/response tasks for language models (floral.data.instruct).
-PROMPTED_DATASETS: tuple[str, ...] = ("translations", "jsonl")
-DATASETS: tuple[str, ...] = (
-    *SYNTHETIC_DATASETS, *IMAGE_SOURCES, *TEXT_DATASETS, *OWN_TEXT_DATASETS, *PROMPTED_DATASETS
-)
-
 # Known before loading, so that a bad label-set setting fails before any file is read.
 _NUM_CLASSES = {name: 10 for name in IMAGE_SOURCES} | {"cifar100": 100}
 
@@ -63,9 +68,8 @@ _NUM_CLASSES = {name: 10 for name in IMAGE_SOURCES} | {"cifar100": 100}
 class TaskConfig:
     """The `[task]` table of an experiment."""
 
-    dataset: str = "mnist5k"
-    # none | rotate | label-shift | label-set | dirichlet | classes-per-client
-    shift: str = "label-shift"
+    dataset: str = "mnist5k"  # a registered dataset (floral.data.registry)
+    shift: Shift = "label-shift"
     num_clients: int = 300
     num_clusters: int = 4
     data_fraction: float = 1.0  # keep this fraction of each client's training data ...
@@ -84,7 +88,7 @@ class TaskConfig:
     # an example becomes text (auto = the tokenizer's chat template if it has one | chat |
     # plain); new tokens generated per held-out prompt in evaluation (0 = perplexity only).
     max_length: int = 64
-    template: str = "auto"
+    template: Template = "auto"
     generate_tokens: int = 32
     # translations: one target language per cluster, from these gettext catalogs (data_dir =
     # the locale folder, "" = /usr/share/locale); the prompt, which never names the language.
@@ -109,11 +113,19 @@ class TaskConfig:
     # alpha); a client's cluster is its most common value) | per-value (client k takes value
     # k mod V, its cluster).
     group_field: str = ""
-    group_split: str = "dirichlet"
+    group_split: GroupSplit = "dirichlet"
     # text (floral.data.own_text): each client's cluster, {client name = label}, or the part of
     # its name before this separator; neither = one cluster.
     clusters: dict[str, str] = field(default_factory=dict)
     cluster_separator: str = ""
+
+    @classmethod
+    def key_scope(cls, data: Mapping[str, Any], prefix: str) -> KeyScope | None:
+        """The keys that the table's dataset reads: floral.config.from_dict refuses the others."""
+        name = data.get("dataset", cls.dataset)
+        if not isinstance(name, str):
+            return None  # the type check names it
+        return dataset_entry(name, f"{prefix}.dataset" if prefix else "dataset").scope
 
 
 @dataclass
@@ -149,21 +161,14 @@ class FederatedTask:
 def build_task(cfg: TaskConfig, seed: int) -> FederatedTask:
     """Every client's data for `cfg`; the same seed gives the same task."""
     validate_task(cfg)
-    if cfg.dataset in SYNTHETIC_DATASETS:
-        return _build_synthetic(cfg, seed)
-    if cfg.dataset in TEXT_DATASETS:
-        return _build_text_task(cfg)
-    if cfg.dataset in OWN_TEXT_DATASETS:
-        return _build_own_text_task(cfg)
-    if cfg.dataset in PROMPTED_DATASETS:
-        return _build_prompted_task(cfg, seed)
-    return _build_image_task(cfg, seed)
+    return dataset_entry(cfg.dataset).build(cfg, seed)
 
 
 def validate_task(cfg: TaskConfig) -> None:
     """The checks build_task runs before building: one-line errors naming the key."""
-    _choose("task.dataset", cfg.dataset, DATASETS)
-    _choose("task.shift", cfg.shift, SHIFTS)
+    entry = dataset_entry(cfg.dataset)
+    _check_options(cfg, entry.scope)
+    check_choice("task.shift", cfg.shift, Shift)
     _check(cfg.num_clients >= 1, "task.num_clients", f"must be at least 1, got {cfg.num_clients}")
     _check(
         cfg.num_clusters >= 1, "task.num_clusters", f"must be at least 1, got {cfg.num_clusters}"
@@ -180,21 +185,29 @@ def validate_task(cfg: TaskConfig) -> None:
     for key in ("min_samples", "samples_per_client"):
         value = getattr(cfg, key)
         _check(value >= 0, f"task.{key}", f"must be 0 or more, got {value}")
-    if cfg.dataset in SYNTHETIC_DATASETS:
-        _check(
-            cfg.shift == "none",
-            "task.shift",
-            f"'{cfg.shift}' needs labelled images; {cfg.dataset} is a regression task whose"
-            " clusters differ by construction (use 'none')",
-        )
-    elif cfg.dataset in TEXT_DATASETS:
-        _validate_text(cfg)
-    elif cfg.dataset in OWN_TEXT_DATASETS:
-        _validate_own_text(cfg)
-    elif cfg.dataset in PROMPTED_DATASETS:
-        _validate_prompted(cfg)
-    elif cfg.shift in LABEL_SKEWS:
-        _validate_label_skew(cfg)
+    entry.check(cfg)
+
+
+def _check_options(cfg: TaskConfig, scope: KeyScope) -> None:
+    """A setting the dataset does not read would be silently ignored: only its default may
+    stand (the same rule as the `[task]` reader's, for a TaskConfig built in code)."""
+    for f in dataclasses.fields(cfg):
+        if f.name not in scope.keys and getattr(cfg, f.name) != field_default(f):
+            raise scope.refuse(f"task.{f.name}")
+
+
+def _check_synthetic(cfg: TaskConfig) -> None:
+    _check(
+        cfg.shift == "none",
+        "task.shift",
+        f"'{cfg.shift}' needs labelled images; {cfg.dataset} is a regression task whose"
+        " clusters differ by construction (use 'none')",
+    )
+
+
+def _check_images(cfg: TaskConfig) -> None:
+    if cfg.shift in LABEL_SKEWS:
+        _check_label_skew(cfg)
     elif cfg.shift == "label-set":
         num_classes = _NUM_CLASSES[cfg.dataset]
         _check(
@@ -205,7 +218,7 @@ def validate_task(cfg: TaskConfig) -> None:
         )
 
 
-def _validate_text(cfg: TaskConfig) -> None:
+def _check_austen(cfg: TaskConfig) -> None:
     _check(
         cfg.shift == "none",
         "task.shift",
@@ -225,28 +238,27 @@ def _validate_text(cfg: TaskConfig) -> None:
     )
 
 
-def _validate_own_text(cfg: TaskConfig) -> None:
+def _check_own_text(cfg: TaskConfig) -> None:
     _check(cfg.shift == "none", "task.shift",
            f"'{cfg.shift}' needs labelled images; text clients' clusters come from "
            "task.clusters or task.cluster_separator (use 'none')")
     _check(cfg.block_size >= 1, "task.block_size", f"must be at least 1, got {cfg.block_size}")
     _check(cfg.samples_per_client != 1, "task.samples_per_client",
            "a client needs at least 2 blocks (one to train, one to test)")
-    _check(not cfg.source, "task.source", "dataset \"text\" reads task.data_dir (a Hugging "
-           "Face source is for dataset \"jsonl\")")
 
 
-def _validate_prompted(cfg: TaskConfig) -> None:
+def _check_prompted(cfg: TaskConfig) -> None:
     _check(cfg.shift == "none", "task.shift",
            f"'{cfg.shift}' needs labelled images; {cfg.dataset}'s clusters come from the data "
            "(use 'none')")
-    _choose("task.template", cfg.template, TEMPLATES)
+    check_choice("task.template", cfg.template, Template)
     _check(cfg.max_length >= 2, "task.max_length", f"must be at least 2, got {cfg.max_length}")
     _check(cfg.generate_tokens >= 0, "task.generate_tokens",
            f"must be 0 or more, got {cfg.generate_tokens}")
-    if cfg.dataset != "translations":
-        _validate_rows(cfg)
-        return
+
+
+def _check_translations(cfg: TaskConfig) -> None:
+    _check_prompted(cfg)
     _check(len(cfg.languages) == cfg.num_clusters, "task.languages",
            f"one language per cluster: {len(cfg.languages)} for task.num_clusters = "
            f"{cfg.num_clusters}")
@@ -262,8 +274,9 @@ def _validate_prompted(cfg: TaskConfig) -> None:
            f"{cfg.prompt_template!r} must hold {{text}}, where the English string goes")
 
 
-def _validate_rows(cfg: TaskConfig) -> None:
-    """jsonl: the keys that say where rows come from and how they make clients."""
+def _check_jsonl(cfg: TaskConfig) -> None:
+    """The keys that say where rows come from and how they make clients."""
+    _check_prompted(cfg)
     if cfg.source:
         _check(cfg.source.startswith(HF_PREFIX) and len(cfg.source) > len(HF_PREFIX),
                "task.source", f"{cfg.source!r}: expected \"hf:<dataset name, folder or file>\"")
@@ -271,13 +284,13 @@ def _validate_rows(cfg: TaskConfig) -> None:
                f"set it or task.data_dir ({cfg.data_dir!r}), not both")
         _check(bool(cfg.split), "task.split", "name the split to read, e.g. \"train\"")
     if cfg.group_field:
-        _choose("task.group_split", cfg.group_split, GROUP_SPLITS)
+        check_choice("task.group_split", cfg.group_split, GroupSplit)
         alpha = cfg.dirichlet_alpha
         _check(math.isfinite(alpha) and alpha > 0, "task.dirichlet_alpha",
                f"must be a finite number > 0, got {alpha}")
 
 
-def _validate_label_skew(cfg: TaskConfig) -> None:
+def _check_label_skew(cfg: TaskConfig) -> None:
     alpha = cfg.dirichlet_alpha
     _check(
         math.isfinite(alpha) and alpha > 0,
@@ -294,17 +307,13 @@ def _validate_label_skew(cfg: TaskConfig) -> None:
     )
 
 
-def _choose(key: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, key, f"unknown '{value}' (choose from {', '.join(choices)})")
-
-
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
 
 
 def _build_image_task(cfg: TaskConfig, seed: int) -> FederatedTask:
-    source = load_source(cfg.dataset, cfg.data_dir, cfg.test_fraction)
+    source = _image_source(cfg)
     rng = np.random.default_rng(seed)
     num_clients, num_clusters = cfg.num_clients, cfg.num_clusters
     full_shares, test_shares = _shares(cfg, source, rng)
@@ -326,6 +335,13 @@ def _build_image_task(cfg: TaskConfig, seed: int) -> FederatedTask:
         num_clusters=num_clusters,
         clients=clients,  # type: ignore[arg-type]  # every slot is filled above
     )
+
+
+def _image_source(cfg: TaskConfig) -> ImageData:
+    """The source's images; test_fraction only for a source that has no test split."""
+    name = cfg.dataset
+    test_fraction = cfg.test_fraction if name in SPLIT_SOURCES else 0.0
+    return load_source(name, cfg.data_dir, test_fraction)
 
 
 def _shares(
@@ -424,8 +440,9 @@ def _check_training_data(cfg: TaskConfig, shared: list[int], kept: list[int]) ->
             )
 
 
-def _build_text_task(cfg: TaskConfig) -> FederatedTask:
-    """Causal-LM clients: token blocks of novel `cluster` (floral.data.text)."""
+def _build_austen(cfg: TaskConfig, seed: int) -> FederatedTask:
+    """Causal-LM clients: token blocks of novel `cluster` (floral.data.text), cut in order:
+    no draw, so `seed` plays no part."""
     tokenizer = load_tokenizer(cfg.tokenizer)
     parts = cluster_parts(austen_novels(cfg.data_dir), cfg.num_clients, cfg.num_clusters)
     clients = []
@@ -444,8 +461,8 @@ def _build_text_task(cfg: TaskConfig) -> FederatedTask:
     return _block_task(cfg, tokenizer.vocab_size, clients)
 
 
-def _build_own_text_task(cfg: TaskConfig) -> FederatedTask:
-    """Causal-LM clients of users' plain-text files (floral.data.own_text)."""
+def _build_own_text(cfg: TaskConfig, seed: int) -> FederatedTask:
+    """Causal-LM clients of users' plain-text files (floral.data.own_text), cut in order."""
     tokenizer = load_tokenizer(cfg.tokenizer)
     clients = [
         _block_client(k, c.cluster, c.train, c.test)
@@ -471,11 +488,19 @@ def _block_task(cfg: TaskConfig, vocab_size: int, clients: list[ClientData]) -> 
     )
 
 
-def _build_prompted_task(cfg: TaskConfig, seed: int) -> FederatedTask:
-    """Prompt/response clients (floral.data.instruct): translations or users' JSON lines."""
+def _build_translations(cfg: TaskConfig, seed: int) -> FederatedTask:
+    """Prompt/response clients, each translating into its cluster's language."""
     tokenizer = load_tokenizer(cfg.tokenizer)
-    build = build_translations if cfg.dataset == "translations" else build_jsonl
-    built = build(cfg, seed, tokenizer)
+    return _prompted_task(cfg, tokenizer.vocab_size, build_translations(cfg, seed, tokenizer))
+
+
+def _build_jsonl(cfg: TaskConfig, seed: int) -> FederatedTask:
+    """Prompt/response clients of users' JSON lines, or of a Hugging Face dataset's rows."""
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    return _prompted_task(cfg, tokenizer.vocab_size, build_jsonl(cfg, seed, tokenizer))
+
+
+def _prompted_task(cfg: TaskConfig, vocab_size: int, built: PromptedTask) -> FederatedTask:
     clients = [
         ClientData(k, c.cluster, c.x_train, c.y_train, c.x_test, c.y_test, c.generation)
         for k, c in enumerate(built.clients)
@@ -484,7 +509,7 @@ def _build_prompted_task(cfg: TaskConfig, seed: int) -> FederatedTask:
         name=cfg.dataset,
         kind="causal-lm",
         input_shape=(cfg.max_length,),
-        num_outputs=tokenizer.vocab_size,
+        num_outputs=vocab_size,
         num_clusters=built.num_clusters,
         clients=clients,
         generation=built.generation if cfg.generate_tokens > 0 else None,
@@ -530,3 +555,54 @@ def _build_synthetic(cfg: TaskConfig, seed: int) -> FederatedTask:
         clients=clients,
         extras=params,
     )
+
+
+# -- the registered datasets: what each reads beyond the common options -----------------------
+
+# Dirichlet and classes-per-client shares are options of every image source (task.shift picks
+# one). So is data_dir, digits included: its loader reads no folder, but a config switched to
+# digits from another source still carries one.
+_IMAGE_OPTIONS = ("data_dir", "dirichlet_alpha", "classes_per_client")
+_SYNTHETIC_OPTIONS = ("samples_per_client", "test_fraction")
+# Token blocks of text, as floral.data.text cuts them.
+_BLOCK_OPTIONS = ("data_dir", "tokenizer", "block_size", "samples_per_client", "test_fraction")
+_PROMPTED_OPTIONS = (
+    "data_dir", "tokenizer", "max_length", "template", "generate_tokens", "system",
+    "samples_per_client", "test_fraction",
+)
+
+
+def _image_options(name: str) -> tuple[str, ...]:
+    split = ("test_fraction",) if name in SPLIT_SOURCES else ()
+    return (*_IMAGE_OPTIONS, *split)
+
+
+def _register_datasets() -> None:
+    for name in SYNTHETIC_DATASETS:
+        register_dataset(name, _SYNTHETIC_OPTIONS, _check_synthetic, _build_synthetic)
+    for name in IMAGE_SOURCES:
+        register_dataset(name, _image_options(name), _check_images, _build_image_task)
+    for name in TEXT_DATASETS:
+        register_dataset(name, _BLOCK_OPTIONS, _check_austen, _build_austen)
+    for name in OWN_TEXT_DATASETS:
+        register_dataset(
+            name, (*_BLOCK_OPTIONS, "clusters", "cluster_separator"), _check_own_text,
+            _build_own_text,
+        )
+    register_dataset(
+        "translations", (*_PROMPTED_OPTIONS, "languages", "catalogs", "prompt_template"),
+        _check_translations, _build_translations,
+    )
+    register_dataset(
+        "jsonl",
+        (
+            *_PROMPTED_OPTIONS, "prompt_field", "response_field", "messages_field",
+            "client_field", "cluster_field", "source", "split", "group_field", "group_split",
+            "dirichlet_alpha",
+        ),
+        _check_jsonl, _build_jsonl,
+    )
+
+
+_register_datasets()
+DATASETS: tuple[str, ...] = dataset_names()

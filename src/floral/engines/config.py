@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+from floral.config import check_choice, choices
 from floral.errors import ConfigError
 from floral.train.device import resolve_device
 
-__all__ = ["EngineConfig", "check_engine_config"]
+__all__ = ["ENGINES", "EngineConfig", "EngineName", "EvalClients", "check_engine_config"]
 
-ENGINES = ("local", "flower")
+EngineName = Literal["local", "flower"]
+EvalClients = Literal["all", "sampled"]
+ENGINES: tuple[str, ...] = choices(EngineName)
 
 
 @dataclass
 class EngineConfig:
     """The `[engine]` table."""
 
-    name: str = "local"  # local | flower
+    name: EngineName = "local"
     eval_every: int = 10  # evaluate every N rounds (and after the last)
-    eval_clients: str = "all"  # all | sampled
+    eval_clients: EvalClients = "all"  # all, or only the round's sampled clients
     checkpoint_every: int = 0  # 0 = only the final state
     # Train up to N sampled clients of equal data size at once (vmap); 0 = one by one.
     batch_clients: int = 0
@@ -40,14 +44,10 @@ class EngineConfig:
 
 def check_engine_config(config: EngineConfig) -> None:
     """Value checks, each a one-line error naming the key."""
-    if config.name not in ENGINES:
-        raise ConfigError(f"engine.name: unknown {config.name!r} (choose from local, flower)")
+    check_choice("engine.name", config.name, EngineName)
     if config.eval_every < 1:
         raise ConfigError(f"engine.eval_every: must be at least 1, got {config.eval_every}")
-    if config.eval_clients not in ("all", "sampled"):
-        raise ConfigError(
-            f"engine.eval_clients: unknown {config.eval_clients!r} (choose from all, sampled)"
-        )
+    check_choice("engine.eval_clients", config.eval_clients, EvalClients)
     if config.checkpoint_every < 0:
         raise ConfigError(
             f"engine.checkpoint_every: must be 0 or more, got {config.checkpoint_every}"

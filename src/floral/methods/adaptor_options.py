@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from floral.adapters import AdapterSpec, RouterSpec, adaptor_parameter_names, precondition_
+from floral.adapters.spec import ConvForm, LayerType
 from floral.errors import ConfigError
 from floral.methods.base import Role
 from floral.train.loop import TrainConfig
@@ -29,10 +30,10 @@ class AdaptorOptions:
     min_rank: int = 1
     alpha: float = 1.0
     bias: bool = True
-    layer_types: list[str] = field(default_factory=lambda: ["linear", "conv2d"])
+    layer_types: list[LayerType] = field(default_factory=lambda: ["linear", "conv2d"])
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
-    conv_form: str = "separable"
+    conv_form: ConvForm = "separable"
     precondition: bool = False  # (B^T B)^-1 / (A A^T)^-1 preconditioned factor gradients
     precondition_eps: float = 1e-5
 

@@ -22,6 +22,7 @@ from floral.methods.base import Method, Role
 from floral.methods.floral import learned_weights
 from floral.methods.routing import (
     ROUTER_PREFIX,
+    RouterMode,
     check_router_mode,
     oracle_private,
     prepare_oracle,
@@ -36,7 +37,7 @@ __all__ = ["Ensemble", "EnsembleModel", "EnsembleOptions"]
 @dataclass
 class EnsembleOptions:
     num_models: int = 0  # C; 0 means one per cluster of the task
-    router: str = "learned"  # learned | oracle
+    router: RouterMode = "learned"
     temperature: float = 1.0
     noise: float = 1.0
 

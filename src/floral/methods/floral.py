@@ -42,6 +42,7 @@ from floral.methods.adaptor_options import (
 from floral.methods.base import WEIGHT_SUFFIX, Method, Role
 from floral.methods.routing import (
     ROUTER_PREFIX,
+    RouterMode,
     check_router_mode,
     oracle_private,
     prepare_oracle,
@@ -56,7 +57,7 @@ __all__ = ["Floral", "FloralOptions", "learned_weights", "routed_names"]
 @dataclass
 class FloralOptions(AdaptorOptions):
     num_adaptors: int = 0  # C; 0 means one per cluster of the task
-    router: str = "learned"  # learned | oracle (fixed one-hot on the client's true cluster)
+    router: RouterMode = "learned"  # oracle: fixed one-hot on the client's true cluster
     per_layer_router: bool = False
     temperature: float = 1.0
     noise: float = 1.0  # train-time router noise, uniform in [0, noise)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from floral.config import check_choice, choices
 from floral.data import FederatedTask
-from floral.errors import ConfigError
 from floral.methods.base import (
     WEIGHT_SUFFIX,
     ClientJob,
@@ -43,14 +44,15 @@ from floral.methods.lora_common import (
 from floral.train.optim import ServerOptimizer
 from floral.train.state import StateSlots, TensorDict
 
-__all__ = ["AGGREGATIONS", "HetLoRA", "HetLoRAOptions", "zero_padded"]
+__all__ = ["AGGREGATIONS", "Aggregation", "HetLoRA", "HetLoRAOptions", "zero_padded"]
 
-AGGREGATIONS = ("zero-padded", "per-rank")
+Aggregation = Literal["zero-padded", "per-rank"]
+AGGREGATIONS: tuple[str, ...] = choices(Aggregation)
 
 
 @dataclass
 class HetLoRAOptions(LoraOptions):
-    aggregation: str = "zero-padded"  # zero-padded | per-rank
+    aggregation: Aggregation = "zero-padded"
 
 
 def zero_padded(
@@ -90,11 +92,7 @@ class HetLoRA(LoraMethod):
     secure_sum = False  # ranks per client: each upload is read on its own
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
-        if self.options.aggregation not in AGGREGATIONS:
-            raise ConfigError(
-                f"method.aggregation: unknown {self.options.aggregation!r} "
-                f"(choose from {', '.join(AGGREGATIONS)})"
-            )
+        check_choice("method.aggregation", self.options.aggregation, Aggregation)
         return super().build_model(model, task)
 
     def client_step(self, slots: StateSlots, job: ClientJob) -> ClientUpdate:

@@ -6,16 +6,19 @@ client's true cluster; the fixed weights are the private state and the logits ar
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from floral.adapters import Router
-from floral.errors import ConfigError
+from floral.config import check_choice, choices
 from floral.methods.base import Role
 from floral.train.state import TensorDict
 
 __all__ = [
     "ROUTER_MODES",
     "ROUTER_PREFIX",
+    "RouterMode",
     "check_router_mode",
     "oracle_private",
     "oracle_weights",
@@ -24,12 +27,12 @@ __all__ = [
 ]
 
 ROUTER_PREFIX = "floral_router."
-ROUTER_MODES = ("learned", "oracle")
+RouterMode = Literal["learned", "oracle"]
+ROUTER_MODES: tuple[str, ...] = choices(RouterMode)
 
 
 def check_router_mode(mode: str) -> None:
-    if mode not in ROUTER_MODES:
-        raise ConfigError(f"method.router: unknown {mode!r} (choose from learned, oracle)")
+    check_choice("method.router", mode, RouterMode)
 
 
 def prepare_oracle(router: Router) -> None:

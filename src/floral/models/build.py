@@ -15,6 +15,8 @@ from floral.data import FederatedTask
 from floral.errors import ConfigError
 from floral.models.hetero import HETERO_WIDTHS, HeteroCNN, HeteroFamily
 from floral.models.networks import MLP, VGG8, LinearModel, PaperCNN
+from floral.models.quantize import Quantize
+from floral.train.device import Dtype
 from floral.train.state import aligned
 
 __all__ = [
@@ -63,9 +65,9 @@ class ModelConfig:
     init_from: str = ""
     # The frozen tensors' storage and the forward's compute: float32 | bfloat16 | float16
     # (mixed precision: trained tensors and their optimizer state stay float32).
-    dtype: str = "float32"
-    # A frozen base's linear layers stored in 8 or 4 bits (bitsandbytes): none | int8 | nf4.
-    quantize: str = "none"
+    dtype: Dtype = "float32"
+    # A frozen base's linear layers stored in 8 or 4 bits (bitsandbytes).
+    quantize: Quantize = "none"
     # Language models: keep the first N decoder blocks of the pretrained model; 0 = all.
     layers: int = 0
     # Language models, one depth per client: client k runs the first depths[k mod len] decoder

@@ -14,23 +14,24 @@ import importlib
 import logging
 import warnings
 from collections.abc import Collection
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from floral.config import check_choice, choices
 from floral.errors import ConfigError
 from floral.train.state import FROZEN_MARK
 
-__all__ = ["QUANTIZE", "check_quantize", "quantize_frozen"]
+__all__ = ["QUANTIZE", "Quantize", "check_quantize", "quantize_frozen"]
 
-QUANTIZE = ("none", "int8", "nf4")
+Quantize = Literal["none", "int8", "nf4"]
+QUANTIZE: tuple[str, ...] = choices(Quantize)
 
 
 def check_quantize(mode: str, device: torch.device) -> None:
     """A one-line error for a mode that does not exist, or cannot run on `device` here."""
-    if mode not in QUANTIZE:
-        raise ConfigError(f"model.quantize: unknown {mode!r} (choose from {', '.join(QUANTIZE)})")
+    check_choice("model.quantize", mode, Quantize)
     if mode == "none":
         return
     if device.type not in ("cpu", "cuda"):

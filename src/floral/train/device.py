@@ -10,16 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from floral.config import check_choice, choices
 from floral.errors import ConfigError
 
 __all__ = [
     "CPU",
     "DTYPES",
+    "Dtype",
     "Placement",
     "cast_tensors",
     "check_dtype",
@@ -32,7 +34,8 @@ __all__ = [
 ]
 
 CPU = torch.device("cpu")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES = dict(zip(choices(Dtype), (torch.float32, torch.bfloat16, torch.float16), strict=True))
 # Below this much work per training step (parameters x examples per batch), one intra-op
 # thread beats torch's default: splitting tiny matmuls across threads costs more than it saves
 # (docs/benchmarks.md, "Threads", measured with benchmarks/threads.py).
@@ -89,9 +92,8 @@ def resolve_device(spec: str, key: str = "engine.device") -> torch.device:
 
 def check_dtype(name: str, device: torch.device, key: str = "model.dtype") -> torch.dtype:
     """The torch dtype `name` means, checked to run on `device`."""
-    dtype = DTYPES.get(name)
-    if dtype is None:
-        raise ConfigError(f"{key}: unknown {name!r} (choose from {', '.join(DTYPES)})")
+    check_choice(key, name, Dtype)
+    dtype = DTYPES[name]
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(
             f"{key}: bfloat16 asked, but {torch.cuda.get_device_name(device)} has no bfloat16;"

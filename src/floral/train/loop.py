@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
+from floral.config import check_choice, choices
 from floral.errors import ConfigError
 from floral.train.device import Placement
 from floral.train.objective import LossFn
@@ -16,6 +18,10 @@ from floral.train.objective import LossFn
 __all__ = [
     "LR_SCHEDULES",
     "OPTIMIZERS",
+    "DpMode",
+    "LrSchedule",
+    "Optimizer",
+    "ServerOptimizerKind",
     "TrainConfig",
     "build_optimizer",
     "check_local_optimizer",
@@ -25,8 +31,12 @@ __all__ = [
     "train_epochs",
 ]
 
-OPTIMIZERS = ("sgd", "adamw")
-LR_SCHEDULES = ("constant", "cosine", "linear")
+Optimizer = Literal["sgd", "adamw"]
+LrSchedule = Literal["constant", "cosine", "linear"]
+ServerOptimizerKind = Literal["sgd", "adam"]
+DpMode = Literal["central", "local"]
+OPTIMIZERS: tuple[str, ...] = choices(Optimizer)
+LR_SCHEDULES: tuple[str, ...] = choices(LrSchedule)
 
 
 @dataclass
@@ -37,7 +47,7 @@ class TrainConfig:
     clients_per_round: float = 0.1  # fraction of clients sampled each round, in (0, 1]
     local_epochs: int = 1
     batch_size: int = 32
-    optimizer: str = "sgd"  # the clients' optimizer: sgd | adamw
+    optimizer: Optimizer = "sgd"  # the clients' optimizer
     lr: float = 0.1  # base model
     adaptor_lr: float = 0.0  # adaptors; 0 means "same as lr"
     router_lr: float = 0.1
@@ -47,12 +57,12 @@ class TrainConfig:
     eps: float = 1e-8  # adamw
     # The local learning rates over rounds: a linear warm-up over the first `warmup_rounds`,
     # then constant, or decaying to zero by a cosine or a straight line at the last round.
-    lr_schedule: str = "constant"
+    lr_schedule: LrSchedule = "constant"
     warmup_rounds: int = 0
     grad_accumulation: int = 1  # minibatches whose gradients add up into one optimizer step
     max_grad_norm: float = 0.0  # clip each step's gradient to this L2 norm; 0 = no clipping
     gradient_checkpointing: bool = False  # language models: recompute activations in backward
-    server_optimizer: str = "sgd"  # sgd | adam: applied to the mean update as a pseudo-gradient
+    server_optimizer: ServerOptimizerKind = "sgd"  # applied to the mean update as a pseudo-gradient
     server_lr: float = 1.0
     server_momentum: float = 0.0
     server_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -67,7 +77,7 @@ class TrainConfig:
     dp_clip: float = 0.0
     dp_noise: float = 0.0
     dp_delta: float = 1e-5
-    dp_mode: str = "central"
+    dp_mode: DpMode = "central"
     eval_batch_size: int = 2048
 
 
@@ -163,13 +173,8 @@ def build_optimizer(groups: Sequence[dict], config: TrainConfig) -> torch.optim.
 
 def check_local_optimizer(config: TrainConfig) -> None:
     """Value checks of the local optimizer's settings, each a one-line error naming the key."""
-    if config.optimizer not in OPTIMIZERS:
-        raise ConfigError(
-            f"train.optimizer: unknown {config.optimizer!r} (choose from {', '.join(OPTIMIZERS)})"
-        )
-    if config.lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(f"train.lr_schedule: unknown {config.lr_schedule!r} "
-                          f"(choose from {', '.join(LR_SCHEDULES)})")
+    check_choice("train.optimizer", config.optimizer, Optimizer)
+    check_choice("train.lr_schedule", config.lr_schedule, LrSchedule)
     if not 0 <= config.warmup_rounds < config.rounds:
         raise ConfigError(f"train.warmup_rounds: must be in [0, train.rounds), got "
                           f"{config.warmup_rounds}")

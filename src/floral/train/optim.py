@@ -10,8 +10,9 @@ from collections.abc import Mapping
 
 import torch
 
+from floral.config import check_choice
 from floral.errors import ConfigError
-from floral.train.loop import TrainConfig
+from floral.train.loop import ServerOptimizerKind, TrainConfig
 from floral.train.state import TensorDict
 
 __all__ = ["ServerOptimizer", "build_server_optimizer"]
@@ -22,14 +23,13 @@ class ServerOptimizer:
 
     def __init__(
         self,
-        kind: str = "sgd",
+        kind: ServerOptimizerKind = "sgd",
         lr: float = 1.0,
         momentum: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
-        if kind not in ("sgd", "adam"):
-            raise ConfigError(f"train.server_optimizer: unknown {kind!r} (choose from sgd, adam)")
+        check_choice("train.server_optimizer", kind, ServerOptimizerKind)
         self.kind, self.lr, self.momentum, self.betas, self.eps = kind, lr, momentum, betas, eps
         self.state: TensorDict = {}
         self.steps = 0

@@ -51,7 +51,8 @@ sys.exit(1 if loaded else 0)
 
 def run(code: str, src: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`code` in a fresh interpreter, in `cwd`, that imports floral from `src`."""
-    env = {**os.environ, "PYTHONPATH": str(src)}
+    # The repository root too: the contracts name the `scripts` package beside floral.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(ROOT)])}
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120)
 

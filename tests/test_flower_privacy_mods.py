@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from floral.engines.flower.options import FlowerOptions, options_from_run_config  # noqa: E402
 from floral.engines.flower.records import UPLOAD  # noqa: E402
-from floral.errors import ConfigError  # noqa: E402
+from floral.errors import ConfigError, RoundFailedError  # noqa: E402
 from floral.experiment import resolve_config  # noqa: E402
 from floral.methods import get_method, method_names  # noqa: E402
 from floral.run import run_experiment  # noqa: E402
@@ -101,7 +101,9 @@ def test_an_upload_beyond_the_clipping_range_is_an_error_not_clipped(tmp_path, c
     config = resolve_config(tiny_experiment("fedavg"))
     tight = FlowerOptions(round_timeout=30.0, node_timeout=1.0, poll_interval=0.001,
                           secagg=True, secagg_clip=1.0)
-    with caplog.at_level("WARNING", logger="flwr.floral"):
+    # Every client's upload is beyond the range: the round applies none, and the run fails.
+    with caplog.at_level("WARNING", logger="flwr.floral"), pytest.raises(
+            RoundFailedError, match=r"^round 1: 0 of 3 updates applied"):
         run_loopback(config, tmp_path / "out", options=tight)
     lines = [r.getMessage() for r in caplog.records]
     clipped = [line for line in lines if "flower.secagg-clip: client" in line]

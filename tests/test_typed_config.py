@@ -25,7 +25,7 @@ from floral.data.registry import COMMON_OPTIONS, dataset_entry, dataset_names
 from floral.data.sources import ImageData
 from floral.data.task import validate_task
 from floral.engines.config import EngineConfig, check_engine_config
-from floral.engines.driver import check_privacy
+from floral.engines.aggregation import check_privacy
 from floral.errors import ConfigError
 from floral.experiment import ExperimentConfig, load_config, resolve_config
 from floral.methods import _REGISTRY

@@ -26,9 +26,10 @@ from typing import ClassVar
 
 import torch
 
+from floral.config import check_choice
 from floral.errors import ConfigError
 from floral.methods.base import Capability, Method
-from floral.train.loop import TrainConfig
+from floral.train.loop import DpMode, TrainConfig
 from floral.train.privacy import secret_generator
 from floral.train.state import WEIGHT_SUFFIX, TensorDict
 
@@ -249,8 +250,7 @@ def check_privacy(train: TrainConfig) -> None:
     if train.dp_clip < 0 or train.dp_noise < 0:
         raise ConfigError("train.dp_clip and train.dp_noise: must be 0 or more, got "
                           f"{train.dp_clip} and {train.dp_noise}")
-    if train.dp_mode not in ("central", "local"):
-        raise ConfigError(f"train.dp_mode: unknown {train.dp_mode!r} (choose from central, local)")
+    check_choice("train.dp_mode", train.dp_mode, DpMode)
     if not 0 < train.dp_delta < 1:
         raise ConfigError(f"train.dp_delta: must be in (0, 1), got {train.dp_delta}")
     if train.dp_clip == 0 and train.dp_noise > 0:

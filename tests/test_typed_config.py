@@ -24,8 +24,8 @@ from floral.data import TaskConfig, build_task
 from floral.data.registry import COMMON_OPTIONS, dataset_entry, dataset_names
 from floral.data.sources import ImageData
 from floral.data.task import validate_task
-from floral.engines.config import EngineConfig, check_engine_config
 from floral.engines.aggregation import check_privacy
+from floral.engines.config import EngineConfig, check_engine_config
 from floral.errors import ConfigError
 from floral.experiment import ExperimentConfig, load_config, resolve_config
 from floral.methods import _REGISTRY

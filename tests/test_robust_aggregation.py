@@ -66,8 +66,8 @@ def test_bad_rules_are_one_line_errors_naming_the_key(rule, method, words):
 
 
 def test_the_median_shrugs_off_clients_that_flip_their_updates():
-    clean = robust_aggregation.accuracy("mean", bad=0, rounds=8)
-    attacked_mean = robust_aggregation.accuracy("mean", bad=2, rounds=8)
-    attacked_median = robust_aggregation.accuracy("median", bad=2, rounds=8)
+    clean = robust_aggregation.accuracy("mean", 0.0, 1.0, seed=0, rounds=8)
+    attacked_mean = robust_aggregation.accuracy("mean", 0.2, 1.0, seed=0, rounds=8)
+    attacked_median = robust_aggregation.accuracy("median", 0.2, 1.0, seed=0, rounds=8)
     assert attacked_mean < 20 < clean - 50  # two bad clients of ten ruin the mean ...
     assert attacked_median > clean - 3  # ... and barely move the median

@@ -82,7 +82,8 @@ def runtime_for(
     own = build() if cache is None else cached_task(cache, config.task, config.seed, data, build)
     method, task, model = build_setup(config, own)
     # The local engine's own worker, so a node starts from and computes exactly its numbers.
-    settings = WorkerSettings(placement, config.engine.threads, config.engine.batch_clients)
+    settings = WorkerSettings(placement, config.engine.threads, config.engine.batch_clients,
+                              config.attack)
     worker = ClientWorker(method, task, model, config.train, config.seed, settings)
     return ClientRuntime(
         worker, build_codec(config.comm.download, "comm.download"),

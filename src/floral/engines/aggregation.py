@@ -47,6 +47,7 @@ __all__ = [
     "private_update",
     "private_upload",
     "robust_upload",
+    "robustness_warning",
 ]
 
 
@@ -82,6 +83,11 @@ class Aggregation(ABC):
 
     @abstractmethod
     def describe(self) -> str: ...
+
+    def withstands(self, clients: int) -> int:
+        """How many arbitrarily bad updates among `clients` aggregated this policy removes
+        entirely (the mean: none)."""
+        return 0
 
     def check(self, setting: Setting) -> None:
         """One-line errors for what this policy cannot do in `setting`."""
@@ -125,6 +131,9 @@ class Median(_Robust):
     def rule(self) -> str:
         return "median"
 
+    def withstands(self, clients: int) -> int:
+        return (clients - 1) // 2  # the median stays among the good while they are most
+
 
 @dataclass(frozen=True)
 class Trimmed(_Robust):
@@ -132,6 +141,11 @@ class Trimmed(_Robust):
 
     def rule(self) -> str:
         return f"trimmed:{self.fraction:g}"
+
+    def withstands(self, clients: int) -> int:
+        # Cut at each end, sized from the clients actually aggregated (`robust_upload`): bad
+        # updates all on one side are removed up to the cut.
+        return min(int(self.fraction * clients), (clients - 1) // 2)
 
 
 class SecureSum(Aggregation):
@@ -183,6 +197,9 @@ class CentralDP(Aggregation):
 
     def describe(self) -> str:
         return "differential privacy"
+
+    def withstands(self, clients: int) -> int:
+        return self.inner.withstands(clients)
 
     def check(self, setting: Setting) -> None:
         if not setting.each_upload:
@@ -243,6 +260,17 @@ def aggregation_for(
         CentralDP(parse_rule(train.aggregation), train.dp_clip, train.dp_noise).check(
             replace(setting, each_upload=True))
     return policy
+
+
+def robustness_warning(policy: Aggregation, sampled: int, attackers: int) -> str | None:
+    """One line when `attackers` bad clients, `sampled` a round, can outnumber what the policy
+    removes in a round where they are sampled together; None when it withstands them."""
+    worst = min(attackers, sampled)
+    if worst <= policy.withstands(sampled):
+        return None
+    return (f"train.aggregation = {policy.describe()} removes at most "
+            f"{policy.withstands(sampled)} bad update(s) of the {sampled} a round aggregates; "
+            f"{worst} of the attack's {attackers} clients may be sampled together")
 
 
 def check_privacy(train: TrainConfig) -> None:

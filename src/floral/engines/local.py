@@ -17,6 +17,7 @@ from torch import nn
 
 from floral.comm import CommConfig, build_codec
 from floral.data import FederatedTask
+from floral.engines.attack import AttackConfig
 from floral.engines.config import EngineConfig
 from floral.engines.driver import Driver, Evaluated, Trained, check_state_names
 from floral.engines.worker import ClientWorker, WorkerSettings
@@ -109,9 +110,11 @@ class LocalEngine(Driver):
         seed: int = 0,
         comm: CommConfig | None = None,
         placement: Placement | None = None,
+        attack: AttackConfig | None = None,
     ) -> None:
         config, comm = config or EngineConfig(), comm or CommConfig()
-        settings = WorkerSettings(placement or Placement(), config.threads, config.batch_clients)
+        settings = WorkerSettings(placement or Placement(), config.threads, config.batch_clients,
+                                  attack or AttackConfig())
         self.worker = ClientWorker(method, task, model, train, seed, settings)
         self.local = LocalTransport(self.worker, comm)
         super().__init__(

@@ -14,13 +14,14 @@ uploads and evaluation sums.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from floral.data import FederatedTask
 from floral.engines.aggregation import private_upload
+from floral.engines.attack import Attack, AttackConfig
 from floral.engines.batched import batched_client_steps
 from floral.engines.driver import Evaluated, client_seed, router_summary
 from floral.methods.base import ClientJob, ClientUpdate, Method, ServerState, split_roles
@@ -40,6 +41,7 @@ class WorkerSettings:
     placement: Placement = Placement()
     threads: int = 0  # torch's intra-op threads while clients work; 0: by the model's size
     batch_clients: int = 0  # clients of equal data size trained together; 0: one by one
+    attack: AttackConfig = field(default_factory=AttackConfig)  # experiments: bad clients
 
 
 class ClientWorker:
@@ -55,6 +57,8 @@ class ClientWorker:
         settings: WorkerSettings | None = None,
     ) -> None:
         settings = settings or WorkerSettings()
+        self.attack = Attack(settings.attack, len(task.clients), seed)
+        task = self.attack.poison(task)
         self.method, self.task, self.train_config, self.seed = method, task, train, seed
         self.placement, self.batch_clients = settings.placement, settings.batch_clients
         self.objective = get_objective(task.kind)
@@ -87,7 +91,8 @@ class ClientWorker:
                        if self.batch_clients else {})
             for k, job in jobs.items():
                 update = batched.get(k) or self.method.client_step(self.slots, job)
-                updates[k] = self._released(update.on_cpu())
+                update = self.attack.corrupt(k, round_, update.on_cpu())
+                updates[k] = self._released(update)
         return updates
 
     def evaluate(

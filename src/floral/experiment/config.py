@@ -9,6 +9,7 @@
     [engine]  name, evaluation, checkpoints           (floral.engines.EngineConfig)
     [comm]    download and upload codecs              (floral.comm.CommConfig)
     [output]  dir
+    [attack]  experiments: clients that misbehave     (floral.engines.attack)
 
 Every key and value is checked here, before any work: one line naming the key.
 """
@@ -16,6 +17,7 @@ Every key and value is checked here, before any work: one line naming the key.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +27,8 @@ from typing import Any
 from floral.comm import CommConfig, build_codec
 from floral.config import from_dict, parse_value, set_dotted, to_dict, tomllib
 from floral.data import TaskConfig
-from floral.engines.aggregation import aggregation_for
+from floral.engines.aggregation import aggregation_for, robustness_warning
+from floral.engines.attack import AttackConfig, attackers, check_attack
 from floral.engines.config import EngineConfig, check_engine_config
 from floral.engines.driver import check_round_minimum
 from floral.errors import ConfigError
@@ -47,7 +50,8 @@ __all__ = [
     "resolve_config",
 ]
 
-TABLES = ("task", "model", "method", "train", "engine", "comm", "output")
+TABLES = ("task", "model", "method", "train", "engine", "comm", "output", "attack")
+log = logging.getLogger("floral")
 
 
 @dataclass
@@ -69,6 +73,7 @@ class ExperimentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)  # experiments on robustness
 
     @property
     def method_name(self) -> str:
@@ -139,8 +144,14 @@ def check_values(config: ExperimentConfig) -> None:
     check_engine_config(config.engine)
     placement = placement_of(config)  # an unknown device or a precision it cannot run stops here
     check_quantize(config.model.quantize, placement.device)
-    aggregation_for(config.train, config.build_method(), config.task.num_clients,
-                    config.comm.upload)
+    policy = aggregation_for(config.train, config.build_method(), config.task.num_clients,
+                             config.comm.upload)
+    check_attack(config.attack)
+    bad = len(attackers(config.attack, config.task.num_clients, config.seed))
+    sampled = max(1, round(config.train.clients_per_round * config.task.num_clients))
+    warning = robustness_warning(policy, sampled, bad)
+    if warning:
+        log.warning(warning)
     check_round_minimum(config.engine, config.train, config.task.num_clients)
     build_codec(config.comm.download, "comm.download")
     build_codec(config.comm.upload, "comm.upload")

@@ -69,6 +69,7 @@ def build_engine(
     placement = placement_of(config)
     method, task, model = build_setup(config, task)
     engine = LocalEngine(
-        method, task, model, config.train, config.engine, config.seed, config.comm, placement
+        method, task, model, config.train, config.engine, config.seed, config.comm, placement,
+        config.attack,
     )
     return engine, task

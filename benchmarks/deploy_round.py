@@ -3,7 +3,7 @@
     python benchmarks/deploy_round.py [--nodes 2] [--rounds 5] [--repeat 1]
 
 Starts one federation on 127.0.0.1 (a SuperLink and `--nodes` SuperNodes: the deployment
-test's harness, tests/flower_federation.py) and runs on it, in turn, a trivial Flower app with
+test's harness, tests/support/federation.py) and runs on it, in turn, a trivial Flower app with
 floral's message pattern (benchmarks/flower_floor: each round a train message to every node
 with the global arrays, echoed back, then an evaluate message; no torch) and floral's example
 app (examples/flower-app: FLoRAL on synthetic-mlp, one client per node, evaluation every
@@ -35,7 +35,7 @@ FLOOR_APP = ROOT / "benchmarks" / "flower_floor"
 FLORAL_APP = ROOT / "examples" / "flower-app"
 sys.path.insert(0, str(ROOT / "tests"))
 
-from flower_federation import Federation  # noqa: E402
+from support.federation import Federation  # noqa: E402
 
 FLORAL_START = """
 import time

@@ -4,7 +4,7 @@
     python scripts/architecture_counts.py --write    # refresh it in docs/architecture.md
 
 The table stands between `<!-- scripts/architecture_counts.py -->` and `<!-- end -->`;
-tests/test_architecture_doc.py fails when it no longer matches the tree.
+tests/docs/test_architecture_doc.py fails when it no longer matches the tree.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ class Method:
     description: ClassVar[str] = "Federated averaging of the whole model, weighted by examples."
     Options: ClassVar[type] = NoOptions
     # What the method offers, declared, never found by looking at its code. The defaults offer
-    # nothing: a method opts in to each, and tests/test_capabilities.py checks every
+    # nothing: a method opts in to each, and tests/engines/test_capabilities.py checks every
     # registered method's declarations against what its steps and server do.
     #
     # Whether engines may run this method's clients as one batch (floral.engines.batched),

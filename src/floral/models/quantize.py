@@ -98,7 +98,7 @@ def _bitsandbytes(mode: str) -> Any:
         logging.getLogger(name).setLevel(logging.ERROR)
     # bitsandbytes' CPU 4-bit kernel has no autograd registration, and torch warns at every
     # backward; the gradient it passes is that of the quantized weight
-    # (tests/test_quantize.py checks it), which is what training over a frozen base needs.
+    # (tests/models/test_quantize.py checks it), which is what training over a frozen base needs.
     warnings.filterwarnings(
         "ignore", message="bitsandbytes::gemv_4bit: an autograd kernel was not registered"
     )

@@ -7,6 +7,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DivergedError",
     "FloralError",
+    "OutputError",
     "RoundFailedError",
     "RunCrashedError",
 ]
@@ -31,6 +32,13 @@ class DatasetNotFoundError(ConfigError):
 class DivergedError(ConfigError):
     """Training diverged: the global model, or every update of a round, is no longer finite.
     Almost always a setting (a learning rate too large), hence a ConfigError's exit status."""
+
+
+class OutputError(FloralError):
+    """A results file or folder that cannot be written: a file in the way, no permission, a full
+    disk. The message names the path; what was written before is left as it was."""
+
+    exit_code = 2
 
 
 class RoundFailedError(FloralError):

@@ -6,6 +6,11 @@ records the run's identity (its resolved config). Until the new manifest is in p
 previous one, and the files it names, stand untouched: a kill at any point of a write leaves
 the previous good checkpoint. Files the manifest does not name are a partial write: reading
 ignores them with a warning; the next write removes them.
+
+Every write under a results folder goes through the helpers here (`atomic_write_text`,
+`atomic_write_bytes`, `save_tensors`, `make_folder`, or a `writing` block): a write that fails
+(a file in the way, no permission, a full disk) is a one-line `OutputError` naming the path, its
+half-written copy removed and the file it would have replaced untouched.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +31,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from floral.config import tomllib
-from floral.errors import ConfigError
+from floral.errors import ConfigError, OutputError
 from floral.train.state import aligned
 
 __all__ = [
     "Checkpoint",
+    "atomic_write_bytes",
     "atomic_write_text",
+    "check_writable",
     "json_safe",
     "load_tensors",
+    "make_folder",
     "read_json",
     "read_toml",
     "save_tensors",
+    "writing",
 ]
 
 log = logging.getLogger("floral")
@@ -42,17 +53,85 @@ MANIFEST = "manifest.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` aside, then rename it into place: readers see the old file or the new."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write `text` (UTF-8) aside, then rename it into place: readers see the old file or the
+    new."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` aside, then rename it into place: readers see the old file or the new."""
+    tmp = _aside(path)
+    with writing(path, tmp):
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     """safetensors, written aside and renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    tmp = _aside(path)
+    with writing(path, tmp):
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+
+
+def make_folder(folder: Path) -> None:
+    """`folder` and its parents, unless they are there."""
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def check_writable(folder: Path) -> None:
+    """Before any work: `folder` is a folder, or can be made one, where this process may write
+    (what can be told without writing); else a one-line `OutputError`."""
+    existing = _nearest(folder)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(f"cannot write {folder}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {folder}: {existing} is not writable (permission denied)")
+
+
+@contextmanager
+def writing(path: Path, aside: Path | None = None) -> Iterator[None]:
+    """Writes to `path` (a folder, or a file written aside to `aside`) in this block: one that
+    fails ends in a one-line `OutputError` naming `path` and the problem, `aside` removed."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        if aside is not None:
+            with suppress(OSError):
+                aside.unlink(missing_ok=True)
+        folder = path if aside is None else path.parent
+        raise OutputError(f"cannot write {path}: {_problem(folder, error)}") from None
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _problem(folder: Path, error: Exception) -> str:
+    """What went wrong, in words: a file where a folder should be, or the system's reason."""
+    blocker = _file_in_the_way(folder)
+    if blocker is not None:
+        return f"{blocker} is a file, not a folder"
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    # safetensors' own I/O errors: "... I/O error: No space left on device (os error 28) ..."
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(error))
+    return found.group(1) if found else str(error)
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The file (not a folder) at `folder` or at its nearest existing parent, if any."""
+    existing = _nearest(folder)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
+def _nearest(folder: Path) -> Path | None:
+    """`folder` if it exists, else its nearest existing parent (None: none can be seen)."""
+    try:
+        return next((p for p in (folder, *folder.parents) if p.exists()), None)
+    except OSError:  # a parent this process may not even look into
+        return None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -118,7 +197,7 @@ class Checkpoint:
         identity: Mapping[str, Any],
     ) -> None:
         """The state and progress of round `progress["round"]`, then the manifest naming them."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder)
         round_ = int(progress["round"])
         state_file, progress_file = f"state-{round_}.safetensors", f"progress-{round_}.json"
         save_tensors(state, self.folder / state_file)
@@ -131,6 +210,10 @@ class Checkpoint:
         atomic_write_text(self.folder / MANIFEST, json.dumps(manifest, indent=1))
         for stray in self._strays(manifest):
             stray.unlink(missing_ok=True)
+
+    def round(self) -> int:
+        """The round the checkpoint holds."""
+        return int(self._manifest()["round"])
 
     def identity(self) -> dict[str, Any]:
         """The identity the manifest records (the resolved config of the run that wrote it)."""

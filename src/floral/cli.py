@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from floral.errors import FloralError
+from floral.errors import FloralError, OutputError
 
 # The eight rows of the FLoRAL paper's tables (arXiv 2410.03497), in its order: the default
 # grid of `floral sweep`.
@@ -125,6 +126,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from floral.checkpoint import check_writable
     from floral.experiment import load_config
     from floral.progress import RunProgress, print_summary
     from floral.run import run_experiment
@@ -132,12 +134,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = [*args.set, f"engine.name={args.engine}"] if args.engine else args.set
     config = load_config(args.config, overrides)
     out = Path(args.out or config.output.dir or Path("results") / config.name)
-    with RunProgress(config, disable=args.quiet) as progress:
-        summary = run_experiment(
-            config, out, resume=args.resume, overwrite=args.overwrite, on_round=progress.update
-        )
+    check_writable(out)  # before the progress bar shows
+    try:
+        with RunProgress(config, disable=args.quiet) as progress:
+            summary = run_experiment(
+                config, out, resume=args.resume, overwrite=args.overwrite,
+                on_round=progress.update,
+            )
+    except OutputError as error:
+        raise OutputError(f"{error}{_resumable_from(out)}") from None
     print_summary(summary)
     return 0
+
+
+def _resumable_from(out: Path) -> str:
+    """What a run stopped by a failed write left to continue from, in words."""
+    from floral.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(out / "checkpoint")
+    try:
+        round_ = checkpoint.round() if checkpoint.exists() else None
+    except FloralError:
+        return ""
+    if round_ is None:
+        return ""
+    return (f"; the checkpoint of round {round_} in {checkpoint.folder} is intact: "
+            "rerun with --resume once the problem is fixed")
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -171,7 +193,8 @@ def _run_grid(configs: Sequence[str], args: argparse.Namespace, out: Path, flat:
         with GridProgress(runs, disable=args.quiet) as progress:
             run_sweep(tasks, jobs, progress.update)
     except FloralError:
-        _report(out, plots=not args.no_plots)  # the runs that did finish, then the error
+        with contextlib.suppress(OutputError):  # a full disk: the run's error is the one to tell
+            _report(out, plots=not args.no_plots)  # the runs that did finish, then the error
         raise
     return _report(out, plots=not args.no_plots)
 

@@ -23,7 +23,7 @@ from typing import Any
 import tomli_w
 import torch
 
-from floral.checkpoint import read_json
+from floral.checkpoint import atomic_write_text, make_folder, read_json
 from floral.config import parse_value, tomllib
 from floral.errors import ConfigError, FloralError, RunCrashedError
 from floral.experiment import ExperimentConfig, RunSummary, read_experiment, resolve_config
@@ -247,9 +247,9 @@ def _collect(
 def crashed(run: RunSpec, error: Exception) -> RunCrashedError:
     """The one-line error for a run that crashed; its full traceback (a worker's included)
     goes to `error.txt` in the run's folder."""
-    run.out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(run.out_dir)
     path = run.out_dir / CRASH_FILE
-    path.write_text("".join(traceback.format_exception(error)))
+    atomic_write_text(path, "".join(traceback.format_exception(error)))
     return RunCrashedError(f"{type(error).__name__}: {error} (traceback in {path})")
 
 
@@ -277,7 +277,7 @@ def _run_one(run: RunSpec, on_progress: Progress | None, fresh: bool = False) ->
         "resumed": resumed,
         "peak_memory_mb": _peak_memory_mb() if fresh else None,
     }
-    (run.out_dir / COST_FILE).write_text(json.dumps(cost) + "\n")
+    atomic_write_text(run.out_dir / COST_FILE, json.dumps(cost) + "\n")
     return summary
 
 

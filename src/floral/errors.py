@@ -7,6 +7,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DivergedError",
     "FloralError",
+    "OutputError",
     "RoundFailedError",
     "RunCrashedError",
 ]
@@ -39,6 +40,13 @@ class DivergedError(ConfigError):
     def __init__(self, message: str, start_suspect: bool = False) -> None:
         super().__init__(message)
         self.start_suspect = start_suspect
+
+
+class OutputError(FloralError):
+    """A results file or folder that cannot be written: a file in the way, no permission, a full
+    disk. The message names the path; what was written before is left as it was."""
+
+    exit_code = 2
 
 
 class RoundFailedError(FloralError):

@@ -94,7 +94,8 @@ def plot_router_heatmap(maps: Mapping[str, RouterMap], path: Path, title: str) -
     fig.suptitle(title, fontsize=10)
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="π", fraction=0.03, pad=0.01)
     fig.set_layout_engine("constrained")
-    return _save(fig, path)
+    # A constrained layout places the colorbar itself; tight_layout would fight it.
+    return save_figure(fig, path, tight=False)
 
 
 def _mark_clusters(ax: Any, sorted_clusters: np.ndarray) -> None:
@@ -133,12 +134,3 @@ def plot_cluster_bars(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not on, bars
     return save_figure(fig, path)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    # A constrained layout places the colorbar itself; tight_layout would fight it.
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from floral.checkpoint import atomic_write_bytes, atomic_write_text
 from floral.experiment import RunSummary
 
 __all__ = [
@@ -80,12 +82,13 @@ def write_comparison(rows: Sequence[ComparisonRow], out: Path, title: str) -> tu
             f"| {r['mb_up_per_round']:.3f} | {r['mb_down_per_round']:.3f} |"
         )
     md = out / "comparison.md"
-    md.write_text("\n".join(lines) + "\n")
+    atomic_write_text(md, "\n".join(lines) + "\n")
     path = out / "comparison.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
     return md, path
 
 
@@ -148,11 +151,15 @@ def pyplot():  # noqa: ANN201  (matplotlib is optional: no annotation that impor
     return plt
 
 
-def save_figure(fig: Any, path: Path) -> Path:
-    """Write `fig` to `path` and free it (pyplot keeps every open figure alive)."""
+def save_figure(fig: Any, path: Path, tight: bool = True) -> Path:
+    """Write `fig` to `path` (aside, then renamed into place) and free it (pyplot keeps every
+    open figure alive); `tight=False` keeps the figure's own layout."""
     import matplotlib.pyplot as plt  # only called on figures that pyplot() made
 
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if tight:
+        fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format=path.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, image.getvalue())
     return path

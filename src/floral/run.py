@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from floral.checkpoint import check_writable
 from floral.engines.flower import require_flower
 from floral.experiment import ExperimentConfig, ProgressFn, RunSummary, build_engine, run_rounds
 
@@ -30,6 +31,7 @@ def run_experiment(
     Starting afresh where a run's results are needs `overwrite` (implied by "auto").
     """
     out = Path(out_dir or config.output.dir or Path("results") / config.name)
+    check_writable(out)  # a file in the way, or no permission, stops here, before any work
     if config.engine.name == "flower":
         require_flower()
         from floral.flower_app import simulate  # optional dependency, imported on use

@@ -21,6 +21,7 @@ What it writes, from whatever runs have finished (`floral plot` writes it again)
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from floral.checkpoint import atomic_write_text, read_json, read_toml
+from floral.checkpoint import atomic_write_text, make_folder, read_json, read_toml
 from floral.compare import (
     MethodSpec,
     Progress,
@@ -42,7 +43,7 @@ from floral.compare import (
     run_cost,
 )
 from floral.errors import ConfigError
-from floral.experiment import RunSummary, resolve_config
+from floral.experiment import RunSummary, check_name, resolve_config
 from floral.plots import plot_cluster_bars, plot_router_heatmap, router_weights_of_run
 from floral.report import ComparisonRow, comparison_rows, plot_curves, write_comparison
 
@@ -96,6 +97,7 @@ def plan_sweep(
     for path in configs:
         base = load_base(path)
         name = base["name"]
+        check_name(name, f"{path}: name")  # the task's folder, whatever --set makes of the runs'
         if any(task.name == name for task in tasks):
             raise ConfigError(f"{path}: a second task named {name!r}; give each file its own name")
         folder = out if flat else out / name
@@ -138,7 +140,7 @@ def write_manifest(
     path = out / "grid.json"
     if path.exists():
         data = _merge_plans(read_json(path), data)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     return path
 
@@ -299,13 +301,14 @@ def write_grid_table(results: Sequence[TaskResults], out: Path) -> list[Path]:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     md = out / "table.md"
-    md.write_text("\n".join(lines))
+    atomic_write_text(md, "\n".join(lines))
     path = out / "table.csv"
     flat = [{"task": t, **rows[t][m]} for t in tasks for m in methods if m in rows[t]]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
-        writer.writeheader()
-        writer.writerows(flat)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(flat[0]))
+    writer.writeheader()
+    writer.writerows(flat)
+    atomic_write_text(path, text.getvalue())
     return [md, path]
 
 

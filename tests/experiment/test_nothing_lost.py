@@ -12,18 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.experiment import TINY as BASE
+from support.experiment import TINY_FEDAVG as TINY
 
 from floral import checkpoint as checkpoint_module
 from floral.checkpoint import Checkpoint, json_safe
 from floral.cli import main
 from floral.experiment import load_config
 from floral.run import run_experiment
-
-# test_experiment.py's tiny experiment, with FedAvg and a checkpoint every 2 rounds.
-TINY = BASE.replace('name = "floral"', 'name = "fedavg"').replace(
-    "eval_every = 2", "eval_every = 2\ncheckpoint_every = 2"
-)
 
 
 @pytest.fixture

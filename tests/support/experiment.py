@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["TINY"]
+__all__ = ["TINY", "TINY_FEDAVG"]
 
 TINY = """
 name = "tiny"
@@ -26,3 +26,8 @@ lr = 0.05
 [engine]
 eval_every = 2
 """
+
+# The same with FedAvg and a checkpoint every 2 rounds.
+TINY_FEDAVG = TINY.replace('name = "floral"', 'name = "fedavg"').replace(
+    "eval_every = 2", "eval_every = 2\ncheckpoint_every = 2"
+)

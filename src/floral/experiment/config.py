@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "TABLES",
     "ExperimentConfig",
     "OutputConfig",
+    "check_name",
     "check_values",
     "load_config",
     "placement_of",
@@ -125,6 +127,7 @@ def resolve_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Ex
 
 def check_values(config: ExperimentConfig) -> None:
     """Value checks that do not need the data (the data checks its own when loaded)."""
+    check_name(config.name)
     positive = {
         "train.rounds": config.train.rounds,
         "train.local_epochs": config.train.local_epochs,
@@ -155,6 +158,18 @@ def check_values(config: ExperimentConfig) -> None:
     check_round_minimum(config.engine, config.train, config.task.num_clients)
     build_codec(config.comm.download, "comm.download")
     build_codec(config.comm.upload, "comm.upload")
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_name(name: object, key: str = "name") -> None:
+    """A run's name is a name, not a path: it becomes one folder under results/."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{key}: {name!r} is not a name (letters, digits, '.', '-' and '_', beginning with "
+            "a letter or digit; it becomes a folder under results/)"
+        )
 
 
 def placement_of(config: ExperimentConfig, device: str = "") -> Placement:

@@ -25,7 +25,7 @@ from typing import Any
 
 import tomli_w
 
-from floral.checkpoint import Checkpoint, atomic_write_text, json_safe, save_tensors
+from floral.checkpoint import Checkpoint, atomic_write_text, json_safe, save_tensors, writing
 from floral.engines.driver import Driver, Observer, RoundResult
 from floral.errors import ConfigError, DivergedError, RoundFailedError
 from floral.experiment.config import TABLES, ExperimentConfig, resolve_config
@@ -372,13 +372,14 @@ def _start_afresh(out: Path, overwrite: bool) -> None:
             f"{out} holds {what} ({', '.join(found)}): pass --overwrite to replace it, "
             "--resume to continue it, or --out to write elsewhere"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    for name in found:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        for name in found:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def _write_config(config: ExperimentConfig, out: Path) -> None:

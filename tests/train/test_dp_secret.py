@@ -74,30 +74,26 @@ def test_a_curious_server_cannot_replay_a_clients_local_noise():
     assert not all(torch.equal(again[n], noisy[n]) for n in names)
 
 
-def test_a_curious_server_cannot_replay_the_central_noise():
-    config = _config(dp_noise=1.0, clients_per_round=1.0)  # every client: only noise differs
-    clean_engine, _ = build_engine(_config(dp_noise=0.0, clients_per_round=1.0))
-    noisy_engine, _ = build_engine(config)
+def _server_sees(config: ExperimentConfig) -> TensorDict:
+    """The one upload the server update gets in round 1 (under central DP: the noised sum)."""
+    engine, _ = build_engine(config)
     seen: list[TensorDict] = []
-    real = noisy_engine.method.server_update
+    real = engine.method.server_update
 
     def recording(state, uploads, optimizer):  # noqa: ANN001, ANN202
         seen.append(dict(uploads[0]))
         return real(state, uploads, optimizer)
 
-    noisy_engine.method.server_update = recording  # type: ignore[method-assign]
-    clean_seen: list[TensorDict] = []
-    clean_real = clean_engine.method.server_update
+    engine.method.server_update = recording  # type: ignore[method-assign]
+    engine.run_round()
+    return seen[0]
 
-    def clean_recording(state, uploads, optimizer):  # noqa: ANN001, ANN202
-        clean_seen.append(dict(uploads[0]))
-        return clean_real(state, uploads, optimizer)
 
-    clean_engine.method.server_update = clean_recording  # type: ignore[method-assign]
-    noisy_engine.run_round()
-    clean_engine.run_round()
-    names = _names(seen[0])
-    noise = {n: seen[0][n] - clean_seen[0][n] for n in names}
+def test_a_curious_server_cannot_replay_the_central_noise():
+    config = _config(dp_noise=1.0, clients_per_round=1.0)  # every client: only noise differs
+    noisy = _server_sees(config)
+    clean = _server_sees(_config(dp_noise=0.0, clients_per_round=1.0))
+    noise = {n: noisy[n] - clean[n] for n in _names(noisy)}
     assert not _replays(noise, _public_seeds(config, 1, -1), 1.0 * 0.05)
 
 

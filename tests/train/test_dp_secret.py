@@ -94,6 +94,7 @@ def test_a_curious_server_cannot_replay_the_central_noise():
     noisy = _server_sees(config)
     clean = _server_sees(_config(dp_noise=0.0, clients_per_round=1.0))
     noise = {n: noisy[n] - clean[n] for n in _names(noisy)}
+    assert float(torch.cat([v.flatten() for v in noise.values()]).std()) > 0.01  # noise there
     assert not _replays(noise, _public_seeds(config, 1, -1), 1.0 * 0.05)
 
 

@@ -68,7 +68,14 @@ def test_a_curious_server_cannot_replay_a_clients_local_noise():
     noise = {n: noisy[n] - clean[n] for n in names}
     assert float(torch.cat([v.flatten() for v in noise.values()]).std()) > 0.01
     scale = 1.0 * 0.05
-    assert not _replays(noise, _public_seeds(noisy_config, 1, 3), scale)
+    seeds = _public_seeds(noisy_config, 1, 3)
+    # The server's replay works: noise drawn from a seed in config.toml (as it once was) is
+    # regenerated exactly ...
+    public = torch.Generator().manual_seed(client_seed(noisy_config.seed, 1, 3) ^ 0xD1FF)
+    assert _replays({n: scale * torch.randn(noise[n].shape, generator=public) for n in names},
+                    seeds, scale)
+    # ... and fails on the noise a client draws now.
+    assert not _replays(noise, seeds, scale)
     # The same client, round and state again: other noise (none of it in config.toml).
     again = _upload(noisy_config, client=3)
     assert not all(torch.equal(again[n], noisy[n]) for n in names)

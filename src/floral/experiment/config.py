@@ -20,11 +20,20 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from floral.comm import CommConfig, build_codec
-from floral.config import from_dict, parse_value, set_dotted, to_dict, tomllib
+from floral.config import (
+    Range,
+    check_ranges,
+    from_dict,
+    parse_value,
+    set_dotted,
+    to_dict,
+    tomllib,
+)
 from floral.data import TaskConfig
+from floral.data.task import validate_task
 from floral.engines.aggregation import aggregation_for
 from floral.engines.config import EngineConfig, check_engine_config
 from floral.engines.driver import check_round_minimum
@@ -34,7 +43,7 @@ from floral.models import ModelConfig
 from floral.models.quantize import check_quantize
 from floral.tracking import check_sinks
 from floral.train.device import Placement, check_dtype, resolve_device
-from floral.train.loop import TrainConfig, check_local_optimizer
+from floral.train.loop import TrainConfig, check_local_optimizer, check_settings_take_effect
 
 __all__ = [
     "TABLES",
@@ -69,6 +78,8 @@ class ExperimentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    RANGES: ClassVar[dict[str, Range]] = {"seed": Range("[0, 2**64)")}
 
     @property
     def method_name(self) -> str:
@@ -119,31 +130,25 @@ def resolve_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Ex
 
 
 def check_values(config: ExperimentConfig) -> None:
-    """Value checks that do not need the data (the data checks its own when loaded)."""
-    positive = {
-        "train.rounds": config.train.rounds,
-        "train.local_epochs": config.train.local_epochs,
-        "train.batch_size": config.train.batch_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
-    if not 0 < config.train.clients_per_round <= 1:
-        raise ConfigError(
-            f"train.clients_per_round: must be in (0, 1], got {config.train.clients_per_round}"
-        )
-    if config.train.lr <= 0:
-        raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
+    """Value checks that do not need the data (the data checks its own when loaded): every
+    numeric setting within the range declared beside it (`RANGES`, floral.config.check_ranges),
+    the method's options included, then the checks across settings."""
+    method = config.build_method()
+    check_ranges(config, "")
+    check_ranges(method.options, "method")
     check_local_optimizer(config.train)
+    check_settings_take_effect(config.train)
+    method.check_against(config.train, config.task)
     check_sinks(config.output.tensorboard, config.output.mlflow)
     check_engine_config(config.engine)
     placement = placement_of(config)  # an unknown device or a precision it cannot run stops here
     check_quantize(config.model.quantize, placement.device)
-    aggregation_for(config.train, config.build_method(), config.task.num_clients,
+    aggregation_for(config.train, method, config.task.num_clients,
                     config.comm.upload)
     check_round_minimum(config.engine, config.train, config.task.num_clients)
     build_codec(config.comm.download, "comm.download")
     build_codec(config.comm.upload, "comm.upload")
+    validate_task(config.task)  # the dataset's own checks, before any file is read
 
 
 def placement_of(config: ExperimentConfig, device: str = "") -> Placement:

@@ -495,6 +495,8 @@ def test_values_on_either_side_of_a_range_are_told_apart(setting, data):
     (["train.server_betas=[0.5, 0.9]"],
      "train.server_betas: [0.5, 0.9] takes effect only with train.server_optimizer = 'adam' "
      "(this run's is 'sgd')"),
+    (["train.dp_delta=1e-6"],
+     "train.dp_delta: 1e-06 takes effect only with differential privacy (train.dp_clip > 0)"),
     (["method.name=hetlora", "method.ranks=[1, 2]"],
      "method.ranks: 2 ranks for 4 clients; give one per client or use method.rank_tiers"),
     (["method.name=flora", "method.layer_types=[\"norm\"]"],
@@ -519,6 +521,7 @@ def test_each_setting_that_cannot_work_is_one_line_before_any_work(
     ["method.name=floral-em", "method.warmup_rank=0.1", "method.warmup_rounds=1"],
     ["train.optimizer=adamw", "train.betas=[0.5, 0.9]", "train.eps=1e-6"],
     ["train.server_optimizer=adam", "train.server_betas=[0.5, 0.9]", "train.server_eps=1e-6"],
+    ["method.name=fedavg", "train.dp_clip=1.0", "train.dp_delta=1e-6", "train.dp_mode=local"],
 ])
 def test_settings_that_take_effect_are_accepted(settings):
     resolve_config(_data("floral"), settings)

@@ -218,8 +218,14 @@ _KIND_SETTINGS: dict[str, dict[str, tuple[str, ...]]] = {
 
 def check_settings_take_effect(config: TrainConfig) -> None:
     """A one-line error for a setting of an optimizer that is not the one picked (momentum with
-    adamw, betas with sgd, ...): it could never take effect."""
+    adamw, betas with sgd, ...), or of differential privacy while it is off: it could never
+    take effect."""
     defaults = {f.name: field_default(f) for f in dataclasses.fields(config)}
+    for key in ("dp_delta", "dp_mode"):
+        value = getattr(config, key)
+        if not config.dp_clip and value != defaults[key]:
+            raise ConfigError(f"train.{key}: {value!r} takes effect only with differential "
+                              "privacy (train.dp_clip > 0)")
     for picker, kinds in _KIND_SETTINGS.items():
         picked = getattr(config, picker)
         for kind, keys in kinds.items():

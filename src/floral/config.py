@@ -8,11 +8,20 @@ dotted key, before any work starts. A setting that is one of fixed choices is ty
 A table whose meaningful keys depend on one of its values (`[task]`: the dataset's options)
 says so with a classmethod `key_scope(data, prefix) -> KeyScope | None`; `from_dict` then
 refuses, naming the owner, any key outside the scope that is not at its default.
+
+Every numeric setting declares the values it may take beside its dataclass, in a table
+`RANGES: ClassVar[dict[str, Range]]` (merged down the class hierarchy: an options class
+inherits its base's ranges), and one checker, `check_ranges`, holds every setting of a config
+to them before any work:
+
+    RANGES = {"lr": Range("(0, inf)"), "momentum": Range("[0, 1)"),
+              "betas": Range("[0, 1)", length=2), "rank": Range("[1, inf)", fraction="(0, 1]")}
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import types
@@ -30,8 +39,11 @@ else:  # pragma: no cover
 
 __all__ = [
     "KeyScope",
+    "Range",
     "check_choice",
+    "check_ranges",
     "choices",
+    "declared_ranges",
     "field_default",
     "from_dict",
     "parse_value",
@@ -55,6 +67,134 @@ class KeyScope:
         return ConfigError(
             f"{key}: {what} an option of {self.owner} (its options: {', '.join(self.keys)})"
         )
+
+
+_COUNTS = {1: "one", 2: "two", 3: "three", 4: "four"}
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values one numeric setting may take, as an interval written the usual way:
+    "[0, 1)", "(0, inf)", "[1, inf)", "[0, 2**64)" (an end is a number, inf, or a power a**b).
+
+    `zero`: 0 is allowed as well, and means this ("off", "one per cluster"). `fraction`: an
+    `int | float` setting whose integers lie in the interval and whose floats (fractions of
+    something) in this one. `length`: a list setting has exactly this many items (0 = any); the
+    interval then holds for each item.
+    """
+
+    interval: str
+    zero: str = ""
+    fraction: str = ""
+    length: int = 0
+
+    def __post_init__(self) -> None:
+        _parse_interval(self.interval)  # a malformed declaration fails on import
+        if self.fraction:
+            _parse_interval(self.fraction)
+
+    def allows(self, value: float) -> bool:
+        """Whether one number lies in the range (a float of a `fraction` setting in that)."""
+        if self.zero and value == 0:
+            return True
+        interval = self.fraction if self.fraction and isinstance(value, float) else self.interval
+        low, high, low_open, high_open = _parse_interval(interval)
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return above and below
+
+    def check(self, key: str, value: Any) -> None:
+        """A one-line ConfigError naming `key` unless `value` (a number, or a list of them)
+        lies in the range."""
+        if isinstance(value, list | tuple):
+            numbers = [v for v in value if _is_number(v)]
+            if (self.length and len(value) != self.length) or not all(map(self.allows, numbers)):
+                raise ConfigError(f"{key}: {self._describe_items()}, got {list(value)}")
+        elif _is_number(value) and not self.allows(value):
+            raise ConfigError(f"{key}: {self.describe(value)}, got {value!r}")
+
+    def describe(self, value: object = None) -> str:
+        """What the range asks, as a message says it: "must be in [0, 1)", "must be at least 1",
+        "must be 0 (off) or more"; a fraction out of its range: "a fraction must be in (0, 1]"."""
+        if self.fraction and isinstance(value, float) and not self.zero:
+            return f"a fraction must be in {self.fraction}"
+        words = _words(self.interval)
+        if self.zero and words == ">= 0":
+            parts = [f"0 ({self.zero})", "more"]
+        else:
+            parts = [f"0 ({self.zero})"] * bool(self.zero) + [words]
+        if self.fraction:
+            parts.append(f"a fraction in {self.fraction}")
+        return "must be " + (" or ".join(parts) if len(parts) < 3
+                             else f"{', '.join(parts[:-1])} or {parts[-1]}")
+
+    def _describe_items(self) -> str:
+        low, high, _, _ = _parse_interval(self.interval)
+        bounded = math.isfinite(low) or math.isfinite(high)
+        if self.length:
+            count = _COUNTS.get(self.length, str(self.length))
+            return f"{count} numbers" + (f" in {self.interval}" if bounded else "")
+        return f"each {self.describe()}"
+
+    def bounds(self) -> tuple[float, float, bool, bool]:
+        """(low, high, low_open, high_open) of the interval."""
+        return _parse_interval(self.interval)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _words(interval: str) -> str:
+    low, high, low_open, high_open = _parse_interval(interval)
+    low_text = interval[1:].split(",")[0].strip()
+    if math.isinf(high):
+        if low_open:
+            return f"> {low_text}"
+        return ">= 0" if low == 0 else f"at least {low_text}"
+    return f"in {interval}"
+
+
+@functools.cache
+def _parse_interval(interval: str) -> tuple[float, float, bool, bool]:
+    if len(interval) < 5 or interval[0] not in "[(" or interval[-1] not in "])":
+        raise ValueError(f"not an interval like [0, 1): {interval!r}")
+    low, sep, high = interval[1:-1].partition(",")
+    if not sep:
+        raise ValueError(f"not an interval like [0, 1): {interval!r}")
+    return _end(low), _end(high), interval[0] == "(", interval[-1] == ")"
+
+
+def _end(text: str) -> float:
+    text = text.strip()
+    if "**" in text:
+        base, _, exponent = text.partition("**")
+        return int(base) ** int(exponent)
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def declared_ranges(cls: type) -> dict[str, Range]:
+    """Field name -> Range of dataclass `cls`: its `RANGES` over those of its bases."""
+    ranges: dict[str, Range] = {}
+    for klass in reversed(cls.__mro__):
+        ranges.update(vars(klass).get("RANGES", {}))
+    return ranges
+
+
+def check_ranges(obj: Any, prefix: str) -> None:
+    """Every declared range of dataclass `obj` (and of the dataclasses it holds), in field order:
+    the first value outside its range stops with a one-line ConfigError naming its key."""
+    ranges = declared_ranges(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key)
+        elif f.name in ranges:
+            ranges[f.name].check(key, value)
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:

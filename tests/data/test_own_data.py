@@ -289,7 +289,7 @@ def test_a_group_column_makes_the_clients_and_their_clusters(tmp_path):
             {"num_clusters": 3, "num_clients": 3},
             r"task.num_clusters: .* holds 2 cluster\(s\) \(column 'language'\)",
         ),
-        (LANGUAGE_ROWS, {"dirichlet_alpha": 0.0}, r"task.dirichlet_alpha: must be a finite number"),
+        (LANGUAGE_ROWS, {"dirichlet_alpha": 0.0}, r"task.dirichlet_alpha: must be > 0, got 0.0"),
     ],
 )
 def test_bad_group_settings_are_one_line_errors(tmp_path, rows, changes, message):

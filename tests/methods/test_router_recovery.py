@@ -235,25 +235,27 @@ def test_floral_em_assigns_on_held_out_samples_and_trains_on_the_rest(monkeypatc
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
 def test_floral_em_rejects_a_holdout_outside_zero_one(bad):
-    config = resolve_config({**TINY, "method": {"name": "floral-em", "holdout": bad}})
     with pytest.raises(ConfigError, match=f"method.holdout.*{bad}"):
-        build_engine(config)
+        resolve_config({**TINY, "method": {"name": "floral-em", "holdout": bad}})
 
 
 # -- floral-em's rank warm-up ---------------------------------------------------------------
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"warmup_rank": -2}, "method.warmup_rank = -2"),
-        ({"warmup_rank": 0.1, "warmup_rounds": 0}, "method.warmup_rounds: must be >= 1, got 0"),
+        ({"warmup_rank": -2}, r"method.warmup_rank: must be 0 \(off\), at least 1 or a fraction"),
+        ({"warmup_rank": 0.1, "warmup_rounds": 0},
+         "method.warmup_rounds: must be at least 1, got 0"),
         ({"warmup_rank": 2, "rank": 3}, "method.rank = 3 is more than method.warmup_rank = 2"),
         ({"warmup_rank": 0.05, "rank": 0.1}, "method.rank = 0.1 is more than method.warmup_rank"),
+        ({"warmup_rank": 0.1, "warmup_rounds": 2}, "method.warmup_rounds: 2 must end before the "
+                                                   r"last round \(train.rounds = 2\)"),
+        ({"warmup_rounds": 1}, r"method.warmup_rounds: 1 takes effect only with a rank warm-up"),
     ],
 )
-def test_floral_em_rejects_bad_warmup_settings(options, message):
-    config = resolve_config({**TINY, "method": {"name": "floral-em", **options}})
+def test_floral_em_rejects_bad_warmup_settings_before_any_work(options, message):
     with pytest.raises(ConfigError, match=message):
-        build_engine(config)
+        resolve_config({**TINY, "method": {"name": "floral-em", "warmup_rounds": 1, **options}})
 
 
 def test_floral_em_warmup_restarts_afresh_and_keeps_the_assignments():
@@ -317,7 +319,8 @@ def test_floral_em_server_state_never_travels_so_lossy_downloads_keep_its_rounds
 def test_floral_em_warmup_names_a_conv_layer_it_cannot_cut():
     task = {"dataset": "mnist5k", "shift": "rotate", "num_clients": 8, "num_clusters": 2}
     config = resolve_config({**TINY, "task": task, "model": {"name": "cnn"},
-                             "method": {"name": "floral-em", "warmup_rank": 0.1}})
+                             "method": {"name": "floral-em", "warmup_rank": 0.1,
+                                        "warmup_rounds": 1}})
     with pytest.raises(ConfigError, match="warmup_rank: layer '.*' is a Conv2d"):
         build_engine(config)
 

@@ -11,13 +11,13 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from floral.config import KeyScope, check_choice, field_default
+from floral.config import KeyScope, Range, check_choice, check_ranges, field_default
 from floral.data.instruct import (
     HF_PREFIX,
     GenerationData,
@@ -119,6 +119,20 @@ class TaskConfig:
     clusters: dict[str, str] = field(default_factory=dict)
     cluster_separator: str = ""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_clients": Range("[1, inf)"),
+        "num_clusters": Range("[1, inf)"),  # and at most num_clients (validate_task)
+        "data_fraction": Range("(0, 1]"),
+        "min_samples": Range("[0, inf)"),
+        "test_fraction": Range("(0, 1]"),
+        "samples_per_client": Range("[0, inf)", zero="the dataset's default"),
+        "dirichlet_alpha": Range("(0, inf)"),
+        "classes_per_client": Range("[1, inf)"),  # and at most the dataset's classes
+        "block_size": Range("[1, inf)"),
+        "max_length": Range("[2, inf)"),
+        "generate_tokens": Range("[0, inf)", zero="perplexity only"),
+    }
+
     @classmethod
     def key_scope(cls, data: Mapping[str, Any], prefix: str) -> KeyScope | None:
         """The keys that the table's dataset reads: floral.config.from_dict refuses the others."""
@@ -169,22 +183,13 @@ def validate_task(cfg: TaskConfig) -> None:
     entry = dataset_entry(cfg.dataset)
     _check_options(cfg, entry.scope)
     check_choice("task.shift", cfg.shift, Shift)
-    _check(cfg.num_clients >= 1, "task.num_clients", f"must be at least 1, got {cfg.num_clients}")
-    _check(
-        cfg.num_clusters >= 1, "task.num_clusters", f"must be at least 1, got {cfg.num_clusters}"
-    )
+    check_ranges(cfg, "task")
     _check(
         cfg.num_clusters <= cfg.num_clients,
         "task.num_clusters",
         f"{cfg.num_clusters} clusters need at least as many clients (task.num_clients ="
         f" {cfg.num_clients})",
     )
-    for key in ("data_fraction", "test_fraction"):
-        value = getattr(cfg, key)
-        _check(0.0 < value <= 1.0, f"task.{key}", f"must be in (0, 1], got {value}")
-    for key in ("min_samples", "samples_per_client"):
-        value = getattr(cfg, key)
-        _check(value >= 0, f"task.{key}", f"must be 0 or more, got {value}")
     entry.check(cfg)
 
 
@@ -230,7 +235,6 @@ def _check_austen(cfg: TaskConfig) -> None:
         "task.num_clusters",
         f"austen has {len(AUSTEN_NOVELS)} novels, one per cluster; got {cfg.num_clusters}",
     )
-    _check(cfg.block_size >= 1, "task.block_size", f"must be at least 1, got {cfg.block_size}")
     _check(
         cfg.samples_per_client != 1,
         "task.samples_per_client",
@@ -242,7 +246,6 @@ def _check_own_text(cfg: TaskConfig) -> None:
     _check(cfg.shift == "none", "task.shift",
            f"'{cfg.shift}' needs labelled images; text clients' clusters come from "
            "task.clusters or task.cluster_separator (use 'none')")
-    _check(cfg.block_size >= 1, "task.block_size", f"must be at least 1, got {cfg.block_size}")
     _check(cfg.samples_per_client != 1, "task.samples_per_client",
            "a client needs at least 2 blocks (one to train, one to test)")
 
@@ -252,9 +255,6 @@ def _check_prompted(cfg: TaskConfig) -> None:
            f"'{cfg.shift}' needs labelled images; {cfg.dataset}'s clusters come from the data "
            "(use 'none')")
     check_choice("task.template", cfg.template, Template)
-    _check(cfg.max_length >= 2, "task.max_length", f"must be at least 2, got {cfg.max_length}")
-    _check(cfg.generate_tokens >= 0, "task.generate_tokens",
-           f"must be 0 or more, got {cfg.generate_tokens}")
 
 
 def _check_translations(cfg: TaskConfig) -> None:
@@ -285,18 +285,9 @@ def _check_jsonl(cfg: TaskConfig) -> None:
         _check(bool(cfg.split), "task.split", "name the split to read, e.g. \"train\"")
     if cfg.group_field:
         check_choice("task.group_split", cfg.group_split, GroupSplit)
-        alpha = cfg.dirichlet_alpha
-        _check(math.isfinite(alpha) and alpha > 0, "task.dirichlet_alpha",
-               f"must be a finite number > 0, got {alpha}")
 
 
 def _check_label_skew(cfg: TaskConfig) -> None:
-    alpha = cfg.dirichlet_alpha
-    _check(
-        math.isfinite(alpha) and alpha > 0,
-        "task.dirichlet_alpha",
-        f"must be a finite number > 0, got {alpha}",
-    )
     num_classes = _NUM_CLASSES[cfg.dataset]
     per_client = cfg.classes_per_client
     _check(

@@ -15,12 +15,12 @@ attack did to the model every client gets. Everything is seeded: an attacked run
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
-from floral.config import check_choice
+from floral.config import Range, check_choice, check_ranges
 from floral.data import FederatedTask
 from floral.engines.driver import client_seed
 from floral.errors import ConfigError
@@ -41,19 +41,20 @@ class AttackConfig:
     scale: float = 10.0  # sign-flip and scale: the factor
     noise: float = 1.0  # noise: the standard deviation added to every coordinate
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "fraction": Range("[0, 1)"),
+        "scale": Range("(0, inf)"),
+        "noise": Range("[0, inf)"),
+    }
+
 
 def check_attack(config: AttackConfig, task_kind: str | None = None) -> None:
     """One-line errors naming the key."""
     check_choice("attack.kind", config.kind, AttackKind)
-    if not 0 <= config.fraction < 1:
-        raise ConfigError(f"attack.fraction: must be in [0, 1), got {config.fraction}")
+    check_ranges(config, "attack")
     if config.kind != "none" and config.fraction == 0:
         raise ConfigError(f"attack.fraction: attack.kind = {config.kind!r} needs a fraction of "
                           "attacking clients above 0")
-    if not config.scale > 0:
-        raise ConfigError(f"attack.scale: must be positive, got {config.scale}")
-    if not config.noise >= 0:
-        raise ConfigError(f"attack.noise: must be 0 or more, got {config.noise}")
     if config.kind == "label-flip" and task_kind not in (None, "classification"):
         raise ConfigError(f"attack.kind: 'label-flip' needs a classification task, not a "
                           f"{task_kind} one")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from floral.config import check_choice, choices
-from floral.errors import ConfigError
+from floral.config import Range, check_choice, check_ranges, choices
 from floral.train.device import resolve_device
 
 __all__ = ["ENGINES", "EngineConfig", "EngineName", "EvalClients", "check_engine_config"]
@@ -41,25 +40,19 @@ class EngineConfig:
     # (round 0) has diverged: the run stops at the round before; 0 = only non-finite losses.
     divergence_factor: float = 10.0
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "eval_every": Range("[1, inf)"),
+        "checkpoint_every": Range("[0, inf)", zero="only the final state"),
+        "batch_clients": Range("[0, inf)", zero="one by one"),
+        "threads": Range("[0, inf)"),
+        "min_fit_clients": Range("[1, inf)"),
+        "divergence_factor": Range("[0, inf)", zero="off"),
+    }
+
 
 def check_engine_config(config: EngineConfig) -> None:
     """Value checks, each a one-line error naming the key."""
     check_choice("engine.name", config.name, EngineName)
-    if config.eval_every < 1:
-        raise ConfigError(f"engine.eval_every: must be at least 1, got {config.eval_every}")
     check_choice("engine.eval_clients", config.eval_clients, EvalClients)
-    if config.checkpoint_every < 0:
-        raise ConfigError(
-            f"engine.checkpoint_every: must be 0 or more, got {config.checkpoint_every}"
-        )
-    if config.batch_clients < 0:
-        raise ConfigError(f"engine.batch_clients: must be >= 0, got {config.batch_clients}")
-    if config.min_fit_clients < 1:
-        raise ConfigError(f"engine.min_fit_clients: must be at least 1 (a round that applies no "
-                          f"update is no round), got {config.min_fit_clients}")
-    if not config.divergence_factor >= 0:
-        raise ConfigError(f"engine.divergence_factor: must be 0 (off) or more, got "
-                          f"{config.divergence_factor}")
-    if config.threads < 0:
-        raise ConfigError(f"engine.threads: must be >= 0 (0 = automatic), got {config.threads}")
+    check_ranges(config, "engine")
     resolve_device(config.device)

@@ -23,11 +23,20 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from floral.comm import CommConfig, build_codec
-from floral.config import from_dict, parse_value, set_dotted, to_dict, tomllib
+from floral.config import (
+    Range,
+    check_ranges,
+    from_dict,
+    parse_value,
+    set_dotted,
+    to_dict,
+    tomllib,
+)
 from floral.data import TaskConfig
+from floral.data.task import validate_task
 from floral.engines.aggregation import aggregation_for, robustness_warning
 from floral.engines.attack import AttackConfig, attackers, check_attack
 from floral.engines.config import EngineConfig, check_engine_config
@@ -38,7 +47,7 @@ from floral.models import ModelConfig
 from floral.models.quantize import check_quantize
 from floral.tracking import check_sinks
 from floral.train.device import Placement, check_dtype, resolve_device
-from floral.train.loop import TrainConfig, check_local_optimizer
+from floral.train.loop import TrainConfig, check_local_optimizer, check_settings_take_effect
 
 __all__ = [
     "TABLES",
@@ -76,6 +85,8 @@ class ExperimentConfig:
     comm: CommConfig = field(default_factory=CommConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)  # experiments on robustness
+
+    RANGES: ClassVar[dict[str, Range]] = {"seed": Range("[0, 2**64)")}
 
     @property
     def method_name(self) -> str:
@@ -126,29 +137,21 @@ def resolve_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Ex
 
 
 def check_values(config: ExperimentConfig) -> None:
-    """Value checks that do not need the data (the data checks its own when loaded)."""
+    """Value checks that do not need the data (the data checks its own when loaded): every
+    numeric setting within the range declared beside it (`RANGES`, floral.config.check_ranges),
+    the method's options included, then the checks across settings."""
     check_name(config.name)
-    positive = {
-        "train.rounds": config.train.rounds,
-        "train.local_epochs": config.train.local_epochs,
-        "train.batch_size": config.train.batch_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
-    if not 0 < config.train.clients_per_round <= 1:
-        raise ConfigError(
-            f"train.clients_per_round: must be in (0, 1], got {config.train.clients_per_round}"
-        )
-    if config.train.lr <= 0:
-        raise ConfigError(f"train.lr: must be positive, got {config.train.lr}")
+    method = config.build_method()
+    check_ranges(config, "")
+    check_ranges(method.options, "method")
     check_local_optimizer(config.train)
+    check_settings_take_effect(config.train)
+    method.check_against(config.train, config.task)
     check_sinks(config.output.tensorboard, config.output.mlflow)
     check_engine_config(config.engine)
     placement = placement_of(config)  # an unknown device or a precision it cannot run stops here
     check_quantize(config.model.quantize, placement.device)
-    policy = aggregation_for(config.train, config.build_method(), config.task.num_clients,
-                             config.comm.upload)
+    policy = aggregation_for(config.train, method, config.task.num_clients, config.comm.upload)
     check_attack(config.attack)
     bad = len(attackers(config.attack, config.task.num_clients, config.seed))
     sampled = max(1, round(config.train.clients_per_round * config.task.num_clients))
@@ -158,6 +161,7 @@ def check_values(config: ExperimentConfig) -> None:
     check_round_minimum(config.engine, config.train, config.task.num_clients)
     build_codec(config.comm.download, "comm.download")
     build_codec(config.comm.upload, "comm.upload")
+    validate_task(config.task)  # the dataset's own checks, before any file is read
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import nn
 
 from floral.adapters import AdapterSpec, RouterSpec, adaptor_parameter_names, precondition_
 from floral.adapters.spec import ConvForm, LayerType
+from floral.config import Range
 from floral.errors import ConfigError
 from floral.methods.base import Role
 from floral.train.loop import TrainConfig
@@ -36,6 +38,13 @@ class AdaptorOptions:
     conv_form: ConvForm = "separable"
     precondition: bool = False  # (B^T B)^-1 / (A A^T)^-1 preconditioned factor gradients
     precondition_eps: float = 1e-5
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "rank": Range("[1, inf)", fraction="(0, 1]"),
+        "min_rank": Range("[1, inf)"),
+        "alpha": Range("(0, inf)"),
+        "precondition_eps": Range("(0, inf)"),
+    }
 
 
 def adapter_spec(

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from floral.data import ClientData, FederatedTask
+from floral.data import ClientData, FederatedTask, TaskConfig
 from floral.methods.checks import contract_problems, value_problems
 from floral.train.device import Placement, compiled, on_cpu, seeded_rng
 from floral.train.loop import (
@@ -178,6 +178,13 @@ class Method:
             Capability.SUM_ONLY: cls.secure_sum,
         }
         return frozenset(c for c, offered in declared.items() if offered)
+
+    # -- the settings ------------------------------------------------------------------------
+    def check_against(self, train: TrainConfig, task: TaskConfig) -> None:
+        """Checks of the options against the run's other settings, before any work: one-line
+        ConfigErrors naming a key, above all for an option that could never take effect (a
+        round beyond the last). The options' own ranges (`Options.RANGES`) are checked
+        before this; the default checks nothing more."""
 
     # -- the model ---------------------------------------------------------------------------
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
 
 from floral.adapters import Router, RouterSpec
+from floral.config import Range
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
 from floral.methods.base import Method, Role
@@ -40,6 +41,12 @@ class EnsembleOptions:
     router: RouterMode = "learned"
     temperature: float = 1.0
     noise: float = 1.0
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_models": Range("[2, inf)", zero="one per cluster"),
+        "temperature": Range("(0, inf)"),
+        "noise": Range("[0, inf)"),
+    }
 
 
 class EnsembleModel(nn.Module):

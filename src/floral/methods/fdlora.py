@@ -24,6 +24,7 @@ their own names and roles. Adaptive biases are not split this way, hence `bias =
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,8 @@ from torch.nn.utils import parametrize
 
 from floral.adapters import attach
 from floral.adapters.attach import ROUTER_ATTRIBUTE, adapted_layers
-from floral.data import FederatedTask
+from floral.config import Range
+from floral.data import FederatedTask, TaskConfig
 from floral.errors import ConfigError
 from floral.methods.adaptor_options import AdaptorOptions, adapter_spec
 from floral.methods.base import ClientJob, Method, Role
@@ -68,6 +70,14 @@ class FDLoRAOptions(AdaptorOptions):
     fusion_sigma: float = 0.1  # their spread around the current weights
     fusion_l1: float = 0.01  # L1 penalty on the weights
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "fusion_init": Range("(-inf, inf)", length=2),
+        "fusion_samples": Range("[1, inf)"),
+        "fusion_candidates": Range("[1, inf)"),
+        "fusion_sigma": Range("[0, inf)"),
+        "fusion_l1": Range("[0, inf)"),
+    }
+
 
 class _Halves(nn.Module):
     """A factor (2, ...) as two tensors: adaptor 0 is the global one, adaptor 1 the personal."""
@@ -87,6 +97,9 @@ class FDLoRA(Phased, Method):
     plain_mean = True
     mixture_mean = False
     secure_sum = True
+
+    def check_against(self, train: TrainConfig, task: TaskConfig) -> None:
+        _validate(self.options)
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         opts: FDLoRAOptions = self.options

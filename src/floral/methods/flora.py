@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from floral.adapters import adaptor_parameter_names
-from floral.data import FederatedTask
+from floral.data import FederatedTask, TaskConfig
 from floral.errors import ConfigError
 from floral.methods.base import WEIGHT_SUFFIX, ClientJob, ClientUpdate, Role, ServerState
 from floral.methods.lora_common import (
@@ -35,6 +35,7 @@ from floral.methods.lora_common import (
     first_ranks,
     local_name,
 )
+from floral.train.loop import TrainConfig
 from floral.train.optim import ServerOptimizer
 from floral.train.state import StateSlots, TensorDict
 
@@ -84,13 +85,20 @@ class FLoRA(LoraMethod):
     mixture_mean = False
     secure_sum = False  # ranks per client: each upload is read on its own
 
-    def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
+    def check_against(self, train: TrainConfig, task: TaskConfig) -> None:
+        super().check_against(train, task)
+        self._check_layer_types()
+
+    def _check_layer_types(self) -> None:
         unsupported = sorted(set(self.options.layer_types) - set(_MERGEABLE))
         if unsupported:
             raise ConfigError(
                 f"method.layer_types: flora merges only {', '.join(_MERGEABLE)} layers, "
                 f"not {', '.join(unsupported)}"
             )
+
+    def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
+        self._check_layer_types()
         model = super().build_model(model, task)
         state = model.state_dict()
         for name in adaptor_parameter_names(model):

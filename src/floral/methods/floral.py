@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
 
 from floral.adapters import Router, RouterSpec, attach, mixture_weights
+from floral.config import Range
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
 from floral.methods.adaptor_options import (
@@ -66,6 +67,12 @@ class FloralOptions(AdaptorOptions):
     shared_adaptor: bool = False
     precondition: bool = True
     train_base: bool = True  # false: the base is frozen; only adaptors and routers train
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "num_adaptors": Range("[2, inf)", zero="one per cluster"),
+        "temperature": Range("(0, inf)"),
+        "noise": Range("[0, inf)"),
+    }
 
 
 class Floral(Method):

@@ -42,7 +42,8 @@ is why it is the bar to reach. A client never sampled keeps uniform weights.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -51,11 +52,13 @@ from torch.func import functional_call, vmap
 from floral.adapters.layers import AdaptedLayer, AdaptedLinear
 from floral.adapters.rank import resolve_rank
 from floral.adapters.spec import check_rank
-from floral.data import ClientData, FederatedTask
+from floral.config import Range, field_default
+from floral.data import ClientData, FederatedTask, TaskConfig
 from floral.errors import ConfigError
 from floral.methods.base import WEIGHT_SUFFIX, ClientJob, ServerState
 from floral.methods.floral import Floral, FloralOptions, routed_names
 from floral.methods.routing import ROUTER_PREFIX
+from floral.train.loop import TrainConfig
 from floral.train.objective import LossFn
 from floral.train.optim import ServerOptimizer
 from floral.train.state import StateSlots, TensorDict
@@ -93,6 +96,12 @@ class FloralEMOptions(FloralOptions):
     warmup_rank: int | float = 0
     warmup_rounds: int = 150
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "holdout": Range("[0, 1)"),
+        "warmup_rank": Range("[1, inf)", zero="off", fraction="(0, 1]"),
+        "warmup_rounds": Range("[1, inf)"),
+    }
+
 
 class FloralEM(Floral):
     name = "floral-em"
@@ -106,15 +115,23 @@ class FloralEM(Floral):
     mixture_mean = True
     secure_sum = True
 
-    def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
-        if not 0 <= self.options.holdout < 1:
-            raise ConfigError(f"method.holdout: a fraction in [0, 1), got {self.options.holdout}")
-        check_warmup(self.options)
-        if self.options.shared_adaptor:
+    def check_against(self, train: TrainConfig, task: TaskConfig) -> None:
+        opts: FloralEMOptions = self.options
+        _check_options(opts)
+        default = field_default(next(f for f in fields(opts) if f.name == "warmup_rounds"))
+        if not opts.warmup_rank and opts.warmup_rounds != default:
             raise ConfigError(
-                "method.shared_adaptor = true: floral-em assigns each client to one adaptor; "
-                "use floral or floral-seeded for a shared one"
+                f"method.warmup_rounds: {opts.warmup_rounds} takes effect only with a rank "
+                "warm-up (method.warmup_rank > 0)"
             )
+        if opts.warmup_rank and opts.warmup_rounds >= train.rounds:
+            raise ConfigError(
+                f"method.warmup_rounds: {opts.warmup_rounds} must end before the last round "
+                f"(train.rounds = {train.rounds}): the model restarts when the warm-up ends"
+            )
+
+    def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
+        _check_options(self.options)
         model = super().build_model(model, task)
         if self.options.warmup_rank:
             check_linear_only(model)
@@ -203,6 +220,17 @@ class FloralEM(Floral):
             layer = a.removesuffix(".lora_A")
             rank = resolve_rank(opts.rank, d_in, d_out, opts.min_rank, layer=layer)
             model[a][:, rank:] = 0.0
+
+
+def _check_options(options: FloralEMOptions) -> None:
+    if not 0 <= options.holdout < 1:
+        raise ConfigError(f"method.holdout: a fraction in [0, 1), got {options.holdout}")
+    check_warmup(options)
+    if options.shared_adaptor:
+        raise ConfigError(
+            "method.shared_adaptor = true: floral-em assigns each client to one adaptor; "
+            "use floral or floral-seeded for a shared one"
+        )
 
 
 def check_warmup(options: FloralEMOptions) -> None:

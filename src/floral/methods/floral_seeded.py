@@ -32,17 +32,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
 
 from floral.adapters import Router
-from floral.data import FederatedTask
+from floral.config import Range
+from floral.data import FederatedTask, TaskConfig
 from floral.errors import ConfigError
 from floral.methods.base import WEIGHT_SUFFIX, ClientJob, Role, ServerState
 from floral.methods.floral import Floral, FloralOptions, routed_names
 from floral.methods.routing import ROUTER_PREFIX
+from floral.train.loop import TrainConfig
 from floral.train.optim import ServerOptimizer
 from floral.train.state import StateSlots, TensorDict
 
@@ -74,6 +76,11 @@ class FloralSeededOptions(FloralOptions):
     # router cannot leave it. 0: the router starts uniform and finds its adaptor by gradient.
     start_logit: float = 2.0
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "seed_round": Range("[1, inf)"),
+        "start_logit": Range("[0, inf)"),
+    }
+
 
 class FloralSeeded(Floral):
     name = "floral-seeded"
@@ -87,22 +94,16 @@ class FloralSeeded(Floral):
     mixture_mean = False  # the seeding reads each upload, not a noised mean
     secure_sum = False
 
+    def check_against(self, train: TrainConfig, task: TaskConfig) -> None:
+        _check_options(self.options)
+        if self.options.seed_round > train.rounds:
+            raise ConfigError(
+                f"method.seed_round: {self.options.seed_round} is after the last round "
+                f"(train.rounds = {train.rounds}): the routed adaptors would never be seeded"
+            )
+
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
-        opts: FloralSeededOptions = self.options
-        if opts.seed_round < 1:
-            raise ConfigError(f"method.seed_round: must be >= 1, got {opts.seed_round}")
-        if opts.start_logit < 0:
-            raise ConfigError(f"method.start_logit: must be >= 0, got {opts.start_logit}")
-        if not opts.shared_adaptor:
-            raise ConfigError(
-                "method.shared_adaptor = false: floral-seeded clusters the clients' updates of "
-                "the shared adaptor (use floral for a router without one)"
-            )
-        if opts.router != "learned":
-            raise ConfigError(
-                f"method.router = {opts.router!r}: floral-seeded seeds a learned router "
-                "(floral-oracle fixes it)"
-            )
+        _check_options(self.options)
         model = super().build_model(model, task)
         model.get_buffer(ACTIVE).zero_()  # the routed adaptors wait for their seeds
         return model
@@ -147,6 +148,23 @@ class FloralSeeded(Floral):
             seed_routed(new, uploads, names, routed, seed=rounds)
             new.global_state[ACTIVE] = torch.ones_like(new.global_state[ACTIVE])
         return new
+
+
+def _check_options(opts: FloralSeededOptions) -> None:
+    if opts.seed_round < 1:
+        raise ConfigError(f"method.seed_round: must be >= 1, got {opts.seed_round}")
+    if opts.start_logit < 0:
+        raise ConfigError(f"method.start_logit: must be >= 0, got {opts.start_logit}")
+    if not opts.shared_adaptor:
+        raise ConfigError(
+            "method.shared_adaptor = false: floral-seeded clusters the clients' updates of "
+            "the shared adaptor (use floral for a router without one)"
+        )
+    if opts.router != "learned":
+        raise ConfigError(
+            f"method.router = {opts.router!r}: floral-seeded seeds a learned router "
+            "(floral-oracle fixes it)"
+        )
 
 
 def shared_updates(

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from floral.adapters import adaptor_parameter_names, attach
-from floral.data import FederatedTask
+from floral.config import Range
+from floral.data import FederatedTask, TaskConfig
 from floral.errors import ConfigError, FloralError
 from floral.methods.adaptor_options import (
     AdaptorOptions,
@@ -64,6 +65,11 @@ class LoraOptions(AdaptorOptions):
     rank: int | float = 8
     ranks: list[int] = field(default_factory=list)  # one rank per client id
     rank_tiers: list[int] = field(default_factory=list)  # ranks for contiguous blocks of ids
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "ranks": Range("[1, inf)"),
+        "rank_tiers": Range("[1, inf)"),
+    }
 
 
 class UploadShapeError(FloralError):
@@ -178,6 +184,9 @@ class LoraMethod(Method):
         # Client id -> rank (empty: every client the full rank), from `ranks` or `rank_tiers`
         # and the federation's size, known when the model is built (as every client does).
         self.client_rank: list[int] = []
+
+    def check_against(self, train: TrainConfig, task: TaskConfig) -> None:
+        client_ranks(self.options, task.num_clients)
 
     def build_model(self, model: nn.Module, task: FederatedTask) -> nn.Module:
         ranks = client_ranks(self.options, len(task.clients))

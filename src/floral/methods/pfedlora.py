@@ -37,11 +37,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from floral.adapters import adaptor_parameter_names, attach
+from floral.config import Range
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
 from floral.llm.depth import blocks_beyond, depth_family, family_depths, keep_depth
@@ -77,6 +79,12 @@ class PFedLoRAOptions(AdaptorOptions):
     model_epochs: int = 0  # epochs of the model phase; 0 = train.local_epochs
     model_lr: float = 0.0  # learning rate of the model phase; 0 = train.lr
     adapter_epochs: int = 0  # epochs of the adapter phase; 0 = train.local_epochs
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "model_epochs": Range("[0, inf)", zero="train.local_epochs"),
+        "model_lr": Range("[0, inf)", zero="train.lr"),
+        "adapter_epochs": Range("[0, inf)", zero="train.local_epochs"),
+    }
 
 
 def own_architecture(initial: Mapping[str, torch.Tensor], client: ClientData) -> TensorDict:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from floral.config import Range
 from floral.data import FederatedTask
 from floral.errors import ConfigError
 from floral.models.hetero import HETERO_WIDTHS, HeteroCNN, HeteroFamily
@@ -73,6 +75,12 @@ class ModelConfig:
     # Language models, one depth per client: client k runs the first depths[k mod len] decoder
     # blocks (a family of cuts of one model, floral.llm.depth; pfedlora, local-hetero). [] = off.
     depths: list[int] = field(default_factory=list)
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "hidden": Range("[1, inf)"),
+        "layers": Range("[0, inf)", zero="all"),
+        "depths": Range("[1, inf)"),  # and at most the model's blocks (floral.llm.depth)
+    }
 
 
 def resolve_name(cfg: ModelConfig, task: FederatedTask) -> tuple[str, list[int]]:

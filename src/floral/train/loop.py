@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from floral.config import check_choice, choices
+from floral.config import Range, check_choice, choices, field_default
 from floral.errors import ConfigError
 from floral.train.device import Placement
 from floral.train.objective import LossFn
@@ -25,6 +26,7 @@ __all__ = [
     "TrainConfig",
     "build_optimizer",
     "check_local_optimizer",
+    "check_settings_take_effect",
     "epoch_batches",
     "round_lr_factor",
     "set_lr_factor",
@@ -79,6 +81,31 @@ class TrainConfig:
     dp_delta: float = 1e-5
     dp_mode: DpMode = "central"
     eval_batch_size: int = 2048
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "rounds": Range("[1, inf)"),
+        "clients_per_round": Range("(0, 1]"),
+        "local_epochs": Range("[1, inf)"),
+        "batch_size": Range("[1, inf)"),
+        "lr": Range("(0, inf)"),
+        "adaptor_lr": Range("[0, inf)", zero="the same as train.lr"),
+        "router_lr": Range("[0, inf)"),
+        "momentum": Range("[0, 1)"),
+        "weight_decay": Range("[0, inf)"),
+        "betas": Range("[0, 1)", length=2),
+        "eps": Range("(0, inf)"),
+        "warmup_rounds": Range("[0, inf)"),  # and fewer than rounds (check_local_optimizer)
+        "grad_accumulation": Range("[1, inf)"),
+        "max_grad_norm": Range("[0, inf)"),
+        "server_lr": Range("(0, inf)"),
+        "server_momentum": Range("[0, 1)"),
+        "server_betas": Range("[0, 1)", length=2),
+        "server_eps": Range("(0, inf)"),
+        "dp_clip": Range("[0, inf)"),
+        "dp_noise": Range("[0, inf)"),
+        "dp_delta": Range("(0, 1)"),
+        "eval_batch_size": Range("[1, inf)"),
+    }
 
 
 def train_epochs(
@@ -172,23 +199,41 @@ def build_optimizer(groups: Sequence[dict], config: TrainConfig) -> torch.optim.
 
 
 def check_local_optimizer(config: TrainConfig) -> None:
-    """Value checks of the local optimizer's settings, each a one-line error naming the key."""
+    """Checks of the local optimizer's settings beyond their ranges (`TrainConfig.RANGES`,
+    held by floral.config.check_ranges), each a one-line error naming the key."""
     check_choice("train.optimizer", config.optimizer, Optimizer)
     check_choice("train.lr_schedule", config.lr_schedule, LrSchedule)
     if not 0 <= config.warmup_rounds < config.rounds:
         raise ConfigError(f"train.warmup_rounds: must be in [0, train.rounds), got "
                           f"{config.warmup_rounds}")
-    if config.grad_accumulation < 1:
-        raise ConfigError(
-            f"train.grad_accumulation: must be at least 1, got {config.grad_accumulation}"
-        )
-    if config.max_grad_norm < 0:
-        raise ConfigError(f"train.max_grad_norm: must be >= 0 (0 = off), got "
-                          f"{config.max_grad_norm}")
-    if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):
-        raise ConfigError(f"train.betas: two numbers in [0, 1), got {config.betas}")
-    if config.eps <= 0:
-        raise ConfigError(f"train.eps: must be positive, got {config.eps}")
+
+
+# The settings of one kind of optimizer, by the setting that picks the kind: set away from its
+# default while another kind is picked, a setting would never take effect, so it is refused.
+_KIND_SETTINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "optimizer": {"sgd": ("momentum",), "adamw": ("betas", "eps")},
+    "server_optimizer": {"sgd": ("server_momentum",), "adam": ("server_betas", "server_eps")},
+}
+
+
+def check_settings_take_effect(config: TrainConfig) -> None:
+    """A one-line error for a setting of an optimizer that is not the one picked (momentum with
+    adamw, betas with sgd, ...), or of differential privacy while it is off: it could never
+    take effect."""
+    defaults = {f.name: field_default(f) for f in dataclasses.fields(config)}
+    for key in ("dp_delta", "dp_mode"):
+        value = getattr(config, key)
+        if not config.dp_clip and value != defaults[key]:
+            raise ConfigError(f"train.{key}: {value!r} takes effect only with differential "
+                              "privacy (train.dp_clip > 0)")
+    for picker, kinds in _KIND_SETTINGS.items():
+        picked = getattr(config, picker)
+        for kind, keys in kinds.items():
+            for key in keys:
+                value = getattr(config, key)
+                if kind != picked and value != defaults[key]:
+                    raise ConfigError(f"train.{key}: {value} takes effect only with "
+                                      f"train.{picker} = {kind!r} (this run's is {picked!r})")
 
 
 def round_lr_factor(config: TrainConfig, round_: int) -> float:

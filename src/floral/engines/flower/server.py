@@ -5,7 +5,8 @@ driver (floral.engines.driver) does everything else exactly as for the local eng
 seeds, codecs, checks, the method's server update, evaluation. It never builds the task or the
 model: nodes report their partition, cluster and data size, and one of them sends the initial
 server state (global tensors and the method's own), which every node must have built
-identically (checked by digest).
+identically (checked by digest). Each node also reports a digest of its data, never the data:
+two nodes with the same digest are named in one warning (`same_data`).
 
 A reply that is missing, malformed or from a failed client becomes a one-line reason; the
 driver logs it and the round goes on with the others.
@@ -61,7 +62,7 @@ from floral.methods.base import ServerState
 from floral.train.objective import EvalResult
 from floral.train.state import TensorDict
 
-__all__ = ["ClientInfo", "FlowerTransport", "log"]
+__all__ = ["ClientInfo", "FlowerTransport", "log", "same_data"]
 
 # A child of Flower's logger, so floral's lines appear wherever Flower's do (`flwr log`, ...).
 log = logging.getLogger("flwr.floral")
@@ -78,6 +79,7 @@ class ClientInfo:
     cluster: int
     digest: str  # of the initial server state it built
     store: str = "memory"  # where it keeps private state: "disk" (survives restarts) or "memory"
+    data_digest: str = ""  # of its data (floral.engines.flower.client), never the data
 
 
 class FlowerTransport:
@@ -91,6 +93,7 @@ class FlowerTransport:
         self.sums_uploads = self.options.secagg  # SecAgg+: the server sees only the sum
         self.round = 0
         self._seen: set[int] = set()  # every node asked which client it holds
+        self.left_out: dict[int, str] = {}  # node id -> why it holds no client of this run
         self.lineage = secrets.token_hex(16)  # this run's name on the nodes; kept on resume
         self.nodes, self.kind, offered = self._discover(num_clients)
         self.initial = self._initial_state(offered)
@@ -113,12 +116,16 @@ class FlowerTransport:
                 k, info, kind = _read_hello(reply, node_id)
             except ValueError as error:
                 log.warning("node %d left out: %s", node_id, error)
+                self.left_out[node_id] = str(error)
                 continue
             if k in clients:
                 log.warning("node %d also claims client %d; left out", node_id, k)
+                self.left_out[node_id] = f"it also claims client {k}"
                 continue
             clients[k] = info
             kinds.add(kind)
+        for line in same_data(clients):
+            log.warning(line)
         if not clients:
             raise FloralError("no Flower node answered as a floral client; see the nodes' logs")
         if len(kinds) > 1:
@@ -146,6 +153,7 @@ class FlowerTransport:
                 "client %d built a different initial model (another floral version or "
                 "experiment?); left out", k,
             )
+            self.left_out[self.nodes[k].node_id] = f"client {k}: it built a different initial model"
             del self.nodes[k]
         if offered is not None and initial_digest(offered) == digest:
             return offered
@@ -177,11 +185,15 @@ class FlowerTransport:
                 k, info, _ = _read_hello(reply, node_id)
             except ValueError as error:
                 log.warning("node %d left out: %s", node_id, error)
+                self.left_out[node_id] = str(error)
                 continue
             if info.digest != self.digest:
                 log.warning("node %d (client %d) built a different initial model; left out",
                             node_id, k)
+                self.left_out[node_id] = f"client {k}: it built a different initial model"
                 continue
+            for line in same_data({**self.nodes, k: info}, k):
+                log.warning(line)
             old = self.nodes.get(k)
             log.info("client %d %s node %d", k, "moved to" if old else "joined on", node_id)
             if old and info.store != "disk":
@@ -352,10 +364,29 @@ def _read_hello(reply: Message, node_id: int) -> tuple[int, ClientInfo, str]:
     try:
         k, cluster = int(info["partition_id"]), int(info["cluster"])
         store = str(info.get("private_store", "memory"))
-        client = ClientInfo(node_id, cluster, str(info["initial_digest"]), store)
+        data = str(info.get("data_digest", ""))  # "" from a node of an older floral
+        client = ClientInfo(node_id, cluster, str(info["initial_digest"]), store, data)
         return k, client, str(info["kind"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"malformed {NODE!r} record ({error})") from None
+
+
+def same_data(clients: Mapping[int, ClientInfo], only: int | None = None) -> list[str]:
+    """One line per group of clients whose nodes report the same data digest (of those with
+    client `only`, if given): one copy of the data on two nodes trains as two clients."""
+    groups: dict[str, list[int]] = {}
+    for k, info in sorted(clients.items()):
+        if info.data_digest:
+            groups.setdefault(info.data_digest, []).append(k)
+    lines = []
+    for digest, ks in groups.items():
+        if len(ks) < 2 or only is not None and only not in ks:
+            continue
+        named = [f"partition-id={k} (node {clients[k].node_id})" for k in ks]
+        lines.append(f"{', '.join(named[:-1])} and {named[-1]} report the same data (digest "
+                     f"{digest[:12]}): one copy of the data trains as {len(ks)} clients; check "
+                     "the nodes' data-path")
+    return lines
 
 
 def _generation_sums(sums: Mapping[str, Any]) -> dict[str, float]:

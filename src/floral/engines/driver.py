@@ -55,6 +55,9 @@ __all__ = [
 ]
 
 
+NO_NODE = "it has no node"
+
+
 @dataclass
 class RoundResult:
     round: int
@@ -94,6 +97,10 @@ class Transport(Protocol):
     # Whether a round's replies carry only the sum of the uploads (Flower's SecAgg+): then
     # no aggregation policy that reads each upload may run.
     sums_uploads: bool
+    @property
+    def left_out(self) -> Mapping[int, str]:
+        """Nodes that hold no client of this run, and why (empty where all are in reach)."""
+        ...
 
     def train(
         self, round_: int, clients: Sequence[int], payload: TensorDict
@@ -236,7 +243,7 @@ class Driver:
             self.seed, self.round, self.num_clients, self.train.clients_per_round, secret
         )
         clients = self._reachable(sampled)
-        dropped = {k: "it has no node" for k in sampled if k not in clients}
+        dropped = {k: NO_NODE for k in sampled if k not in clients}
         # Every sampled client receives the same payload: encode once, count it per client.
         payload = self.down.encode(self.state.global_state)
         replies = self.transport.train(self.round, clients, payload)
@@ -293,6 +300,12 @@ class Driver:
         if applied >= config.min_fit_clients and (config.accept_failures or not dropped):
             return
         why = "; ".join(f"client {k}: {reason}" for k, reason in sorted(dropped.items()))
+        # Why clients have no node is the nodes' story (a Flower node whose data failed).
+        left_out = list(self.transport.left_out.items())
+        if left_out and any(reason == NO_NODE for reason in dropped.values()):
+            more = f"; and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+            why += "; nodes left out: " + "; ".join(
+                f"node {n}: {reason}" for n, reason in left_out[:3]) + more
         rule = (f"fewer than engine.min_fit_clients = {config.min_fit_clients}"
                 if applied < config.min_fit_clients else "engine.accept_failures = false")
         self.round -= 1

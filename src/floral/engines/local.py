@@ -39,6 +39,7 @@ class LocalTransport:
         self.down = build_codec(comm.download, "comm.download")
         self.up = build_codec(comm.upload, "comm.upload")
         self.private: dict[int, TensorDict] = {}
+        self.left_out: dict[int, str] = {}  # every client is in this process
         self.clusters: Mapping[int, int] = {
             k: client.cluster for k, client in enumerate(worker.task.clients)
         }

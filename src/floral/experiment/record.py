@@ -282,7 +282,7 @@ _RESUMABLE_CHANGES = {
 # (`nodes`: a Flower simulation's virtual nodes keep their clients' private state there.)
 _RUN_FILES = (
     "config.toml", "metrics.csv", "summary.json", "state.safetensors", "checkpoint", "nodes",
-    "changes.json",
+    "changes.json", "nodes.json",
 )
 
 

@@ -43,6 +43,7 @@ from torch.func import functional_call, vmap
 from floral.methods.base import ClientJob, ClientUpdate, Method
 from floral.train.device import seeded_rng
 from floral.train.loop import TrainConfig, epoch_batches
+from floral.train.sgd import SGD
 from floral.train.state import StateSlots, TensorDict
 
 __all__ = ["batchable", "batched_client_steps", "plan_batches"]
@@ -110,7 +111,7 @@ def _train_batch(
         return None
     optimizer = method.local_optimizer(slots, first)
     private_names = list(first.private_state)
-    if type(optimizer) is not torch.optim.SGD or any(
+    if type(optimizer) not in (SGD, torch.optim.SGD) or any(
         list(job.private_state) != private_names for job in batch
     ):
         return None
@@ -123,7 +124,7 @@ def _train_batch(
         stacked[name].requires_grad_(True)
     hook = method.backward_hook(slots.model)
     step = _vmapped_step(slots.model, first.objective.loss, trained, hook)
-    losses = _run_epochs(step, stacked, torch.optim.SGD(groups), batch, first.config)
+    losses = _run_epochs(step, stacked, SGD(groups), batch, first.config)
     if losses is None:
         return None
     updates = {}

@@ -32,6 +32,7 @@ randomness="different": batched runs are repeatable, but draw other noise than s
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import cast
@@ -40,10 +41,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from floral.adapters.precondition import Preconditioner, precondition_stacked_
+from floral.adapters.stacked import client_losses, stacked_forward
 from floral.methods.base import ClientJob, ClientUpdate, Method
 from floral.train.device import seeded_rng
 from floral.train.loop import TrainConfig, epoch_batches
-from floral.train.sgd import SGD
+from floral.train.sgd import SGD, sgd_step
 from floral.train.state import StateSlots, TensorDict
 
 __all__ = ["batchable", "batched_client_steps", "plan_batches"]
@@ -109,6 +112,8 @@ def _train_batch(
     first = batch[0]
     if not _plain_step(first):
         return None
+    if not slots.model.training:  # as `train_epochs`: router noise and dropout are on
+        slots.model.train()
     optimizer = method.local_optimizer(slots, first)
     private_names = list(first.private_state)
     if type(optimizer) not in (SGD, torch.optim.SGD) or any(
@@ -123,8 +128,10 @@ def _train_batch(
     for name in trained:
         stacked[name].requires_grad_(True)
     hook = method.backward_hook(slots.model)
-    step = _vmapped_step(slots.model, first.objective.loss, trained, hook)
-    losses = _run_epochs(step, stacked, SGD(groups), batch, first.config)
+    step = _tensor_step(slots.model, first.objective.loss, trained, hook, stacked, len(batch))
+    if step is None:
+        step = _vmapped_step(slots.model, first.objective.loss, trained, hook)
+    losses = _run_epochs(step, stacked, groups, batch, first.config)
     if losses is None:
         return None
     updates = {}
@@ -173,6 +180,45 @@ def _stacked_groups(
         settings = {k: v for k, v in group.items() if k != "params"}
         groups.append({**settings, "params": [stacked[n] for n in known], "names": known})
     return groups
+
+
+def _tensor_step(
+    model: nn.Module,
+    loss_fn: Callable,
+    trained: Sequence[str],
+    hook: Callable[[], None] | None,
+    stacked: TensorDict,
+    clients: int,
+) -> StepFn | None:
+    """The step as tensor ops over the stacked clients (`floral.adapters.stacked`): one
+    forward of the K minibatches as K * b client-major rows, autograd, and FLoRAL's
+    preconditioning on the stacked gradients; a backward hook of another kind runs per client
+    under vmap. None when the model has a layer the stacked forward does not cover."""
+    forward = stacked_forward(model, stacked.keys())
+    if forward is None:
+        return None
+    run_hook = None
+    if hook is not None and not isinstance(hook, Preconditioner):
+        tables = _tables(model, trained)
+        run_hook = vmap(
+            lambda tensors, grads: _after_backward(tables, tensors, grads, hook),
+            randomness="different",
+        )
+
+    def step(values: TensorDict, x: Tensor, y: Tensor) -> tuple[TensorDict, Tensor]:
+        out = forward(values, x.flatten(0, 1), clients)
+        losses = client_losses(loss_fn, out, y.flatten(0, 1), clients)
+        leaves = [values[name] for name in trained]
+        found = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        # A tensor the loss does not use keeps no gradient, as in the sequential step.
+        grads = {name: g for name, g in zip(trained, found) if g is not None}
+        if isinstance(hook, Preconditioner):
+            precondition_stacked_(model, values, grads, clients, hook.eps)
+        elif run_hook is not None:
+            grads = run_hook({name: value.detach() for name, value in values.items()}, grads)
+        return grads, losses.detach()
+
+    return step
 
 
 def _vmapped_step(
@@ -253,23 +299,24 @@ def _swapped(tables: Sequence[tuple[str, dict, str]], tensors: TensorDict) -> It
 def _run_epochs(
     step: StepFn,
     stacked: TensorDict,
-    optimizer: torch.optim.SGD,
+    groups: Sequence[dict],
     batch: Sequence[ClientJob],
     config: TrainConfig,
 ) -> Tensor | None:
     """The local epochs of every client in the batch; mean loss per client (K,), or None when
-    the first step cannot be vmapped."""
+    the first step cannot run batched."""
     x = torch.stack([job.data.x_train for job in batch])
     y = torch.stack([job.data.y_train for job in batch])
     rows = torch.arange(len(batch)).unsqueeze(1)
     device = batch[0].placement.device
-    trained = {name: p for group in optimizer.param_groups for name, p in
-               zip(group["names"], group["params"])}
+    state: dict[Tensor, dict] = defaultdict(dict)  # momentum buffers of the stacked tensors
     losses: list[Tensor] = []
-    with seeded_rng(batch[0].seed, device):
+    with seeded_rng(batch[0].seed, device), torch.no_grad():
         for index in _batch_indices(batch, config):
             try:
-                grads, loss = step(stacked, x[rows, index].to(device), y[rows, index].to(device))
+                with torch.enable_grad():
+                    grads, loss = step(stacked, x[rows, index].to(device),
+                                       y[rows, index].to(device))
             except Exception:
                 # The first step is the probe: an op without a batching rule, a hook that reads
                 # values into Python. The sequential step then runs these clients and raises
@@ -277,9 +324,10 @@ def _run_epochs(
                 if losses:
                     raise
                 return None
-            for name, tensor in trained.items():
-                tensor.grad = grads.get(name)  # None: SGD skips it, as torch's SGD would
-            optimizer.step()
+            for group in groups:
+                # A tensor without a gradient is skipped, as torch's SGD skips it.
+                names = [name for name in group["names"] if name in grads]
+                sgd_step([stacked[n] for n in names], [grads[n] for n in names], group, state)
             losses.append(loss)
     return torch.stack(losses).mean(0)
 

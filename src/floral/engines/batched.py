@@ -5,15 +5,21 @@ Opt in with `[engine] batch_clients = N` (at most N clients per batch; 0, the de
 For one batch of K clients:
 
 - every global and private tensor is stacked to (K, ...), one row per client;
-- one SGD step takes each client's loss with `torch.func.vmap` over (tensors, batch x,
-  batch y) of `functional_call(model, ...)`, their gradients by autograd, then runs the
-  method's `backward_hook(model)` under a second vmap with the model's tensors and their
-  `.grad` swapped for the client's row, so a hook written for one model (FLoRAL's
-  preconditioning) applies per client unchanged;
+- one SGD step runs, where the model allows, as tensor ops over the stacked clients
+  (`floral.adapters.stacked`): the K minibatches as K * b client-major rows through the
+  model's own forward, with nn.Linear and the fused mixture of AdaptedLinear as batched
+  products (`bmm`) over the stacked weights and factors and the routers' pi drawn for all K
+  clients at once; per-client losses, their gradients by one autograd call, FLoRAL's
+  preconditioning on the stacked gradients (`precondition_stacked_`). Models with other
+  layers (convolutions, norms, embeddings) fall back to `torch.func.vmap` over (tensors,
+  batch x, batch y) of `functional_call`, and a backward hook other than the preconditioner
+  runs under a second vmap with the model's tensors and their `.grad` swapped for the
+  client's row, so a hook written for one model applies per client unchanged;
 - each client's minibatches come from its own generator through `epoch_batches`, exactly as in
   `train_epochs`, so every client sees the batches it sees in the sequential engine;
-- torch's SGD, with the method's parameter groups (lr, momentum, weight decay, ...), steps the
-  stacked tensors: SGD acts element by element, so this is each client's own SGD;
+- floral's SGD update (`floral.train.sgd.sgd_step`, torch's SGD update), with the method's
+  parameter groups (lr, momentum, weight decay, ...), steps the stacked tensors: SGD acts
+  element by element, so this is each client's own SGD;
 - then each client's row is loaded into the scratch model in turn, and its upload and private
   state are built by the method's `finish_step`, as in `client_step`.
 
@@ -26,8 +32,9 @@ tensor into Python) and, from then on, every batch.
 
 Numbers: batched matmuls add up in another order than one client's, so results match the
 sequential engine to float32 rounding, not bit for bit. Random draws (router noise, dropout)
-come from torch's CPU generator seeded with the batch's first client, with vmap's
-randomness="different": batched runs are repeatable, but draw other noise than sequential ones.
+come from torch's CPU generator seeded with the batch's first client (one (K, C) draw of router
+noise per step; vmap's randomness="different" on the fallback): batched runs are repeatable,
+but draw other noise than sequential ones.
 """
 
 from __future__ import annotations

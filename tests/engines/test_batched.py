@@ -208,3 +208,27 @@ def test_a_method_declared_batchable_keeps_the_default_client_step(name):
     replaced = [hook for hook in ("client_step", "train_locally", "local_optimizer")
                 if getattr(cls, hook) is not getattr(Method, hook)]
     assert not (cls.batchable and replaced), (name, replaced)
+
+
+# Batchable methods whose layers the stacked tensor step covers (floral.adapters.stacked), with
+# router noise off so that both engines draw nothing. One round of a few SGD steps: batched
+# products add up in another order than one client's, which moves the last bits only.
+TENSOR_STEP = ["fedavg", "local", "floral", "floral-oracle", "local-adaptor", "fedit",
+               "ffa-lora", "fedsa-lora", "flasc", "flocora"]
+
+
+@pytest.mark.parametrize("name", TENSOR_STEP)
+def test_tensor_step_matches_the_sequential_step(name, monkeypatch):
+    import floral.engines.batched as batched_module
+
+    vmapped = []
+    monkeypatch.setattr(batched_module, "_vmapped_step",
+                        lambda *a, **k: vmapped.append(1) or pytest.fail("vmap fallback ran"))
+    options = {"noise": 0.0} if name.startswith("floral") else {}
+    sequential = _engine(get_method(name, options), 0, _train(rounds=1))
+    method, calls = _counting(get_method(name, options))
+    batched = _engine(method, 4, _train(rounds=1))
+    sequential.run()
+    batched.run()
+    assert len(calls) <= 1 and not vmapped
+    _assert_states_close(sequential, batched, atol=1e-6, rtol=1e-6)

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, MutableMapping
+
 import torch
 from torch import Tensor, nn
 
 from floral.adapters.attach import adapted_layers
 
-__all__ = ["precondition_"]
+__all__ = ["Preconditioner", "precondition_", "precondition_stacked_"]
+
+
+class Preconditioner:
+    """The backward hook `precondition_(model, eps)`, as an object the batched engine
+    recognizes and applies to K clients' stacked gradients at once
+    (`precondition_stacked_`)."""
+
+    def __init__(self, model: nn.Module, eps: float = 1e-5) -> None:
+        self.model, self.eps = model, eps
+
+    def __call__(self) -> None:
+        precondition_(self.model, self.eps)
 
 
 @torch.no_grad()
@@ -35,6 +49,35 @@ def precondition_(model: nn.Module, eps: float = 1e-5) -> None:
             _solve_into(a.grad, b_flat @ b_flat.mT + ridge)
         if b.grad is not None:
             _solve_into(b.grad, a_flat @ a_flat.mT + ridge)
+
+
+@torch.no_grad()
+def precondition_stacked_(
+    model: nn.Module, tensors: Mapping[str, Tensor], grads: MutableMapping[str, Tensor],
+    clients: int, eps: float = 1e-5,
+) -> None:
+    """`precondition_` for K clients at once, in place on their stacked gradients: `tensors`
+    and `grads` map a model tensor's name to its (K, ...) values and gradients; a factor
+    not in `tensors` is the model's own, the same for every client."""
+    for prefix, layer in adapted_layers(model).items():
+        factors = layer.adaptor_parameters()
+        if "lora_A" not in factors:
+            continue
+        names = {f: f"{prefix}.{f}" if prefix else f for f in ("lora_A", "lora_B")}
+        a, b = (tensors.get(names[f], factors[f].expand(clients, *factors[f].shape))
+                for f in ("lora_A", "lora_B"))
+        count, rank = a.shape[1:3]
+        # As in `precondition_`, with the K clients' C adaptors as K * C systems.
+        a_flat = a.reshape(clients * count, rank, -1)
+        b_flat = b.reshape(clients * count, rank, -1)
+        ridge = eps * torch.eye(rank, dtype=a.dtype, device=a.device)
+        for name, gram in ((names["lora_A"], b_flat), (names["lora_B"], a_flat)):
+            grad = grads.get(name)
+            if grad is None:
+                continue
+            grad = grad.contiguous()  # a batched product's gradient may be a transposed view
+            _solve_into(grad.view(clients * count, *grad.shape[2:]), gram @ gram.mT + ridge)
+            grads[name] = grad
 
 
 def _solve_into(grad: Tensor, gram: Tensor) -> None:

@@ -5,15 +5,21 @@ Opt in with `[engine] batch_clients = N` (at most N clients per batch; 0, the de
 For one batch of K clients:
 
 - every global and private tensor is stacked to (K, ...), one row per client;
-- one SGD step takes each client's loss with `torch.func.vmap` over (tensors, batch x,
-  batch y) of `functional_call(model, ...)`, their gradients by autograd, then runs the
-  method's `backward_hook(model)` under a second vmap with the model's tensors and their
-  `.grad` swapped for the client's row, so a hook written for one model (FLoRAL's
-  preconditioning) applies per client unchanged;
+- one SGD step runs, where the model allows, as tensor ops over the stacked clients
+  (`floral.adapters.stacked`): the K minibatches as K * b client-major rows through the
+  model's own forward, with nn.Linear and the fused mixture of AdaptedLinear as batched
+  products (`bmm`) over the stacked weights and factors and the routers' pi drawn for all K
+  clients at once; per-client losses, their gradients by one autograd call, FLoRAL's
+  preconditioning on the stacked gradients (`precondition_stacked_`). Models with other
+  layers (convolutions, norms, embeddings) fall back to `torch.func.vmap` over (tensors,
+  batch x, batch y) of `functional_call`, and a backward hook other than the preconditioner
+  runs under a second vmap with the model's tensors and their `.grad` swapped for the
+  client's row, so a hook written for one model applies per client unchanged;
 - each client's minibatches come from its own generator through `epoch_batches`, exactly as in
   `train_epochs`, so every client sees the batches it sees in the sequential engine;
-- torch's SGD, with the method's parameter groups (lr, momentum, weight decay, ...), steps the
-  stacked tensors: SGD acts element by element, so this is each client's own SGD;
+- floral's SGD update (`floral.train.sgd.sgd_step`, torch's SGD update), with the method's
+  parameter groups (lr, momentum, weight decay, ...), steps the stacked tensors: SGD acts
+  element by element, so this is each client's own SGD;
 - then each client's row is loaded into the scratch model in turn, and its upload and private
   state are built by the method's `finish_step`, as in `client_step`.
 
@@ -26,12 +32,14 @@ tensor into Python) and, from then on, every batch.
 
 Numbers: batched matmuls add up in another order than one client's, so results match the
 sequential engine to float32 rounding, not bit for bit. Random draws (router noise, dropout)
-come from torch's CPU generator seeded with the batch's first client, with vmap's
-randomness="different": batched runs are repeatable, but draw other noise than sequential ones.
+come from torch's CPU generator seeded with the batch's first client (one (K, C) draw of router
+noise per step; vmap's randomness="different" on the fallback): batched runs are repeatable,
+but draw other noise than sequential ones.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import cast
@@ -40,9 +48,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from floral.adapters.precondition import Preconditioner, precondition_stacked_
+from floral.adapters.stacked import client_losses, stacked_forward
 from floral.methods.base import ClientJob, ClientUpdate, Method
 from floral.train.device import seeded_rng
 from floral.train.loop import TrainConfig, epoch_batches
+from floral.train.sgd import SGD, sgd_step
 from floral.train.state import StateSlots, TensorDict
 
 __all__ = ["batchable", "batched_client_steps", "plan_batches"]
@@ -108,9 +119,11 @@ def _train_batch(
     first = batch[0]
     if not _plain_step(first):
         return None
+    if not slots.model.training:  # as `train_epochs`: router noise and dropout are on
+        slots.model.train()
     optimizer = method.local_optimizer(slots, first)
     private_names = list(first.private_state)
-    if type(optimizer) is not torch.optim.SGD or any(
+    if type(optimizer) not in (SGD, torch.optim.SGD) or any(
         list(job.private_state) != private_names for job in batch
     ):
         return None
@@ -122,8 +135,10 @@ def _train_batch(
     for name in trained:
         stacked[name].requires_grad_(True)
     hook = method.backward_hook(slots.model)
-    step = _vmapped_step(slots.model, first.objective.loss, trained, hook)
-    losses = _run_epochs(step, stacked, torch.optim.SGD(groups), batch, first.config)
+    step = _tensor_step(slots.model, first.objective.loss, trained, hook, stacked, len(batch))
+    if step is None:
+        step = _vmapped_step(slots.model, first.objective.loss, trained, hook)
+    losses = _run_epochs(step, stacked, groups, batch, first.config)
     if losses is None:
         return None
     updates = {}
@@ -172,6 +187,45 @@ def _stacked_groups(
         settings = {k: v for k, v in group.items() if k != "params"}
         groups.append({**settings, "params": [stacked[n] for n in known], "names": known})
     return groups
+
+
+def _tensor_step(
+    model: nn.Module,
+    loss_fn: Callable,
+    trained: Sequence[str],
+    hook: Callable[[], None] | None,
+    stacked: TensorDict,
+    clients: int,
+) -> StepFn | None:
+    """The step as tensor ops over the stacked clients (`floral.adapters.stacked`): one
+    forward of the K minibatches as K * b client-major rows, autograd, and FLoRAL's
+    preconditioning on the stacked gradients; a backward hook of another kind runs per client
+    under vmap. None when the model has a layer the stacked forward does not cover."""
+    forward = stacked_forward(model, stacked.keys())
+    if forward is None:
+        return None
+    run_hook = None
+    if hook is not None and not isinstance(hook, Preconditioner):
+        tables = _tables(model, trained)
+        run_hook = vmap(
+            lambda tensors, grads: _after_backward(tables, tensors, grads, hook),
+            randomness="different",
+        )
+
+    def step(values: TensorDict, x: Tensor, y: Tensor) -> tuple[TensorDict, Tensor]:
+        out = forward(values, x.flatten(0, 1), clients)
+        losses = client_losses(loss_fn, out, y.flatten(0, 1), clients)
+        leaves = [values[name] for name in trained]
+        found = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+        # A tensor the loss does not use keeps no gradient, as in the sequential step.
+        grads = {name: g for name, g in zip(trained, found) if g is not None}
+        if isinstance(hook, Preconditioner):
+            precondition_stacked_(model, values, grads, clients, hook.eps)
+        elif run_hook is not None:
+            grads = run_hook({name: value.detach() for name, value in values.items()}, grads)
+        return grads, losses.detach()
+
+    return step
 
 
 def _vmapped_step(
@@ -252,23 +306,24 @@ def _swapped(tables: Sequence[tuple[str, dict, str]], tensors: TensorDict) -> It
 def _run_epochs(
     step: StepFn,
     stacked: TensorDict,
-    optimizer: torch.optim.SGD,
+    groups: Sequence[dict],
     batch: Sequence[ClientJob],
     config: TrainConfig,
 ) -> Tensor | None:
     """The local epochs of every client in the batch; mean loss per client (K,), or None when
-    the first step cannot be vmapped."""
+    the first step cannot run batched."""
     x = torch.stack([job.data.x_train for job in batch])
     y = torch.stack([job.data.y_train for job in batch])
     rows = torch.arange(len(batch)).unsqueeze(1)
     device = batch[0].placement.device
-    trained = {name: p for group in optimizer.param_groups for name, p in
-               zip(group["names"], group["params"])}
+    state: dict[Tensor, dict] = defaultdict(dict)  # momentum buffers of the stacked tensors
     losses: list[Tensor] = []
-    with seeded_rng(batch[0].seed, device):
+    with seeded_rng(batch[0].seed, device), torch.no_grad():
         for index in _batch_indices(batch, config):
             try:
-                grads, loss = step(stacked, x[rows, index].to(device), y[rows, index].to(device))
+                with torch.enable_grad():
+                    grads, loss = step(stacked, x[rows, index].to(device),
+                                       y[rows, index].to(device))
             except Exception:
                 # The first step is the probe: an op without a batching rule, a hook that reads
                 # values into Python. The sequential step then runs these clients and raises
@@ -276,9 +331,10 @@ def _run_epochs(
                 if losses:
                     raise
                 return None
-            for name, tensor in trained.items():
-                tensor.grad = grads.get(name)  # None: SGD skips it, as torch's SGD would
-            optimizer.step()
+            for group in groups:
+                # A tensor without a gradient is skipped, as torch's SGD skips it.
+                names = [name for name in group["names"] if name in grads]
+                sgd_step([stacked[n] for n in names], [grads[n] for n in names], group, state)
             losses.append(loss)
     return torch.stack(losses).mean(0)
 

@@ -8,7 +8,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from floral.adapters import AdapterSpec, RouterSpec, adaptor_parameter_names, precondition_
+from floral.adapters import AdapterSpec, RouterSpec, adaptor_parameter_names
+from floral.adapters.precondition import Preconditioner
 from floral.adapters.spec import ConvForm, LayerType
 from floral.config import Range
 from floral.errors import ConfigError
@@ -73,7 +74,7 @@ def precondition_hook(options: AdaptorOptions, model: nn.Module) -> Callable[[],
     if not options.precondition:
         return None
     eps = options.precondition_eps
-    return lambda: precondition_(model, eps)
+    return Preconditioner(model, eps)
 
 
 def adaptor_param_groups(

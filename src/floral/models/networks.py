@@ -17,6 +17,10 @@ VGG8_CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 512)
 class LinearModel(nn.Module):
     """One affine map of the flattened input (kept as a child so adapters can wrap it)."""
 
+    # Its own forward treats each example on its own: the batched engine may stack clients'
+    # examples as rows of one batch (floral.adapters.stacked).
+    floral_row_wise = True
+
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.fc = nn.Linear(in_features, out_features)

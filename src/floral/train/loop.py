@@ -15,6 +15,7 @@ from floral.config import Range, check_choice, choices, field_default
 from floral.errors import ConfigError
 from floral.train.device import Placement
 from floral.train.objective import LossFn
+from floral.train.sgd import SGD
 
 __all__ = [
     "LR_SCHEDULES",
@@ -193,9 +194,8 @@ def build_optimizer(groups: Sequence[dict], config: TrainConfig) -> torch.optim.
             groups, lr=config.lr, betas=(beta1, beta2), eps=config.eps,
             weight_decay=config.weight_decay,
         )
-    return torch.optim.SGD(
-        groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    # floral's SGD: torch's update, without importing torch's compiler (floral.train.sgd).
+    return SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def check_local_optimizer(config: TrainConfig) -> None:

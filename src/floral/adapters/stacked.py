@@ -1,0 +1,258 @@
+"""The forward of K copies of one model at once, as tensor ops over their stacked tensors.
+
+K clients train the same model with different tensors. Stack each tensor to (K, ...), one row
+per client, and put the K minibatches one after another, client-major, as one batch of K * b
+rows: layers that treat rows independently (activations, dropout, pooling, flatten) then run
+unchanged on the whole batch, and each layer with tensors runs as one batched product over the
+client axis (`bmm`/`baddbmm`), client k's rows against client k's tensors. Compared with
+`torch.func.vmap` of `functional_call`, nothing is traced or unflattened per call: the model's
+own forward runs once, with its layers' tensors and forwards swapped for the stacked ones.
+
+Covered: `nn.Linear`, `AdaptedLinear` over an `nn.Linear` (the fused mixture, with the router's
+pi per client), the `Router`, containers, and layers that treat rows independently (a fixed
+list of torch's, and modules that say so with the class attribute `floral_row_wise = True`:
+their forward is their children's plus row-wise tensor ops). `stacked_forward` returns None for
+a model with anything else (convolutions, norms, embeddings, forward hooks), which the batched
+engine then runs through vmap.
+
+Numbers: a batched product adds up the same terms as one client's product, but a BLAS may
+block a batched product differently, so results match one client's forward to float32
+rounding, not always bit for bit. Router noise for the K clients is one draw of shape (K, C).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from floral.adapters.layers import AdaptedLinear
+from floral.adapters.router import Router, close_router_hook, refresh_router_hook
+
+__all__ = ["ROW_WISE_MARK", "StackedForward", "stacked_forward", "stacked_mixture"]
+
+# A module class attribute: the module's own forward treats each row of its input (axis 0)
+# independently, apart from what its children compute.
+ROW_WISE_MARK = "floral_row_wise"
+
+_ROW_WISE: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
+    nn.AvgPool2d,
+)
+
+TensorDict = dict[str, Tensor]
+LayerForward = Callable[["_Context", nn.Module, str, Tensor], Tensor]
+
+
+class _Context:
+    """What the layers of one stacked forward share: the client count and each layer's pi."""
+
+    def __init__(self, clients: int, stacked: Collection[str]) -> None:
+        self.clients = clients
+        self.stacked = stacked
+        self.pi: Tensor | None = None  # (K, C) or, per layer, (K, L, C)
+
+    def rows(self, module: nn.Module, prefix: str, attr: str) -> Tensor | None:
+        """The module's tensor `attr` as (K, ...): stacked, or the model's own broadcast."""
+        value: Tensor | None = getattr(module, attr)
+        if value is None or f"{prefix}{attr}" in self.stacked:
+            return value
+        return value.expand(self.clients, *value.shape)
+
+    def layer_pi(self, layer: AdaptedLinear) -> Tensor | None:
+        pi = self.pi
+        if pi is None or pi.dim() == 2:
+            return pi
+        return pi[:, layer.layer_index]
+
+
+class StackedForward:
+    """`(stacked tensors, x of K * b rows, K) -> output of K * b rows`, client-major."""
+
+    def __init__(self, model: nn.Module, layers: list[tuple[nn.Module, str, LayerForward]],
+                 router: tuple[Router, str] | None, tables: dict[str, tuple[dict, str]]) -> None:
+        self.model, self.layers, self.router, self.tables = model, layers, router, tables
+
+    def __call__(self, tensors: Mapping[str, Tensor], x: Tensor, clients: int) -> Tensor:
+        context = _Context(clients, tensors.keys())
+        with self._swapped(tensors, context):
+            if self.router is not None:
+                router, prefix = self.router
+                context.pi = stacked_mixture(router, {k[len(prefix):]: v for k, v in
+                                                      tensors.items() if k.startswith(prefix)},
+                                             clients)
+            # The model's own forward, without its router hooks: pi is drawn above.
+            return self.model.forward(x)
+
+    @contextmanager
+    def _swapped(self, tensors: Mapping[str, Tensor], context: _Context) -> Iterator[None]:
+        saved = []
+        try:
+            for name, value in tensors.items():
+                table, attr = self.tables[name]
+                saved.append((table, attr, table[attr]))
+                table[attr] = value
+            for module, prefix, forward in self.layers:
+                module.forward = _bound(forward, context, module, prefix)  # type: ignore[method-assign]
+            yield
+        finally:
+            for module, _, _ in self.layers:
+                module.__dict__.pop("forward", None)
+            for table, attr, value in saved:
+                table[attr] = value
+
+
+def _bound(forward: LayerForward, context: _Context, module: nn.Module,
+           prefix: str) -> Callable[[Tensor], Tensor]:
+    return lambda x: forward(context, module, prefix, x)
+
+
+def stacked_forward(model: nn.Module, stacked: Collection[str]) -> StackedForward | None:
+    """The stacked forward of `model` whose tensors named in `stacked` come stacked, or None
+    when the model has a layer this module does not cover."""
+    hooks = {refresh_router_hook, close_router_hook}
+    if set(model._forward_pre_hooks.values()) - hooks or set(model._forward_hooks.values()) - hooks:
+        return None
+    layers: list[tuple[nn.Module, str, LayerForward]] = []
+    router: tuple[Router, str] | None = None
+    covered: set[str] = set()  # prefixes of modules a layer forward computes in full
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if any(prefix.startswith(done) for done in covered):
+            continue
+        if module is not model and (module._forward_pre_hooks or module._forward_hooks
+                                    or module._backward_hooks):
+            return None
+        if isinstance(module, Router):
+            router = (module, prefix)
+            covered.add(prefix)
+        elif type(module) is AdaptedLinear and type(module.base) is nn.Linear:
+            layers.append((module, prefix, _adapted_linear))
+            covered.add(prefix)
+        elif type(module) is nn.Linear:
+            layers.append((module, prefix, _linear))
+            covered.add(prefix)
+        elif not _row_wise(module):
+            return None
+    tables = {}
+    for name in stacked:
+        module_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(module_name)
+        table = owner._parameters if attr in owner._parameters else owner._buffers
+        if attr not in table:
+            return None
+        tables[name] = (table, attr)
+    return StackedForward(model, layers, router, tables)
+
+
+def _row_wise(module: nn.Module) -> bool:
+    if module._parameters or module._buffers:
+        return False
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        return True
+    if type(module) in (nn.ModuleList, nn.ModuleDict):
+        return True
+    if type(module) is nn.Flatten:
+        return module.start_dim != 0 and module.end_dim != 0
+    return type(module) in _ROW_WISE or getattr(type(module), ROW_WISE_MARK, False)
+
+
+def stacked_mixture(router: Router, tensors: Mapping[str, Tensor], clients: int) -> Tensor:
+    """The routers' pi of K clients, (K, C) or per layer (K, L, C), from their stacked tensors
+    (`tensors`: local name -> (K, ...); the others are the router's own), as `Router` draws
+    it: fixed weights when set, else softmax((logits + U[0, noise)) / temperature); with a
+    shared adaptor, times `active`, then 1."""
+    def value(name: str) -> Tensor:
+        found = tensors.get(name)
+        if found is not None:
+            return found
+        own = getattr(router, name)
+        return own.expand(clients, *own.shape)
+
+    fixed = value("fixed")
+    if fixed[0].numel() > 0:
+        pi = fixed
+    else:
+        logits = value("logits")
+        if router.training and router.noise > 0:
+            logits = torch.add(logits, torch.rand_like(logits), alpha=router.noise)
+        if router.temperature != 1.0:
+            logits = logits / router.temperature
+        pi = torch.softmax(logits, dim=-1)
+    if not router.shared:
+        return pi
+    active = value("active").reshape((clients,) + (1,) * (pi.dim() - 1))
+    return torch.cat([pi * active, torch.ones_like(pi[..., :1])], dim=-1)
+
+
+def _linear(context: _Context, module: Any, prefix: str, x: Tensor) -> Tensor:
+    weight = _required(context.rows(module, prefix, "weight"))
+    bias = context.rows(module, prefix, "bias")
+    return _batched_linear(context.clients, x, weight, bias)
+
+
+def _batched_linear(clients: int, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Client k's rows of x times its weight (K, out, in), plus its bias (K, out)."""
+    rows = x.reshape(clients, -1, x.shape[-1])
+    if bias is None:
+        out = torch.bmm(rows, weight.mT)
+    else:
+        out = torch.baddbmm(bias.unsqueeze(1), rows, weight.mT)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _adapted_linear(context: _Context, layer: Any, prefix: str, x: Tensor) -> Tensor:
+    """`AdaptedLinear.forward` per client: base(x) + alpha * sum_c pi_c (B_c A_c x + b_c)."""
+    clients, alpha = context.clients, layer.alpha
+    base, base_prefix = layer.base, f"{prefix}base."
+    pi = context.layer_pi(layer)
+    bias = _mixed_bias(context.rows(base, base_prefix, "bias"),
+                       context.rows(layer, prefix, "lora_bias"), pi, alpha)
+    rows = x.reshape(clients, -1, x.shape[-1])
+    weight = _required(context.rows(base, base_prefix, "weight"))
+    out = torch.bmm(rows, weight.mT) if bias is None else torch.baddbmm(bias.unsqueeze(1), rows,
+                                                                        weight.mT)
+    a = _required(context.rows(layer, prefix, "lora_A"))
+    b = _required(context.rows(layer, prefix, "lora_B"))
+    hidden = torch.bmm(rows, a.flatten(1, 2).mT)  # (K, n, C*r)
+    if pi is not None:
+        scale = pi if layer.rank == 1 else pi.repeat_interleave(layer.rank, dim=1)
+        hidden = hidden * scale.unsqueeze(1)
+    out = torch.baddbmm(out, hidden, b.flatten(1, 2), alpha=alpha)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _required(value: Tensor | None) -> Tensor:
+    if value is None:
+        raise ValueError("a layer without its weight")
+    return value
+
+
+def _mixed_bias(base_bias: Tensor | None, lora_bias: Tensor | None, pi: Tensor | None,
+                alpha: float) -> Tensor | None:
+    """`AdaptedLayer._mixed_bias` per client: (K, out) or None."""
+    if lora_bias is None:
+        return base_bias
+    if pi is None:
+        if base_bias is None:
+            return lora_bias[:, 0] * alpha
+        return base_bias.add(lora_bias[:, 0], alpha=alpha)
+    mixed = pi.unsqueeze(1)  # (K, 1, C)
+    if base_bias is None:
+        return torch.bmm(mixed, lora_bias).squeeze(1) * alpha
+    return torch.baddbmm(base_bias.unsqueeze(1), mixed, lora_bias, alpha=alpha).squeeze(1)
+
+
+def client_losses(loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, y: Tensor,
+                  clients: int) -> Tensor:
+    """Each client's mean loss (K,) over its rows of a client-major batch."""
+    if loss_fn is F.cross_entropy and y.dim() == 1 and not y.is_floating_point():
+        return F.cross_entropy(out, y, reduction="none").view(clients, -1).mean(1)
+    if loss_fn is F.mse_loss and out.shape == y.shape:
+        return F.mse_loss(out, y, reduction="none").view(clients, -1).mean(1)
+    return torch.stack([loss_fn(o, t) for o, t in zip(out.chunk(clients), y.chunk(clients))])

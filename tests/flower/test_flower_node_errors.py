@@ -307,6 +307,7 @@ def test_the_server_logs_the_nodes_one_line_and_a_run_needing_it_fails(tmp_path,
     with caplog.at_level(logging.WARNING, logger="flwr.floral"), pytest.raises(
         RoundFailedError, match=r"round 1: 2 of 3 updates applied, fewer than "
                                 r"engine.min_fit_clients = 3 \(client 1: "
-    ):
+    ) as failure:
         run_loopback(strict, tmp_path / "strict", node_configs=nodes)
     assert any(line in r.getMessage() for r in caplog.records)
+    assert line in str(failure.value)  # the run's one line says why the node was left out

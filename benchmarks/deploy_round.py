@@ -15,19 +15,26 @@ deployment on this machine. A round is timed by each ServerApp, from its first m
 last reply of its evaluation (floral: the `seconds` column of metrics.csv); round 1 is dropped
 and the median of the others reported, with the ratios to the floor. Then the cost of a
 ClientApp process itself: importing the app (and, for floral without a warm worker, building
-its runtime) in a fresh Python, as each message pays it.
+its runtime) in a fresh Python, as each message pays it; and, for a warm node, what the thin
+ClientApp does with a train message: in a fresh Python, the import, then the relay to a running
+warm worker (serialization, the Unix socket, the worker's work), against the worker's work
+alone (the train handler called in this process).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +64,26 @@ start = time.perf_counter()
 sys.path.insert(0, {folder!r})
 import floor_app
 print(time.perf_counter() - start)
+"""
+
+
+# A warm node's ClientApp process, in a fresh Python: import the thin app, relay a train message
+# (its records in a file) to the running worker; seconds for each, and whether torch was loaded.
+RELAY = """
+import sys, time
+start = time.perf_counter()
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from floral.flower_client import _from_bytes, relay
+imported = time.perf_counter()
+TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+content = _from_bytes(open({records!r}, "rb").read())
+msg = Message(content, 1000, "train")
+msg.metadata.__dict__["_message_id"] = "train-1"  # as Flower's grids set it
+context = Context(run_id=1, node_id=1000, state=RecordDict(), run_config={{}},
+                  node_config={node_config!r})
+relay(msg, context)
+print(imported - start, time.perf_counter() - imported, "torch" in sys.modules)
 """
 
 
@@ -108,6 +135,64 @@ def process_start(code: str, times: int = 3) -> float:
     return statistics.median(seconds)
 
 
+def relay_costs(text: Path, work: Path, nodes: int, times: int = 5) -> tuple[float, float, float]:
+    """A warm node's train message without Flower: medians of the thin ClientApp's import and
+    relay in a fresh Python, and of the train handler's work alone (in this process)."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from floral.engines.flower.client import ClientNode
+    from floral.flower_app import runtime_for
+    from floral.flower_client import _to_bytes, relay
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    experiment, lineage = text.read_text(), uuid.uuid4().hex
+
+    def message(kind: str, content: RecordDict) -> Message:
+        msg = Message(content, 1000, kind)
+        msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids set it
+        return msg
+
+    def context(folder: Path) -> Context:
+        config = {"partition-id": 0, "num-partitions": nodes, "state-dir": str(folder),
+                  "warm-worker": True, "worker-idle": 120.0}
+        return Context(run_id=1, node_id=1000, state=RecordDict(), run_config={},
+                       node_config=config)
+
+    folder = work / "relay-node"
+    hello = relay(message("query", RecordDict({"floral.config": ConfigRecord(  # starts a worker
+        {"experiment": experiment, "round": 0, "lineage": lineage, "send_initial": True})})),
+        context(folder))
+    train = RecordDict({
+        "floral.config": ConfigRecord({"experiment": experiment, "round": 1, "lineage": lineage}),
+        "floral.global": hello.content["floral.initial"],
+    })
+    records = work / "train-message.bin"
+    records.write_bytes(_to_bytes(train))
+    code = RELAY.format(records=str(records), node_config=context(folder).node_config)
+    imports, relays = [], []
+    try:
+        for _ in range(times):
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                  check=True)
+            seconds, relayed, torch_loaded = done.stdout.split()
+            assert torch_loaded == "False", "the thin ClientApp loaded torch"
+            imports.append(float(seconds))
+            relays.append(float(relayed))
+    finally:
+        for line in (folder / "worker.log").read_text().splitlines():
+            if line.startswith("warm worker "):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(line.split()[2]), signal.SIGTERM)
+    node, handled = ClientNode(runtime_for), []
+    own = context(work / "handler-node")
+    for _ in range(times + 1):  # the first call builds the runtime, as a worker's first does
+        start = time.perf_counter()
+        node.handle("train", train, own)
+        handled.append(time.perf_counter() - start)
+    return statistics.median(imports), statistics.median(relays), statistics.median(handled[1:])
+
+
 def experiment_text(nodes: int, work: Path) -> Path:
     """The experiment floral's app sends its nodes, as its ServerApp resolves it."""
     from flwr.common.config import flatten_dict
@@ -147,6 +232,7 @@ def main() -> None:
         start_floral = process_start(FLORAL_START.format(text=str(text)))
         start_thin = process_start(THIN_START)
         start_floor = process_start(FLOOR_START.format(folder=str(FLOOR_APP)))
+        relay_import, relay_seconds, handler = relay_costs(text, work, args.nodes)
     a, b, c = (statistics.median(x) for x in (floor, cold, warm))
     print(f"deployed round on {args.nodes} SuperNodes at 127.0.0.1, {args.rounds} rounds x "
           f"{args.repeat}: train + evaluate messages to every node, {sent} bytes down per node")
@@ -155,8 +241,14 @@ def main() -> None:
     print(f"floral, a ClientApp per message     {b:6.2f} s / round  = {b / a:.2f}x the floor")
     print(f"floral, warm-worker=true            {c:6.2f} s / round  = {c / a:.2f}x the floor "
           "(goal <= 1.2x)")
+    print("each run's median, in order: floor " + " ".join(f"{x:.2f}" for x in floor)
+          + "; floral " + " ".join(f"{x:.2f}" for x in cold)
+          + "; warm " + " ".join(f"{x:.2f}" for x in warm))
     print(f"a ClientApp process, fresh Python: Flower floor {start_floor:.2f} s (import); floral "
           f"{start_floral:.2f} s (import + runtime build), thin {start_thin:.2f} s (import)")
+    print(f"a warm node's train message without Flower: the thin ClientApp's import "
+          f"{relay_import:.3f} s, its relay to the worker {relay_seconds:.3f} s, of which the "
+          f"worker's train handler {handler:.3f} s")
 
 
 if __name__ == "__main__":

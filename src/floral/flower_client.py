@@ -13,7 +13,16 @@ message, that imports floral once, keeps the built runtime, and answers over a U
 the node's state folder (`worker.sock`, the node's user only). The worker stops with its
 SuperNode, after `worker-idle` seconds without a message (default 600), and when floral's code
 changes under it (the next message starts a new one). Without `warm-worker`, a message runs
-floral.flower_app's ClientApp in the ClientApp process, as before.
+floral.flower_app's ClientApp in the ClientApp process, as before; importing this module
+imports no PyTorch (a message that needs it does).
+
+Processes die with their SuperNode: a watchdog thread in the worker, and in a deployed ClientApp
+process, ends the process within a second of its SuperNode's end (killed with SIGKILL
+included), even in the middle of a message. It watches the SuperNode itself, found up the
+process tree (Flower starts ClientApps from its SuperExec, a child of the SuperNode), and
+counts a zombie or a reused process id as gone: a container's init may never reap them.
+PR_SET_PDEATHSIG cannot do this job: a worker's parent is the ClientApp process of the node's
+first message, which Flower ends after that message.
 
 Either way the same handlers run on the same message contents (floral.engines.flower.client),
 so the numbers are the same; the worker's log is `worker.log` in the state folder.
@@ -31,8 +40,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,12 +56,17 @@ import floral
 from floral.engines.flower.mods import privacy_mod
 from floral.errors import ConfigError
 
-__all__ = ["client_app", "code_fingerprint", "relay", "serve_worker"]
+__all__ = [
+    "client_app", "code_fingerprint", "relay", "running", "serve_worker", "supernode_pid", "watch",
+]
 
 SOCKET, LOCK, LOG = "worker.sock", "worker.lock", "worker.log"
 START_TIMEOUT = 120.0  # seconds for a new worker to listen
 IDLE = 600.0  # default seconds a worker waits for a message before it stops
 _MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
+WATCH_EVERY = 0.5  # seconds between two looks at the SuperNode's process
+SUPERNODE = "flower-supernode"  # the command that names a SuperNode's process
+_PROC = Path("/proc")
 
 
 def code_fingerprint() -> str:
@@ -162,7 +177,7 @@ def _start_worker(folder: Path, idle: float) -> socket.socket:
     with (folder / LOG).open("a") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "floral.flower_client", "--state-dir", str(folder),
-             "--parent", str(os.getppid()), "--idle", str(idle)],
+             "--parent", str(supernode_pid()), "--idle", str(idle)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + START_TIMEOUT
@@ -181,11 +196,98 @@ def _start_worker(folder: Path, idle: float) -> socket.socket:
 
 
 def _serve(msg: Message, context: Context) -> Message:
+    _guard_deployed_process()
     if _warm(context.node_config):
         return relay(msg, context)
     from floral.flower_app import client_app as in_process  # PyTorch and floral's engine
 
     return in_process(msg, context)
+
+
+# -- processes that die with their SuperNode -------------------------------------------------------
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of a process from /proc; None when it is gone."""
+    try:
+        text = (_PROC / str(pid) / "stat").read_text()
+        fields = text[text.rindex(")") + 2 :].split()  # the command, in parentheses, may hold
+        return fields[0], int(fields[1]), int(fields[19])  # spaces and parentheses
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _is_supernode(pid: int) -> bool:
+    try:
+        argv = (_PROC / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name == SUPERNODE for arg in argv[:2])
+
+
+def _supernode_ancestor() -> int | None:
+    """The SuperNode this process descends from (Linux), None when there is none."""
+    pid = os.getppid()
+    for _ in range(8):  # ClientApp <- SuperExec <- SuperNode: a few levels at most
+        if pid <= 1:
+            return None
+        if _is_supernode(pid):
+            return pid
+        stat = _stat(pid)
+        if stat is None:
+            return None
+        pid = stat[1]
+    return None
+
+
+def supernode_pid() -> int:
+    """The process a warm worker lives with: the SuperNode above this ClientApp process, or
+    (no /proc, or not under a SuperNode) this process's parent."""
+    return _supernode_ancestor() or os.getppid()
+
+
+def running(pid: int, start: int | None = None) -> bool:
+    """Whether `pid` runs (and, given its `start` time, is still the same process): a zombie,
+    dead but not yet reaped by its parent, or by an init that never reaps, is gone."""
+    if not _PROC.is_dir():  # no /proc: a zombie cannot be told from a live process
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X", "x") and start in (None, stat[2])
+
+
+def watch(pid: int, on_gone: Callable[[], None], every: float = WATCH_EVERY) -> threading.Thread:
+    """A daemon thread that calls `on_gone` (which should end the process) once `pid` has
+    stopped running; it works while the main thread is busy with a message."""
+    stat = _stat(pid)
+    start = stat[2] if stat is not None else None
+
+    def look() -> None:
+        while running(pid, start):
+            time.sleep(every)
+        on_gone()
+
+    thread = threading.Thread(target=look, name=f"watch-{pid}", daemon=True)
+    thread.start()
+    return thread
+
+
+_guarded = False
+
+
+def _guard_deployed_process() -> None:
+    """In a ClientApp process under a SuperNode: end this process when the SuperNode ends, so
+    a message being computed for a killed SuperNode does not go on (once per process)."""
+    global _guarded
+    if _guarded:
+        return
+    _guarded = True
+    supernode = _supernode_ancestor()
+    if supernode is not None:
+        watch(supernode, lambda: os._exit(1))
 
 
 client_app = ClientApp(mods=[privacy_mod])  # SecAgg+'s state lives in this process's context
@@ -214,9 +316,16 @@ def serve_worker(folder: Path, parent: int, idle: float) -> None:
     server.listen()
     server.settimeout(1.0)
     print(f"warm worker {os.getpid()} of SuperNode {parent} on {path}", flush=True)
+
+    def parent_gone() -> None:  # even in the middle of a message
+        print(f"SuperNode {parent} is gone: stopping", flush=True)
+        _unlink_own(path, own)
+        os._exit(0)
+
+    watch(parent, parent_gone)
     last = time.monotonic()
     try:
-        while _alive(parent) and time.monotonic() - last < idle:
+        while time.monotonic() - last < idle:
             try:
                 conn, _ = server.accept()
             except TimeoutError:
@@ -257,16 +366,6 @@ def _answer(node: Any, code: str, conn: socket.socket, path: Path) -> bool:
     except Exception as error:  # the ClientApp reports it; the worker serves on
         print(f"{header['kind']}: {type(error).__name__}: {error}", flush=True)
         _send(conn, json.dumps({"error": f"{type(error).__name__}: {error}"}).encode(), b"")
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -4,7 +4,8 @@ One round of FLoRAL on synthetic-mlp (each round costs two ClientApp processes p
 ~7 s; the harness is tests/support/federation.py). Checks the results folder, that its numbers
 are the local engine's for the same experiment, and, from each node's audit file, that its
 router trained there (it is the local engine's router of that client) and never appeared in
-any message, in either direction. The slow test restarts a SuperNode and resumes the run.
+any message, in either direction. The slow tests restart a SuperNode and resume the run, and
+kill a SuperNode (SIGKILL) to see every process started for it end.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,3 +123,47 @@ def test_a_supernode_restarted_between_rounds_keeps_its_private_state(federation
     local_state = load_file(tmp_path / "local" / "state.safetensors")
     local_router = local_state["private/0/floral_router.logits"]
     assert trained[-1] == tensors_digest({"": local_router}) and len(trained) == 2
+
+
+def _group(pgid: int) -> list[str]:
+    """The running (not zombie) processes of a process group: `pid state command`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            found.append(f"{stat.parent.name} {fields[0]} {text[: text.rindex(')') + 1]}")
+    return found
+
+
+def _wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return condition()
+
+
+# A deployed round and a kill (~30 s): in the slow tests. Linux only (reads /proc).
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_processes_started_for_a_supernode_end_when_it_is_killed(federation, tmp_path):
+    done = federation.run(APP, f'output.dir="{tmp_path / "results"}" train.rounds=1 '
+                          "flower.round-timeout=300.0 flower.node-timeout=120.0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (federation.state_dir(1) / "worker.log").read_text()
+    worker = int(re.findall(r"warm worker (\d+) of SuperNode", log)[0])
+    assert f"of SuperNode {federation.nodes[1].pid} " in log  # it watches the SuperNode itself
+    assert _running(worker)
+
+    # SIGKILL, and the SuperNode's parent (this test) does not reap it yet: a zombie, as under
+    # an init that never reaps. Flower's SuperExec still counts it alive; floral's worker not.
+    node = federation.nodes.pop(1)
+    node.send_signal(signal.SIGKILL)
+    worker_runs = lambda: any(p.split()[0] == str(worker) for p in _group(node.pid))  # noqa: E731
+    assert _wait_until(lambda: not worker_runs(), 15), _group(node.pid)
+    assert "is gone: stopping" in (federation.state_dir(1) / "worker.log").read_text()
+    node.wait()  # reaped: Flower's own processes of the node end too
+    assert _wait_until(lambda: not _group(node.pid), 20), _group(node.pid)

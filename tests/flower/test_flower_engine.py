@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 
 import pytest
 
@@ -112,6 +114,61 @@ def test_bad_replies_are_dropped_with_a_log_line_and_the_round_goes_on(tmp_path,
     state = load_file(tmp_path / "run" / "state.safetensors")
     for name, tensor in expected.items():
         assert torch.equal(state[f"global/{name}"], tensor), name
+
+
+class LateGrid(LoopbackGrid):
+    """Train replies of some nodes come `late` seconds after their message (None: never)."""
+
+    def __init__(self, *args, late: dict[int, float | None], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.late, self.due = late, {}  # client -> delay; message id -> when it may be pulled
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        for message, mid in zip(messages, ids, strict=True):
+            client = message.metadata.dst_node_id - 1000
+            if message.metadata.message_type == "train" and client in self.late:
+                delay = self.late[client]
+                self.due[mid] = float("inf") if delay is None else time.monotonic() + delay
+        return ids
+
+    def pull_messages(self, message_ids):
+        now = time.monotonic()
+        return super().pull_messages([i for i in message_ids if self.due.get(i, 0.0) <= now])
+
+
+def _run_late(tmp_path, late, caplog):
+    config = resolve_config(tiny_experiment("fedavg"), [
+        "task.num_clients=3", "train.rounds=1", "train.clients_per_round=1.0"])
+    grid = LateGrid(client_app, 3, late=late)
+    options = FlowerOptions(round_timeout=1.0, node_timeout=1.0, poll_interval=0.01)
+    with caplog.at_level(logging.INFO, logger="flwr.floral"):
+        summary = serve(grid, config, tmp_path / "run", options)
+    return summary, [r.getMessage() for r in caplog.records]
+
+
+def test_a_round_waiting_on_replies_says_who_is_missing_and_how_long_is_left(tmp_path, caplog):
+    # Client 1 answers after 0.6 s, client 2 never; flower.round-timeout = 1 s.
+    summary, lines = _run_late(tmp_path, {1: 0.6, 2: None}, caplog)
+    assert summary.rounds == 1
+    waiting = [line for line in lines if "waiting for" in line]
+    pattern = r"round 1: waiting for (\d) of 3 replies \(from ([\d, ]+)\), (\d) s left of " \
+              r"flower.round-timeout$"
+    seen = [re.match(pattern, line) for line in waiting]
+    assert waiting and all(seen), waiting
+    assert ("2", "1, 2") in [m.groups()[:2] for m in seen if m]  # both late, at first
+    assert ("1", "2") in [m.groups()[:2] for m in seen if m]  # client 1 answered meanwhile
+    assert "round 1: no reply from 2 within 1 s; dropped" in lines
+    assert not any("no reply from 1" in line for line in lines)
+
+
+def test_a_round_that_took_most_of_its_timeout_says_so(tmp_path, caplog):
+    _, lines = _run_late(tmp_path, {1: 0.7}, caplog)
+    took = r'round 1: the last reply took \d s of flower.round-timeout = 1 s; raise it ' \
+           r'\(docs/deploy.md, "Timeouts"\)$'
+    assert any(re.match(took, line) for line in lines), lines
+    assert not any("dropped" in line for line in lines)
 
 
 def test_routers_stay_on_their_nodes(tmp_path):

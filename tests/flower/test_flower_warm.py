@@ -3,7 +3,8 @@
 Messages go through Flower's `Message`s and the thin ClientApp in this process, which hands
 them to one worker process per node over its Unix socket; the run must end with exactly the
 local engine's numbers, each node must have started one worker for all its messages, and the
-workers stop. The real SuperNodes are in test_flower_deployment.py.
+workers stop, also when their SuperNode is killed (SIGKILL) in the middle of a message. The thin
+ClientApp imports no PyTorch. The real SuperNodes are in test_flower_deployment.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +87,78 @@ def test_warm_worker_needs_a_state_dir():
     message = Message(RecordDict(), next(iter(grid.contexts)), "query")
     with pytest.raises(ConfigError, match="warm-worker=true needs state-dir"):
         _serve(message, context)
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+# What the ClientApp process of a warm node does, in a fresh Python: import the app, name its
+# code, carry a message's records; none of it may load PyTorch.
+THIN = """
+import sys
+import floral.flower_client as thin
+from flwr.app import ConfigRecord, RecordDict
+
+thin.code_fingerprint()
+thin.supernode_pid()
+content = RecordDict({"config": ConfigRecord({"experiment": "x", "round": 1})})
+assert thin._from_bytes(thin._to_bytes(content))["config"]["round"] == 1
+heavy = sorted(name for name in ("torch", "floral.train", "floral.engines.driver")
+               if name in sys.modules)
+print("loaded:", *heavy)
+sys.exit(1 if heavy else 0)
+"""
+
+
+def test_the_thin_client_app_imports_no_torch():
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run([sys.executable, "-c", THIN], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "torch" not in done.stdout.split()
+
+
+def _start_worker(folder: Path, parent: int) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    with (folder / "worker.log").open("w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "floral.flower_client", "--state-dir", str(folder),
+             "--parent", str(parent), "--idle", "300"],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    while not (folder / "worker.sock").exists():
+        assert worker.poll() is None, (folder / "worker.log").read_text()
+        assert time.monotonic() < deadline, "the worker does not listen"
+        time.sleep(0.05)
+    return worker
+
+
+@pytest.mark.parametrize("case", ["zombie", "busy"])
+def test_a_warm_worker_exits_when_its_supernode_is_killed(tmp_path, case):
+    """SIGKILL of the SuperNode ends its worker within seconds: a SuperNode not yet reaped (a
+    zombie, as under a container's init that never reaps), or one reaped while the worker is
+    in the middle of a message (here: reading one that never ends)."""
+    supernode = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    worker, client = None, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        worker = _start_worker(tmp_path / "node", supernode.pid)
+        if case == "busy":
+            client.connect(str(tmp_path / "node" / "worker.sock"))
+            client.sendall((1000).to_bytes(8, "big") + b"{")  # a header that never ends
+        supernode.kill()
+        if case == "busy":
+            supernode.wait()
+        deadline = time.monotonic() + 15
+        while worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert worker.poll() is not None, "the worker outlived its SuperNode"
+        log = (tmp_path / "node" / "worker.log").read_text()
+        assert f"SuperNode {supernode.pid} is gone" in log
+        assert not (tmp_path / "node" / "worker.sock").exists()
+    finally:
+        client.close()
+        supernode.kill()
+        supernode.wait()
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait()

@@ -33,7 +33,9 @@ FLOWER_PREFIX = "flower."
 class FlowerOptions:
     """Settings of the Flower engine itself (run-config keys `flower.<name>`, dashes allowed)."""
 
-    round_timeout: float = 600.0  # seconds to wait for the replies of one round
+    # Seconds to wait for the replies of one wave of messages (a round's train, its evaluate);
+    # rule: 10x the slowest wave measured, at least 60 (docs/deploy.md, "Timeouts").
+    round_timeout: float = 600.0
     node_timeout: float = 600.0  # seconds to wait for every client's node to connect
     poll_interval: float = 0.05  # seconds between two pulls of replies from the SuperLink
     # Continue from the results folder's checkpoint: true (an error if there is none), "auto"

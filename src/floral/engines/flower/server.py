@@ -69,6 +69,9 @@ log = logging.getLogger("flwr.floral")
 
 K = TypeVar("K")
 LINEAGE_KEY = "flower/lineage"  # the transport's state in a checkpoint: 16 bytes
+# While a round waits for replies: one line every this many seconds (a quarter of
+# flower.round-timeout if that is less), saying how many are missing and how long is left.
+WAIT_LOG_EVERY = 30.0
 
 
 @dataclass
@@ -290,18 +293,35 @@ class FlowerTransport:
         for key in set(keys) - set(waiting.values()):
             log.warning("round %d: the message to %s could not be sent", self.round, key)
         replies: dict[K, Message] = {}
-        deadline = time.monotonic() + self.options.round_timeout
+        timeout = self.options.round_timeout
+        start = time.monotonic()
+        deadline, every = start + timeout, min(WAIT_LOG_EVERY, timeout / 4)
+        next_line = start + every
         while waiting and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(waiting)):
                 replied = waiting.pop(reply.metadata.reply_to_message_id, None)
                 if replied is not None:
                     replies[replied] = reply
+            if waiting and (now := time.monotonic()) >= next_line:
+                self._log_waiting(keys, set(waiting.values()), deadline - now)
+                next_line = now + every
             if waiting:
                 time.sleep(self.options.poll_interval)
         for key in waiting.values():
             log.warning("round %d: no reply from %s within %.0f s; dropped",
-                        self.round, key, self.options.round_timeout)
+                        self.round, key, timeout)
+        took = time.monotonic() - start
+        if not waiting and took > timeout / 2:
+            log.warning("round %d: the last reply took %.0f s of flower.round-timeout = %.0f s; "
+                        "raise it (docs/deploy.md, \"Timeouts\")", self.round, took, timeout)
         return replies
+
+    def _log_waiting(self, keys: Sequence[K], missing: set[K], left: float) -> None:
+        late = [str(key) for key in keys if key in missing]
+        late = late[:10] + ["..."] * (len(late) > 10)
+        log.info("round %d: waiting for %d of %d replies (from %s), %.0f s left of "
+                 "flower.round-timeout", self.round, len(missing), len(keys), ", ".join(late),
+                 max(0.0, left))
 
 
 # -- reading replies ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import tomli_w
 from floral.checkpoint import Checkpoint
 from floral.cli import main
 from floral.errors import ConfigError, DivergedError
-from floral.experiment import resolve_config
+from floral.experiment import build_engine, resolve_config
 from floral.run import run_experiment
 
 
@@ -102,3 +102,23 @@ def test_a_loss_far_above_the_start_is_divergence_even_when_finite(tmp_path):
 def test_the_rule_is_checked_before_work():
     with pytest.raises(ConfigError, match="engine.divergence_factor: must be 0"):
         resolve_config(_linear(0.1, divergence_factor=-1.0))
+
+
+def test_a_client_without_training_examples_is_no_divergence(monkeypatch):
+    # Its loss is NaN (it took no step) while its upload is a finite zero of weight 0.
+    from floral.engines.local import LocalTransport
+
+    real = LocalTransport.train
+
+    def one_idle(self, round_, clients, payload):  # noqa: ANN001, ANN202
+        replies = dict(real(self, round_, clients, payload))
+        first = min(replies)
+        replies[first].train_loss = math.nan
+        return replies
+
+    monkeypatch.setattr(LocalTransport, "train", one_idle)
+    config = resolve_config(_linear(0.1))
+    engine, _ = build_engine(config)
+    engine.evaluate()  # round 0: the rule's reference
+    result = engine.run_round()
+    assert math.isfinite(result.train_loss) and result.applied == 10

@@ -266,8 +266,10 @@ class Driver:
             self._diverged(f"every client's update diverged ({diverged} of {len(clients)})",
                            start_suspect=True)
         self._enough(len(uploads), len(sampled), dropped)
-        train_loss = float(np.mean(losses)) if losses else math.nan
-        self._check_loss(train_loss, bool(losses))
+        # A client without training examples has no loss (NaN); it does not count.
+        scored = [loss for loss in losses if not math.isnan(loss)]
+        train_loss = float(np.mean(scored)) if scored else math.nan
+        self._check_loss(train_loss, bool(scored))
         combined = self.aggregation.combine(uploads, RoundInfo(self.round, len(sampled)))
         new = self.method.server_update(self.state, combined, self.server_optimizer)
         if not all_finite(new.global_state):

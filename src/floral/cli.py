@@ -77,9 +77,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("run", help="a results folder (translations or jsonl task)")
     generate.add_argument("--client", type=int, required=True, help="the client's number")
+    generate.add_argument("--system", metavar="TEXT",
+                          help="a system message before each prompt (default: task.system)")
     generate.add_argument("prompts", nargs="+", metavar="PROMPT",
                           help="a prompt (translations: the English string to translate)")
     generate.set_defaults(handler=_cmd_generate)
+
+    export = sub.add_parser(
+        "export", help="a finished language-model run's adaptors as PEFT LoRA folders"
+    )
+    export.add_argument("run", help="a results folder")
+    export.add_argument("out", help="where client-<k>/ (and shared/adaptor-<c>/) go")
+    export.add_argument("--client", type=int, action="append", metavar="K",
+                        help="only client K (repeatable; default: every client)")
+    export.set_defaults(handler=_cmd_export)
 
     methods = sub.add_parser("methods", help="list the methods with a one-line description")
     methods.set_defaults(handler=_cmd_methods)
@@ -132,9 +143,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     overrides = [*args.set, f"engine.name={args.engine}"] if args.engine else args.set
     config = load_config(args.config, overrides)
     out = Path(args.out or config.output.dir or Path("results") / config.name)
-    with RunProgress(config, disable=args.quiet) as progress:
+    with RunProgress(config, disable=args.quiet, resumed=args.resume) as progress:
         summary = run_experiment(
-            config, out, resume=args.resume, overwrite=args.overwrite, on_round=progress.update
+            config, out, resume=args.resume, overwrite=args.overwrite, on_round=progress.update,
+            on_client=progress.on_client,
         )
     print_summary(summary)
     return 0
@@ -215,8 +227,16 @@ def _report(out: Path, plots: bool) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from floral.export import generate_answers
 
-    for answer in generate_answers(args.run, args.client, args.prompts):
+    for answer in generate_answers(args.run, args.client, args.prompts, args.system):
         print(answer)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from floral.export import export_run
+
+    for folder in export_run(args.run, args.out, args.client):
+        print(folder)
     return 0
 
 

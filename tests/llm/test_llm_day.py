@@ -61,6 +61,27 @@ def test_data_paths_are_read_against_the_config_file_and_recorded_absolute(tmp_p
     assert f'data_dir = "{tmp_path / "p" / "data" / "chats.jsonl"}"' in recorded
 
 
+def test_a_run_that_recorded_relative_paths_resumes_from_the_file_naming_them(tmp_path,
+                                                                             monkeypatch,
+                                                                             capsys):
+    """Runs recorded before paths were made absolute still resume (and are not run again)."""
+    from floral.config import tomllib
+    from floral.experiment import resolve_config
+    from floral.run import run_experiment
+
+    config = project(tmp_path / "p")
+    monkeypatch.chdir(config.parent)
+    data = tomllib.loads(MESSAGES_EXPERIMENT)  # data_dir relative, as a run recorded it
+    old = resolve_config({**data, "engine": {"eval_every": 1, "checkpoint_every": 1},
+                          "train": {**data["train"], "rounds": 1}})
+    assert old.task.data_dir == "../data/chats.jsonl"
+    run_experiment(old, tmp_path / "out")
+    code, out, err = run_cli(["run", "chats.toml", "--resume", "--out", str(tmp_path / "out"),
+                              "--quiet", "--set", "engine.checkpoint_every=1"], capsys)
+    assert code == 0, err
+    assert "after 2 rounds" in out
+
+
 def test_the_run_folder_outlines_its_task(finished):
     outline = json.loads((finished / "task.json").read_text())
     assert outline["clusters"] == [0, 1, 2] and outline["kind"] == "causal-lm"

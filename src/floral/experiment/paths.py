@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PATH_KEYS", "absolute_path", "absolute_paths", "resolve_paths"]
+__all__ = ["PATH_KEYS", "absolute_path", "absolute_paths", "comparable_paths", "resolve_paths"]
 
 HF_PREFIX = "hf:"
 # (table, key) of every setting that may name a file or folder.
@@ -62,3 +62,15 @@ def absolute_paths(config: Any) -> None:
     for table, key in PATH_KEYS:
         section = getattr(config, table)
         setattr(section, key, absolute_path(getattr(section, key), Path.cwd()))
+
+
+def comparable_paths(tables: dict[str, Any]) -> dict[str, Any]:
+    """A config's tables (`ExperimentConfig.to_dict()`, changed in place) with its relative
+    paths made absolute against the current folder, where a run that recorded them (before
+    floral recorded paths absolute) read them: so that its checkpoint resumes, and its
+    finished run is not run again, when the same files are now named absolute."""
+    for table, key in PATH_KEYS:
+        section = tables.get(table)
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            section[key] = absolute_path(section[key], Path.cwd())
+    return tables

@@ -33,7 +33,7 @@ from floral.data import FederatedTask, task_outline
 from floral.engines.driver import Driver, Observer, RoundResult
 from floral.errors import ConfigError, DivergedError, RoundFailedError
 from floral.experiment.config import TABLES, ExperimentConfig, resolve_config
-from floral.experiment.paths import absolute_path
+from floral.experiment.paths import absolute_path, comparable_paths
 from floral.tracking import Sinks, flat_params, open_sinks
 from floral.train.headline import headline_metrics, order_headline
 from floral.train.state import TensorDict
@@ -321,7 +321,7 @@ TASK_FILE = "task.json"  # the task's outline (floral.data.task.task_outline)
 
 def _identity(config: ExperimentConfig) -> dict[str, Any]:
     """The experiment a checkpoint belongs to: its resolved config, less what may change."""
-    identity = config.to_dict()
+    identity = comparable_paths(config.to_dict())
     for table, key in _RESUMABLE_CHANGES:
         identity.get(table, {}).pop(key, None)
     return identity

@@ -100,8 +100,12 @@ class RunProgress:
     """One run's progress: a bar showing the latest evaluated metric on a terminal, plain
     lines at a fixed interval elsewhere (`plain`: None = decide by whether stderr is a
     terminal). `on_client` is the callback for each client done, where plain lines show it.
-    `resumed`: the run continues a checkpoint, so no time is left is estimated before its first
-    round here ends."""
+    `resumed`: the run continues a checkpoint, whose round is known at the first round done
+    here.
+
+    The time left is estimated from the pace of training in this process: from the end of
+    the evaluation of round 0 (or, resumed, from the first round done here), so neither
+    loading the data and the model nor that first evaluation inflates it."""
 
     def __init__(
         self, config: Any, disable: bool = False, plain: bool | None = None,
@@ -114,12 +118,13 @@ class RunProgress:
         self.every = _plain_every() if every is None else every
         self.progress = _bar(disable or self.plain)
         self.lock = threading.Lock()
-        self.done = 0  # rounds finished
-        self.start: int | None = None if resumed else 0  # the round this process started at
+        self.done: int | None = None if resumed else 0  # rounds finished (None: not known)
         self.stage, self.clients, self.of = "", 0, 0  # the clients done in the running round
         self.trained = False  # a client of the running round has trained
         self.latest = ""
         self.began = time.monotonic()
+        # (time, rounds done then): where the pace of training is measured from.
+        self.reference: tuple[float, float] | None = None if resumed else (self.began, 0.0)
         self.ticker: _Ticker | None = None
 
     @property
@@ -128,6 +133,8 @@ class RunProgress:
 
     def __enter__(self) -> RunProgress:
         self.began = time.monotonic()
+        if self.reference is not None:
+            self.reference = (self.began, 0.0)
         if self.plain:
             if not self.disable:
                 self.ticker = _Ticker(self.line, self.every)
@@ -145,8 +152,8 @@ class RunProgress:
 
     def update(self, result: Any, latest: dict[str, float]) -> None:
         with self.lock:
-            if self.start is None:
-                self.start = result.round - 1
+            if self.reference is None:  # resumed: the pace is measured from here
+                self.reference = (time.monotonic(), float(result.round))
             self.done, self.stage, self.clients, self.of = result.round, "", 0, 0
             self.trained = False
             self.latest = _latest(latest)
@@ -158,15 +165,22 @@ class RunProgress:
         with self.lock:
             self.stage, self.clients, self.of = stage, done, of
             self.trained = self.trained or stage == "train"
+            if stage == "evaluate" and self.done == 0 and not self.trained:
+                self.reference = (time.monotonic(), 0.0)  # round 0's evaluation: not training
 
     def line(self) -> str:
         """The plain progress line: round, clients done, time elapsed and left."""
+        now = time.monotonic()
         with self.lock:
             done, stage, clients, of = self.done, self.stage, self.clients, self.of
-            start, latest, trained = self.start, self.latest, self.trained
-        elapsed = time.monotonic() - self.began
+            latest, trained, reference = self.latest, self.trained, self.reference
+        elapsed = f"{_clock(now - self.began)} elapsed"
+        verb = "trained" if stage == "train" else "evaluated"
+        if done is None:  # resumed, before its first round here ends
+            where = "resumed" + (f", {clients}/{of} clients {verb}" if of else "")
+            return f"{self.label}: {where}, {elapsed}, ETA —"
         if not (done or of):
-            return f"{self.label}: setting up (data, model), {_clock(elapsed)} elapsed"
+            return f"{self.label}: setting up (data, model), {elapsed}"
         if done >= self.total:
             where = f"all {self.total} rounds done"
         elif stage == "evaluate" and not trained and done == 0:
@@ -174,16 +188,17 @@ class RunProgress:
         else:
             where = f"round {done + 1} of {self.total}"
         if of and done < self.total:
-            where += f", {clients}/{of} clients {'trained' if stage == 'train' else 'evaluated'}"
+            where += f", {clients}/{of} clients {verb}"
         position = float(done)
         if trained and stage == "evaluate":
             position += 1.0  # trained; evaluated now
         elif stage == "train" and of:
             position += clients / of
         eta = "—"
-        if start is not None and position > start:
-            eta = _clock(elapsed / (position - start) * (self.total - position))
-        text = f"{self.label}: {where}, {_clock(elapsed)} elapsed, ETA {eta}"
+        if reference is not None and position > reference[1]:
+            pace = (now - reference[0]) / (position - reference[1])
+            eta = _clock(pace * (self.total - position))
+        text = f"{self.label}: {where}, {elapsed}, ETA {eta}"
         return f"{text}; {latest}" if latest else text
 
 

@@ -32,14 +32,17 @@ def test_the_plain_line_says_round_clients_elapsed_and_eta():
         assert "all 4 rounds done" in progress.line()
 
 
-def test_a_resumed_run_estimates_no_time_left_before_its_first_round_here():
+def test_a_resumed_run_estimates_the_time_left_from_its_first_round_here():
     progress = RunProgress(CONFIG, plain=True, every=3600, resumed=True)
     with progress:
         progress.client("train", 3, 4)
+        assert progress.line().startswith("tiny · floral: resumed, 3/4 clients trained, ")
         assert progress.line().endswith("ETA —")
         progress.update(SimpleNamespace(round=3), {})  # resumed after round 2
+        assert progress.line().endswith("ETA —")
         progress.client("train", 2, 4)
-        assert not progress.line().endswith("ETA —")
+        line = progress.line()
+        assert "round 4 of 4, 2/4 clients trained" in line and not line.endswith("ETA —")
 
 
 def test_a_run_off_a_terminal_prints_plain_lines_as_it_goes(tmp_path, monkeypatch, capsys):

@@ -132,7 +132,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="override a setting, e.g. --set train.rounds=50 (repeatable)",
     )
     parser.add_argument("--out", help="results folder (default: results/<name>)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress (a bar on a terminal, else a line every 30 s)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

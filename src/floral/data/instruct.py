@@ -29,7 +29,9 @@ an object with `prompt_field` and `response_field` strings, or a `messages_field
 (`split_by_group`: Dirichlet shares per value, or one value per client), each value a cluster.
 `source = "hf:..."` reads the rows from a Hugging Face dataset instead (floral.llm.hf_data),
 "where" in messages then being its split and row index. A seeded `test_fraction` of each
-client's examples is held out.
+client's examples is held out. A line (row) that is not a usable example is a bad line: all of
+a source's bad lines are named in one error (the first `BAD_LINES_SHOWN` and the count), or,
+with `bad_lines = "skip"`, left out with a warning and counted (`BadLines`).
 """
 
 from __future__ import annotations
@@ -390,8 +392,8 @@ def _short(where: str, origin: str) -> str:
 
 def read_jsonl(path: str, fields: JsonlFields, bad: BadLines | None = None) -> list[JsonlClient]:
     """The clients of a folder of `*.jsonl` files (one per client) or of one `.jsonl` file with
-    a client column. A bad line goes to `bad` (none given: it stops at once); every other
-    problem is a one-line error naming the file."""
+    a client column. Bad lines go to `bad` (none given: they stop the reading, named
+    together), settled here; every other problem is a one-line error naming the file."""
     root = _jsonl_path(path)
     bad = BadLines() if bad is None else bad
     if root.is_dir():
@@ -410,8 +412,7 @@ def read_jsonl(path: str, fields: JsonlFields, bad: BadLines | None = None) -> l
                 raise ConfigError(f"{client.where}: no examples (client {client.name!r} is "
                                   "empty)")
         return clients
-    clients = clients_by_column(_rows(root, bad), fields, str(root), bad)
-    return clients
+    return clients_by_column(_rows(root, bad), fields, str(root), bad)
 
 
 def _jsonl_path(path: str) -> Path:
@@ -430,7 +431,7 @@ def clients_by_column(
 ) -> list[JsonlClient]:
     """Clients named by each row's `fields.client` column, in order of first appearance;
     `rows` are (where, row), `where` naming the file and line (or dataset and row). Bad rows
-    go to `bad` (none given: the first stops at once), settled here."""
+    go to `bad` (none given: they stop the reading, named together), settled here."""
     bad = BadLines() if bad is None else bad
     by_name: dict[str, JsonlClient] = {}
     for where, row in rows:
@@ -521,7 +522,8 @@ def clients_by_group(
     cfg: Any, seed: int, origin: str, bad: BadLines | None = None,
 ) -> tuple[list[JsonlClient], list[Any]]:
     """`cfg.num_clients` clients from rows split by the `group_field` column
-    (`split_by_group`), and the column's values (one cluster each)."""
+    (`split_by_group`), and the column's values (one cluster each). Bad rows go to `bad`
+    (none given: `cfg.bad_lines` says what they do), settled here."""
     bad = BadLines(getattr(cfg, "bad_lines", "error")) if bad is None else bad
     examples, groups = [], []
     for where, row in rows:

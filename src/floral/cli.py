@@ -78,9 +78,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("run", help="a results folder (translations or jsonl task)")
     generate.add_argument("--client", type=int, required=True, help="the client's number")
+    generate.add_argument("--system", metavar="TEXT",
+                          help="a system message before each prompt (default: task.system)")
     generate.add_argument("prompts", nargs="+", metavar="PROMPT",
                           help="a prompt (translations: the English string to translate)")
     generate.set_defaults(handler=_cmd_generate)
+
+    export = sub.add_parser(
+        "export", help="a finished language-model run's adaptors as PEFT LoRA folders"
+    )
+    export.add_argument("run", help="a results folder")
+    export.add_argument("out", help="where client-<k>/ (and shared/adaptor-<c>/) go")
+    export.add_argument("--client", type=int, action="append", metavar="K",
+                        help="only client K (repeatable; default: every client)")
+    export.set_defaults(handler=_cmd_export)
 
     methods = sub.add_parser("methods", help="list the methods with a one-line description")
     methods.set_defaults(handler=_cmd_methods)
@@ -122,7 +133,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="override a setting, e.g. --set train.rounds=50 (repeatable)",
     )
     parser.add_argument("--out", help="results folder (default: results/<name>)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress (a bar on a terminal, else a line every 30 s)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -136,10 +148,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or config.output.dir or Path("results") / config.name)
     check_writable(out)  # before the progress bar shows
     try:
-        with RunProgress(config, disable=args.quiet) as progress:
+        with RunProgress(config, disable=args.quiet, resumed=args.resume) as progress:
             summary = run_experiment(
                 config, out, resume=args.resume, overwrite=args.overwrite,
-                on_round=progress.update,
+                on_round=progress.update, on_client=progress.on_client,
             )
     except OutputError as error:
         raise OutputError(f"{error}{_resumable_from(out)}") from None
@@ -238,8 +250,16 @@ def _report(out: Path, plots: bool) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from floral.export import generate_answers
 
-    for answer in generate_answers(args.run, args.client, args.prompts):
+    for answer in generate_answers(args.run, args.client, args.prompts, args.system):
         print(answer)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from floral.export import export_run
+
+    for folder in export_run(args.run, args.out, args.client):
+        print(folder)
     return 0
 
 

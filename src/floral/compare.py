@@ -27,6 +27,7 @@ from floral.checkpoint import atomic_write_text, make_folder, read_json
 from floral.config import parse_value, tomllib
 from floral.errors import ConfigError, FloralError, RunCrashedError
 from floral.experiment import ExperimentConfig, RunSummary, read_experiment, resolve_config
+from floral.experiment.paths import comparable_paths
 from floral.run import run_experiment
 
 __all__ = [
@@ -156,7 +157,7 @@ _BOOKKEEPING = (("output", "dir"), ("engine", "checkpoint_every"))
 
 
 def _results_settings(config: ExperimentConfig) -> dict[str, Any]:
-    data = json.loads(json.dumps(config.to_dict()))
+    data = comparable_paths(json.loads(json.dumps(config.to_dict())))
     for table, key in _BOOKKEEPING:
         data.get(table, {}).pop(key, None)
     return data

@@ -106,9 +106,11 @@ def serve(
     on_round: ProgressFn | None = None,
     overwrite: bool = False,
     resume: bool | str = False,
+    task: FederatedTask | None = None,
 ) -> RunSummary:
     """Run `config` over the grid's nodes, writing the usual results folder to `out`;
-    `resume` as for `run_rounds` (the nodes must keep their private state on disk)."""
+    `resume` as for `run_rounds` (the nodes must keep their private state on disk); `task`,
+    where the server built it (a simulation), gives the folder its outline (`task.json`)."""
     method = config.build_method()
     transport = FlowerTransport(grid, experiment_text(config), config.task.num_clients, options)
     driver = Driver(
@@ -117,7 +119,8 @@ def serve(
     )
     try:
         summary = run_rounds(
-            driver, config, out, resume=resume, overwrite=overwrite, on_round=on_round
+            driver, config, out, resume=resume, overwrite=overwrite, on_round=on_round,
+            task=task,
         )
     except (RoundFailedError, DivergedError):  # raised by rounds: the folder is this run's
         write_nodes(out, transport)
@@ -141,8 +144,8 @@ def write_nodes(out: Path, transport: FlowerTransport) -> None:
 
 def log_round(result: RoundResult, latest: Mapping[str, float]) -> None:
     """One line per round: the updates applied of those sampled, each dropped client and why."""
-    headline = ("accuracy", "mse", "perplexity", "loss", "router_ari")
-    shown = {k: round(v, 4) for k, v in latest.items() if k in headline}
+    headline = ("chrf", "exact_match", "accuracy", "mse", "perplexity", "loss", "router_ari")
+    shown = {k: round(latest[k], 4) for k in headline if k in latest}
     suffix = f" {shown}" if result.eval else ""
     sampled = result.applied + len(result.dropped)
     left = "".join(f"; dropped client {k}: {why}" for k, why in result.dropped.items())
@@ -160,8 +163,8 @@ def _main(grid: Grid, context: Context) -> None:
     out = Path(config.output.dir or Path("results") / config.name).absolute()
     options = options_from_run_config(context.run_config)
     summary = serve(grid, config, out, options, log_round, resume=options.resume)
-    log.info("%s: final %s = %.4f; results in %s", config.name, summary.metric,
-             summary.final[summary.metric], out)
+    lead = summary.headline[0]
+    log.info("%s: final %s = %.4f; results in %s", config.name, lead, summary.final[lead], out)
 
 
 # -- simulation -----------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def simulate(
     from flwr.simulation import run_simulation  # Ray: imported by simulations only
 
     out = Path(out).absolute()  # the virtual nodes run in other processes
-    build_setup(config)  # bad data settings stop here, before Ray starts or anything is written
+    _, task, _ = build_setup(config)  # bad data settings stop here, before Ray starts
     # What the driver will refuse, refused before Ray starts.
     aggregation_for(config.train, config.build_method(), config.task.num_clients,
                     config.comm.upload, secure=(options or FlowerOptions()).secagg)
@@ -196,7 +199,7 @@ def simulate(
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        results.append(serve(grid, config, out, options, on_round, overwrite, resume))
+        results.append(serve(grid, config, out, options, on_round, overwrite, resume, task))
 
     with _quiet_flower(verbose), _kept_environment("PYTHONPATH"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # Ray's notices about its own future

@@ -4,8 +4,9 @@
   method's own `router_weights` hook (the plot knows no method).
 - `plot_router_heatmap`: those weights as a heatmap, clients sorted by their true cluster, one
   panel per method: a router that found the clusters shows one bright block per cluster.
-- `plot_cluster_bars`: the final metric of every cluster, per method (mean over seeds, error
-  bar = std), which shows whether a method serves every cluster or sacrifices one.
+- `plot_cluster_bars`: the final lead metric (accuracy, MSE, or chrF for a task whose clients
+  generate text) of every cluster, per method (mean over seeds, error bar = std), which shows
+  whether a method serves every cluster or sacrifices one.
 
 Curves against rounds are `floral.report.plot_curves`.
 """
@@ -24,6 +25,7 @@ from floral.checkpoint import load_tensors, read_toml
 from floral.data.partition import cluster_of
 from floral.experiment import RunSummary, resolve_config
 from floral.report import pyplot, save_figure
+from floral.train.headline import axis_label
 from floral.train.recovery import adjusted_rand_index
 
 __all__ = ["RouterMap", "plot_cluster_bars", "plot_router_heatmap", "router_weights_of_run"]
@@ -114,7 +116,7 @@ def plot_cluster_bars(
     plt = pyplot()
     if plt is None or not runs:
         return None
-    metric = next(iter(runs.values()))[0].metric
+    metric = next(iter(runs.values()))[0].headline[0]  # chrF for a generation task
     clusters = sorted(
         int(k.rpartition("cluster")[2])
         for k in next(iter(runs.values()))[0].final
@@ -127,7 +129,7 @@ def plot_cluster_bars(
         x = np.arange(len(clusters)) + (i - (len(runs) - 1) / 2) * width
         ax.bar(x, values.mean(axis=0), width, yerr=values.std(axis=0), label=label, capsize=2)
     ax.set_xticks(range(len(clusters)), [f"cluster {c}" for c in clusters])
-    ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else "test MSE")
+    ax.set_ylabel(f"{axis_label(metric)}, final")
     if metric == "mse":
         ax.set_yscale("log")
     ax.set_title(title)

@@ -25,7 +25,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +45,14 @@ from floral.compare import (
 from floral.errors import ConfigError
 from floral.experiment import RunSummary, check_name, resolve_config
 from floral.plots import plot_cluster_bars, plot_router_heatmap, router_weights_of_run
-from floral.report import ComparisonRow, comparison_rows, plot_curves, write_comparison
+from floral.report import (
+    ComparisonRow,
+    comparison_rows,
+    headline_of,
+    plot_curves,
+    write_comparison,
+)
+from floral.train.headline import metric_label
 
 __all__ = [
     "TaskPlan",
@@ -227,9 +234,9 @@ def write_run_figures(run: Path) -> list[Path]:
     """The figures of one run's results folder (`floral plot RUN`): its curves, router ARI,
     final pi per client and per-cluster metric, beside its metrics.csv."""
     summary = load_summary(run)
-    label = f"{summary.method} (seed {summary.seed})"
+    label = summary.method  # the figures name the seed where they show one
     task = TaskResults(summary.name, run, {label: [summary]}, {label: [run]})
-    return _task_figures(task, f"{summary.name}: {label}")
+    return _task_figures(task, f"{summary.name}: {label}, seed {summary.seed}")
 
 
 def _seed_counts(task: TaskResults) -> str:
@@ -259,10 +266,11 @@ def _task_figures(task: TaskResults, title: str) -> list[Path]:
 
 
 def format_grid_cell(mean: float, std: float, metric: str) -> str:
-    """The paper's cell: mean (std); accuracy to 0.1 point, MSE to 3 significant digits."""
+    """The paper's cell: mean (std); accuracy, chrF and exact match to 0.1 point, MSE and
+    perplexity to 3 significant digits."""
     if math.isnan(mean):
         return "—"
-    if metric == "accuracy":
+    if metric in ("accuracy", "chrf", "exact_match"):
         return f"{mean:.1f} ({std:.1f})"
     return f"{mean:.3g} ({std:.2g})"
 
@@ -280,8 +288,15 @@ def write_grid_table(results: Sequence[TaskResults], out: Path) -> list[Path]:
         for label, folders in task.folders.items():
             if label in rows.get(task.name, {}):
                 rows[task.name][label]["cpu_seconds_per_run"] = _mean_cost(folders)
+    # The lead metric (chrF where the clients generate text), then the other headline
+    # metrics of the tasks that have them (exact match, perplexity).
+    more = list(dict.fromkeys(
+        m for by in rows.values() for r in by.values() for m in headline_of(r)[1:]
+    ))
     sections = [
-        ("Final test metric, mean (std) over seeds", _metric_cell),
+        ("Final test metric (chrF where the clients generate text), mean (std) over seeds",
+         _metric_cell),
+        *((f"Final {metric_label(m)}, mean (std) over seeds", _headline_cell(m)) for m in more),
         ("Router cluster recovery (ARI), mean (std) over seeds", _ari_cell),
         (
             "CPU seconds per run (one thread: data, training, evaluation), mean over seeds",
@@ -305,7 +320,8 @@ def write_grid_table(results: Sequence[TaskResults], out: Path) -> list[Path]:
     path = out / "table.csv"
     flat = [{"task": t, **rows[t][m]} for t in tasks for m in methods if m in rows[t]]
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=list(flat[0]))
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in flat for k in r)),
+                            restval="")
     writer.writeheader()
     writer.writerows(flat)
     atomic_write_text(path, text.getvalue())
@@ -314,6 +330,15 @@ def write_grid_table(results: Sequence[TaskResults], out: Path) -> list[Path]:
 
 def _metric_cell(row: ComparisonRow | None) -> str:
     return "" if row is None else format_grid_cell(row["mean"], row["std"], row["metric"])
+
+
+def _headline_cell(metric: str) -> Callable[[ComparisonRow | None], str]:
+    def cell(row: ComparisonRow | None) -> str:
+        if row is None or f"{metric}_mean" not in row:
+            return ""
+        return format_grid_cell(row[f"{metric}_mean"], row[f"{metric}_std"], metric)
+
+    return cell
 
 
 def _ari_cell(row: ComparisonRow | None) -> str:

@@ -4,8 +4,10 @@ MLflow too (`[output] tensorboard = true`, `mlflow = true`).
 TensorBoard's event files go to `<results>/tensorboard/`; MLflow logs to its tracking URI
 (`MLFLOW_TRACKING_URI`, else a SQLite file `<results>/mlflow.db`), one MLflow run per floral
 run, with the resolved config as its parameters. Each evaluated round logs the row's numbers
-(accuracy, loss, per cluster, router ARI, bytes, seconds) at its round, and, where the engine
-holds them, each client's router weights (`router/client<k>/adaptor<c>`).
+(the headline metrics first: chrF and exact match where the clients generate text, then
+accuracy, MSE or perplexity; loss, per cluster, router ARI, bytes, seconds) at its round, round
+0 (the model before training: for a language model, the frozen base) included, and, where the
+engine holds them, each client's router weights (`router/client<k>/adaptor<c>`).
 """
 
 from __future__ import annotations
@@ -84,9 +86,13 @@ class _TensorBoard:
 
 class _MLflow:
     def __init__(self, out: Path, name: str, params: Mapping[str, Any]) -> None:
-        # mlflow's own INFO lines (creating its database tables) are not the user's business.
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.mlflow = _require("mlflow", "mlflow-skinny", "output.mlflow")
+        # mlflow's own INFO lines (creating its database tables) are not the user's business.
+        # Its import sets its loggers' levels (to MLFLOW_LOGGING_LEVEL, INFO by default), so
+        # this comes after it.
+        for logger in ("mlflow", "alembic"):
+            if logging.getLogger(logger).getEffectiveLevel() < logging.WARNING:
+                logging.getLogger(logger).setLevel(logging.WARNING)
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out.resolve() / 'mlflow.db'}"
         self.mlflow.set_tracking_uri(uri)
         self.run = self.mlflow.start_run(run_name=name)

@@ -1,10 +1,13 @@
-"""`[output] tensorboard` and `mlflow`: every metrics row of a run, read back from what each
-tracker stored, equals metrics.csv; the routers' weights are logged beside them."""
+"""`[output] tensorboard` and `mlflow`: every metrics row of a run, round 0 (the model before
+training) included, read back from what each tracker stored, equals metrics.csv; the headline
+metrics lead each round's values; the routers' weights are logged beside them; MLflow's own
+INFO lines do not print."""
 
 from __future__ import annotations
 
 import csv
 import math
+import os
 
 import pytest
 
@@ -39,7 +42,8 @@ def test_tensorboard_holds_every_row_of_metrics_csv(tmp_path):
 
     run_experiment(tracked(tensorboard=True), tmp_path / "out")
     events = EventAccumulator(str(tmp_path / "out" / "tensorboard")).Reload()
-    written = [row for row in rows(tmp_path / "out") if row["round"] != "0"]
+    written = rows(tmp_path / "out")
+    assert written[0]["round"] == "0"
     for key in ("mse", "loss", "mse_cluster1", "router_ari", "bytes_up"):
         logged = events.Scalars(key)
         assert [e.step for e in logged] == [int(r["round"]) for r in written]
@@ -58,7 +62,8 @@ def test_mlflow_holds_every_row_and_the_config(tmp_path, monkeypatch):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.data.params["train.rounds"] == "3" and run.info.run_name == "tracked"
     history = client.get_metric_history(run.info.run_id, "mse")
-    written = [row for row in rows(tmp_path / "out") if row["round"] != "0"]
+    written = rows(tmp_path / "out")
+    assert written[0]["round"] == "0"
     assert [m.step for m in history] == [int(r["round"]) for r in written]
     assert [m.value for m in history] == pytest.approx([float(r["mse"]) for r in written])
 
@@ -93,3 +98,26 @@ def test_a_summary_whose_rows_add_columns_loads_with_gaps(tmp_path):
     (out / "metrics.csv").write_text("\n".join(text) + "\n")
     history = load_summary(out).history
     assert history[0]["mse_client9"] == 0.5 and math.isnan(history[1]["mse_client9"])
+
+
+def test_mlflow_prints_none_of_its_own_info_lines(tmp_path):
+    """In a fresh process, as a user runs it: mlflow's import sets its loggers to INFO, and its
+    table-creation lines must still not print."""
+    pytest.importorskip("mlflow")
+    import subprocess
+    import sys
+
+    import tomli_w
+
+    config = tmp_path / "tracked.toml"
+    config.write_text(tomli_w.dumps({**TINY, "train": {**TINY["train"], "rounds": 1},
+                                     "output": {"mlflow": True}}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "floral.cli", "run", str(config), "--out", str(tmp_path / "out"),
+         "--quiet"], capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "INFO" not in result.stderr, result.stderr
+    assert (tmp_path / "out" / "mlflow.db").is_file()

@@ -47,6 +47,7 @@ EXPECTED_CHOICES = {
     "task.shift": "none, rotate, label-shift, label-set, dirichlet, classes-per-client",
     "task.template": "auto, chat, plain",
     "task.group_split": "dirichlet, per-value",
+    "task.bad_lines": "error, skip",
     "model.dtype": "float32, bfloat16, float16",
     "model.quantize": "none, int8, nf4",
     "train.optimizer": "sgd, adamw",
@@ -64,7 +65,8 @@ EXPECTED_CHOICES = {
 
 BASE: dict[str, Any] = {
     "name": "typed",
-    # jsonl reads task.template and task.group_split; nothing here reads its data.
+    # jsonl reads task.template, task.group_split and task.bad_lines; nothing here reads its
+    # data.
     "task": {"dataset": "jsonl", "shift": "none", "num_clients": 4, "num_clusters": 2},
     "model": {"name": "mlp", "hidden": [8]},
     "train": {"rounds": 2, "batch_size": 8},
@@ -177,6 +179,8 @@ def _message(key: str, value: str = "bogus") -> str:
          "task.template"),
         (lambda: validate_task(TaskConfig(dataset="jsonl", shift="none", group_field="g",
                                           group_split="bogus")), "task.group_split"),
+        (lambda: validate_task(TaskConfig(dataset="jsonl", shift="none", bad_lines="bogus")),
+         "task.bad_lines"),
     ],
 )
 def test_settings_built_in_code_get_the_same_message(check, key):
@@ -196,6 +200,7 @@ SAMPLES: dict[str, Any] = {
     "prompt_field": "q", "response_field": "a", "messages_field": "m", "client_field": "who",
     "cluster_field": "grp", "source": "hf:x", "split": "test", "group_field": "lang",
     "group_split": "per-value", "clusters": {"a": "b"}, "cluster_separator": "_",
+    "bad_lines": "skip",
 }
 TASK_FIELDS = {f.name: f for f in dataclasses.fields(TaskConfig)}
 SYNTHETIC_MLP_OPTIONS = (

@@ -232,32 +232,11 @@ def test_empty_client_file_is_an_error(tmp_path):
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from support.llm import write_chat_tokenizer  # noqa: E402
+
 from floral.adapters import AdapterSpec, attach  # noqa: E402
 from floral.llm import build_causal_lm  # noqa: E402
 from floral.llm.generate import greedy_generate  # noqa: E402
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-SPECIALS = ["<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
-
-
-def write_chat_tokenizer(folder: Path) -> Path:
-    """A byte-level tokenizer (256 bytes + 4 special tokens) with a chat template."""
-    byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    model = tokenizers.models.BPE(vocab=vocab, merges=[])
-    tok = tokenizers.Tokenizer(model)
-    tok.pre_tokenizer = byte_level
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>",
-                                                pad_token="<|end|>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(str(folder))
-    return folder
 
 
 def test_chat_template_renders_messages_and_learns_the_last_answer(tmp_path):

@@ -7,6 +7,7 @@ need an optional extra import it at their top, so a test module imports them aft
 
 - `support.data`: files the tests write (IDX nodes, R data, .mo catalogs) and their configs;
 - `support.experiment`: a tiny experiment file;
+- `support.llm`: a language-model user's `messages` file, its experiment, a tiny chat model;
 - `support.results`: a finished run's numbers checked against its results folder;
 - `support.steps`: one client step or one server update by hand;
 - `support.flower` (needs flwr): a loopback Grid, a faulty ClientApp, resume checks;

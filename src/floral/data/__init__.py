@@ -8,6 +8,17 @@ k mod C).
 from __future__ import annotations
 
 from floral.data.shifts import SHIFTS
-from floral.data.task import DATASETS, ClientData, FederatedTask, TaskConfig, build_task
+from floral.data.task import (
+    DATASETS,
+    ClientData,
+    FederatedTask,
+    TaskConfig,
+    build_task,
+    outline_task,
+    task_outline,
+)
 
-__all__ = ["DATASETS", "SHIFTS", "TaskConfig", "ClientData", "FederatedTask", "build_task"]
+__all__ = [
+    "DATASETS", "SHIFTS", "TaskConfig", "ClientData", "FederatedTask", "build_task",
+    "outline_task", "task_outline",
+]

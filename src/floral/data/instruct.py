@@ -29,7 +29,9 @@ an object with `prompt_field` and `response_field` strings, or a `messages_field
 (`split_by_group`: Dirichlet shares per value, or one value per client), each value a cluster.
 `source = "hf:..."` reads the rows from a Hugging Face dataset instead (floral.llm.hf_data),
 "where" in messages then being its split and row index. A seeded `test_fraction` of each
-client's examples is held out.
+client's examples is held out. A line (row) that is not a usable example is a bad line: all of
+a source's bad lines are named in one error (the first `BAD_LINES_SHOWN` and the count), or,
+with `bad_lines = "skip"`, left out with a warning and counted (`BadLines`).
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -56,7 +60,10 @@ from floral.train.objective import IGNORE_INDEX
 from floral.train.text_metrics import generation_sums
 
 __all__ = [
+    "BAD_LINES",
     "CATALOG_PACKAGES",
+    "BadLines",
+    "BadLinesPolicy",
     "LOCALE_DIR",
     "TEMPLATES",
     "GroupSplit",
@@ -83,6 +90,7 @@ CATALOG_PACKAGES = {
     "gtk30": "libgtk-3-common",
 }
 log = logging.getLogger("floral")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -314,10 +322,80 @@ class JsonlFields:
     cluster: str = "cluster"
 
 
-def read_jsonl(path: str, fields: JsonlFields) -> list[JsonlClient]:
+BadLinesPolicy = Literal["error", "skip"]
+BAD_LINES: tuple[str, ...] = choices(BadLinesPolicy)
+BAD_LINES_SHOWN = 10  # a report of bad lines names this many and counts the rest
+
+
+class BadLines:
+    """The problems of single lines (rows) of a source, gathered so that all are reported at
+    once: `policy` "error" stops with one line naming the first `BAD_LINES_SHOWN` and the
+    count; "skip" leaves those lines out, says so in a warning, and counts them."""
+
+    def __init__(self, policy: str = "error") -> None:
+        self.policy = policy
+        self.found: list[tuple[str, str]] = []  # (where, what is wrong)
+
+    def check(self, where: str, step: Callable[[], _T]) -> _T | None:
+        """`step()`, or None when it finds the line bad (a ConfigError that names `where`)."""
+        try:
+            return step()
+        except ConfigError as error:
+            self.found.append((where, str(error).removeprefix(f"{where}: ")))
+            return None
+
+    def add(self, where: str, problem: str) -> None:
+        self.found.append((where, problem))
+
+    @property
+    def count(self) -> int:
+        return len(self.found)
+
+    def settle(self, origin: str) -> int:
+        """Stop on the bad lines (policy "error"), or warn and return how many were left out;
+        `origin` is the file, folder or dataset they came from."""
+        if not self.found:
+            return 0
+        self.found.sort(key=lambda item: _position(item[0]))  # in the order of the lines
+        count = len(self.found)
+        shown = "; ".join(f"{_short(where, origin)}: {problem}"
+                          for where, problem in self.found[:BAD_LINES_SHOWN])
+        more = f"; and {count - BAD_LINES_SHOWN} more" if count > BAD_LINES_SHOWN else ""
+        lines = "1 bad line" if count == 1 else f"{count} bad lines"
+        if self.policy == "error":
+            if count == 1:  # as an editor reads it: file:line: what is wrong
+                where, problem = self.found[0]
+                raise ConfigError(f"{where}: {problem} (1 bad line; fix it, or set "
+                                  "task.bad_lines = \"skip\" to leave it out)")
+            raise ConfigError(f"{origin}: {lines} ({shown}{more}); fix them, or set "
+                              "task.bad_lines = \"skip\" to leave them out")
+        log.warning("%s: left out %s (task.bad_lines = \"skip\"): %s%s", origin, lines, shown,
+                    more)
+        return count
+
+
+def _position(where: str) -> tuple[str, int]:
+    """A line's file (or dataset) and number, to sort by: "a.jsonl:12" -> ("a.jsonl:", 12)."""
+    found = re.search(r"(\d+)$", where)
+    return (where[: found.start()], int(found[1])) if found else (where, 0)
+
+
+def _short(where: str, origin: str) -> str:
+    """`where` without the origin every line shares: "line 4", "row 7", "b.jsonl:2"."""
+    if where.startswith(origin + ":"):
+        return "line " + where[len(origin) + 1:]
+    if where.startswith(origin + " "):
+        return where[len(origin) + 1:]
+    folder = origin.rstrip("/") + "/"
+    return where[len(folder):] if where.startswith(folder) else where
+
+
+def read_jsonl(path: str, fields: JsonlFields, bad: BadLines | None = None) -> list[JsonlClient]:
     """The clients of a folder of `*.jsonl` files (one per client) or of one `.jsonl` file with
-    a client column; every problem is a one-line error naming the file and line."""
+    a client column. Bad lines go to `bad` (none given: they stop the reading, named
+    together), settled here; every other problem is a one-line error naming the file."""
     root = _jsonl_path(path)
+    bad = BadLines() if bad is None else bad
     if root.is_dir():
         files = sorted(root.glob("*.jsonl"))
         if not files:
@@ -325,14 +403,16 @@ def read_jsonl(path: str, fields: JsonlFields) -> list[JsonlClient]:
         clients = []
         for file in files:
             client = JsonlClient(file.stem, str(file), [])
-            for where, row in _rows(file):
-                client.examples.append(_example(row, fields, where))
-                _set_cluster(client, row, fields, where)
-            if not client.examples:
-                raise ConfigError(f"{file}: no examples (client {file.stem!r} is empty)")
+            for where, row in _rows(file, bad):
+                bad.check(where, partial(_add_example, client, row, fields, where))
             clients.append(client)
+        bad.settle(str(root))
+        for client in clients:
+            if not client.examples:
+                raise ConfigError(f"{client.where}: no examples (client {client.name!r} is "
+                                  "empty)")
         return clients
-    return clients_by_column(_rows(root), fields, str(root))
+    return clients_by_column(_rows(root, bad), fields, str(root), bad)
 
 
 def _jsonl_path(path: str) -> Path:
@@ -346,26 +426,39 @@ def _jsonl_path(path: str) -> Path:
 
 
 def clients_by_column(
-    rows: Sequence[tuple[str, Mapping[str, Any]]], fields: JsonlFields, origin: str
+    rows: Sequence[tuple[str, Mapping[str, Any]]], fields: JsonlFields, origin: str,
+    bad: BadLines | None = None,
 ) -> list[JsonlClient]:
     """Clients named by each row's `fields.client` column, in order of first appearance;
-    `rows` are (where, row), `where` naming the file and line (or dataset and row)."""
+    `rows` are (where, row), `where` naming the file and line (or dataset and row). Bad rows
+    go to `bad` (none given: they stop the reading, named together), settled here."""
+    bad = BadLines() if bad is None else bad
     by_name: dict[str, JsonlClient] = {}
     for where, row in rows:
         name = row.get(fields.client)
         if not isinstance(name, str | int) or isinstance(name, bool) or name == "":
-            raise ConfigError(
-                f"{where}: no {fields.client!r} (a string or integer naming the "
-                "client); one file holding every client needs it on each line "
-                "(task.client_field), or use a folder with one file per client, or split the "
-                "rows by a column (task.group_field)"
-            )
-        client = by_name.setdefault(str(name), JsonlClient(str(name), where, []))
-        client.examples.append(_example(row, fields, where))
-        _set_cluster(client, row, fields, where)
+            bad.add(where, f"no {fields.client!r} (a string or integer naming the "
+                    "client); one file holding every client needs it on each line "
+                    "(task.client_field), or use a folder with one file per client, or split "
+                    "the rows by a column (task.group_field)")
+            continue
+        client = by_name.get(str(name)) or JsonlClient(str(name), where, [])
+        if bad.check(where, partial(_add_example, client, row, fields, where)) and (
+                client.name not in by_name):
+            by_name[client.name] = client
+    bad.settle(origin)
     if not by_name:
         raise ConfigError(f"{origin}: no examples")
     return list(by_name.values())
+
+
+def _add_example(client: JsonlClient, row: Mapping[str, Any], fields: JsonlFields,
+                 where: str) -> bool:
+    """Append the row's example to `client`, checking its cluster column first."""
+    example = _example(row, fields, where)
+    _set_cluster(client, row, fields, where)
+    client.examples.append(example)
+    return True
 
 
 GroupSplit = Literal["dirichlet", "per-value"]
@@ -426,20 +519,26 @@ def _value_order(value: Any) -> tuple[bool, Any]:
 
 def clients_by_group(
     rows: Sequence[tuple[str, Mapping[str, Any]]], fields: JsonlFields, group_field: str,
-    cfg: Any, seed: int, origin: str,
+    cfg: Any, seed: int, origin: str, bad: BadLines | None = None,
 ) -> tuple[list[JsonlClient], list[Any]]:
     """`cfg.num_clients` clients from rows split by the `group_field` column
-    (`split_by_group`), and the column's values (one cluster each)."""
-    if not rows:
-        raise ConfigError(f"{origin}: no examples")
+    (`split_by_group`), and the column's values (one cluster each). Bad rows go to `bad`
+    (none given: `cfg.bad_lines` says what they do), settled here."""
+    bad = BadLines(getattr(cfg, "bad_lines", "error")) if bad is None else bad
     examples, groups = [], []
     for where, row in rows:
         value = row.get(group_field)
         if not isinstance(value, str | int) or isinstance(value, bool) or value == "":
-            raise ConfigError(f"{where}: no {group_field!r} (task.group_field: a string or "
-                              "integer on every line)")
-        examples.append(_example(row, fields, where))
-        groups.append(value)
+            bad.add(where, f"no {group_field!r} (task.group_field: a string or integer on "
+                    "every line)")
+            continue
+        example = bad.check(where, partial(_example, row, fields, where))
+        if example is not None:
+            examples.append(example)
+            groups.append(value)
+    bad.settle(origin)
+    if not examples:
+        raise ConfigError(f"{origin}: no examples")
     shares, clusters, values = split_by_group(groups, cfg.num_clients, cfg.group_split,
                                               cfg.dirichlet_alpha, seed)
     clients = [
@@ -450,20 +549,23 @@ def clients_by_group(
     return clients, values
 
 
-def _rows(file: Path) -> list[tuple[str, dict[str, Any]]]:
+def _rows(file: Path, bad: BadLines) -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) of every JSON object line of `file`; the other lines go to `bad`."""
     rows = []
     text = read_utf8(file)
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        where = f"{file}:{line_no}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"{file}:{line_no}: not valid JSON ({error.msg})") from None
+            bad.add(where, f"not valid JSON ({error.msg})")
+            continue
         if not isinstance(row, dict):
-            raise ConfigError(f"{file}:{line_no}: expected a JSON object, got "
-                              f"{type(row).__name__}")
-        rows.append((f"{file}:{line_no}", row))
+            bad.add(where, f"expected a JSON object, got {type(row).__name__}")
+            continue
+        rows.append((where, row))
     return rows
 
 
@@ -499,11 +601,12 @@ def _example(row: Mapping[str, Any], fields: JsonlFields, where: str) -> Example
 
 def _set_cluster(client: JsonlClient, row: Mapping[str, Any], fields: JsonlFields,
                  where: str) -> None:
+    """The client's cluster from a row about to join its examples (the first sets it)."""
     has = fields.cluster in row
     value = row.get(fields.cluster)
     if has and (not isinstance(value, str | int) or isinstance(value, bool)):
         raise ConfigError(f"{where}: {fields.cluster!r} must be a string or integer")
-    if len(client.examples) == 1:
+    if not client.examples:
         client.cluster = value if has else None
     elif value != client.cluster:
         raise ConfigError(
@@ -532,6 +635,7 @@ class PromptedTask:
     clients: list[PromptedClient]
     num_clusters: int
     generation: TextGeneration
+    skipped_lines: int = 0  # bad lines left out (task.bad_lines = "skip")
 
 
 def _client(
@@ -602,7 +706,8 @@ def build_jsonl(
     template = resolve_template(cfg.template, tokenizer)
     fields = JsonlFields(cfg.prompt_field, cfg.response_field, cfg.messages_field,
                          cfg.client_field, cfg.cluster_field)
-    found, values, origin = _found_clients(cfg, fields, seed)
+    bad = BadLines(cfg.bad_lines)
+    found, values, origin = _found_clients(cfg, fields, seed, bad)
     if len(found) != cfg.num_clients:
         raise ConfigError(f"task.num_clients: {origin} holds {len(found)} clients; set "
                           f"task.num_clients = {len(found)}")
@@ -645,14 +750,16 @@ def build_jsonl(
         clients.append(_client(tokenizer, template, train, test, cluster, cfg.max_length, False,
                                f"client {client.name!r} ({client.where})"))
     return PromptedTask(clients, cfg.num_clusters,
-                        TextGeneration(tokenizer, cfg.generate_tokens, template, cfg.system))
+                        TextGeneration(tokenizer, cfg.generate_tokens, template, cfg.system),
+                        skipped_lines=bad.count)
 
 
 def _found_clients(
-    cfg: Any, fields: JsonlFields, seed: int
+    cfg: Any, fields: JsonlFields, seed: int, bad: BadLines
 ) -> tuple[list[JsonlClient], list[Any] | None, str]:
     """(clients, the group column's values if the rows are split by one, where they came
-    from): from task.source (a Hugging Face dataset) or task.data_dir."""
+    from): from task.source (a Hugging Face dataset) or task.data_dir; bad rows go to
+    `bad`, settled (reported, or left out) before any client is built."""
     if cfg.source:
         from floral.llm.hf_data import load_rows  # needs the datasets package
 
@@ -664,9 +771,10 @@ def _found_clients(
             if cfg.group_field:
                 raise ConfigError(f"task.group_field: splits the rows of one file (or "
                                   f"task.source); {root} is a folder of one file per client")
-            return read_jsonl(cfg.data_dir, fields), None, origin
-        rows = _rows(root)
+            return read_jsonl(cfg.data_dir, fields, bad), None, origin
+        rows = _rows(root, bad)
     if cfg.group_field:
-        clients, values = clients_by_group(rows, fields, cfg.group_field, cfg, seed, origin)
+        clients, values = clients_by_group(rows, fields, cfg.group_field, cfg, seed, origin,
+                                           bad)
         return clients, values, origin
-    return clients_by_column(rows, fields, origin), None, origin
+    return clients_by_column(rows, fields, origin, bad), None, origin

@@ -20,6 +20,7 @@ from torch import Tensor
 from floral.config import KeyScope, Range, check_choice, check_ranges, field_default
 from floral.data.instruct import (
     HF_PREFIX,
+    BadLinesPolicy,
     GenerationData,
     GroupSplit,
     PromptedTask,
@@ -57,7 +58,7 @@ from floral.errors import ConfigError
 
 __all__ = [
     "DATASETS", "TaskConfig", "ClientData", "FederatedTask", "build_task", "cluster_images",
-    "validate_task",
+    "outline_task", "task_outline", "validate_task",
 ]
 
 # Known before loading, so that a bad label-set setting fails before any file is read.
@@ -114,6 +115,10 @@ class TaskConfig:
     # k mod V, its cluster).
     group_field: str = ""
     group_split: GroupSplit = "dirichlet"
+    # jsonl: a line that is not a usable example stops the run, naming every such line (the
+    # first 10 and the count): error | skip (leave them out, with a warning; the run's summary
+    # counts them).
+    bad_lines: BadLinesPolicy = "error"
     # text (floral.data.own_text): each client's cluster, {client name = label}, or the part of
     # its name before this separator; neither = one cluster.
     clusters: dict[str, str] = field(default_factory=dict)
@@ -170,6 +175,63 @@ class FederatedTask:
     extras: dict[str, Tensor] = field(default_factory=dict)
     # Prompt/response tasks: how clients generate text in evaluation (None: they do not).
     generation: TextGeneration | None = None
+    skipped_lines: int = 0  # bad lines of the data left out (task.bad_lines = "skip")
+
+
+def task_outline(task: FederatedTask, tokenizer: str = "") -> dict[str, Any]:
+    """What a finished run needs of its task to rebuild its clients' models and have them
+    answer new prompts, without the data: the shapes, each client's cluster and, where the
+    clients generate text, how a prompt is rendered and answered (`tokenizer`: the task's
+    `task.tokenizer`, a path in it absolute). JSON-ready; `outline_task` reads it back."""
+    outline: dict[str, Any] = {
+        "name": task.name,
+        "kind": task.kind,
+        "input_shape": list(task.input_shape),
+        "num_outputs": task.num_outputs,
+        "num_clusters": task.num_clusters,
+        "clusters": [client.cluster for client in task.clients],
+        "generation": None,
+    }
+    if task.generation is not None:
+        generation = task.generation
+        outline["generation"] = {
+            "tokenizer": tokenizer,
+            "template": generation.template,  # resolved: chat | plain
+            "system": generation.system,
+            "prompt_template": generation.prompt_template,
+            "max_new_tokens": generation.max_new_tokens,
+        }
+    return outline
+
+
+def outline_task(outline: Mapping[str, Any]) -> FederatedTask:
+    """The task of a `task_outline`: its clients hold no examples, and its generation (if
+    any) loads the recorded tokenizer."""
+    shape = tuple(int(n) for n in outline["input_shape"])
+    kind = outline["kind"]
+    x_type = torch.long if kind == "causal-lm" else torch.float32
+    y_shape = (0, *shape) if kind == "causal-lm" else (0,)
+    if kind == "regression":
+        y_shape = (0, int(outline["num_outputs"]))
+    y_type = torch.float32 if kind == "regression" else torch.long
+    clients = [
+        ClientData(k, int(cluster), torch.empty((0, *shape), dtype=x_type),
+                   torch.empty(y_shape, dtype=y_type), torch.empty((0, *shape), dtype=x_type),
+                   torch.empty(y_shape, dtype=y_type))
+        for k, cluster in enumerate(outline["clusters"])
+    ]
+    generation = None
+    if outline.get("generation"):
+        settings = outline["generation"]
+        generation = TextGeneration(
+            load_tokenizer(settings["tokenizer"]), int(settings["max_new_tokens"]),
+            settings["template"], settings["system"], settings["prompt_template"],
+        )
+    return FederatedTask(
+        name=outline["name"], kind=kind, input_shape=shape,
+        num_outputs=int(outline["num_outputs"]), num_clusters=int(outline["num_clusters"]),
+        clients=clients, generation=generation,
+    )
 
 
 def build_task(cfg: TaskConfig, seed: int) -> FederatedTask:
@@ -283,6 +345,7 @@ def _check_jsonl(cfg: TaskConfig) -> None:
         _check(not cfg.data_dir, "task.source",
                f"set it or task.data_dir ({cfg.data_dir!r}), not both")
         _check(bool(cfg.split), "task.split", "name the split to read, e.g. \"train\"")
+    check_choice("task.bad_lines", cfg.bad_lines, BadLinesPolicy)
     if cfg.group_field:
         check_choice("task.group_split", cfg.group_split, GroupSplit)
 
@@ -504,6 +567,7 @@ def _prompted_task(cfg: TaskConfig, vocab_size: int, built: PromptedTask) -> Fed
         num_clusters=built.num_clusters,
         clients=clients,
         generation=built.generation if cfg.generate_tokens > 0 else None,
+        skipped_lines=built.skipped_lines,
     )
 
 
@@ -589,7 +653,7 @@ def _register_datasets() -> None:
         (
             *_PROMPTED_OPTIONS, "prompt_field", "response_field", "messages_field",
             "client_field", "cluster_field", "source", "split", "group_field", "group_split",
-            "dirichlet_alpha",
+            "dirichlet_alpha", "bad_lines",
         ),
         _check_jsonl, _build_jsonl,
     )

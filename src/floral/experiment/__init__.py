@@ -18,11 +18,18 @@ from floral.experiment.config import (
     read_experiment,
     resolve_config,
 )
-from floral.experiment.record import ProgressFn, RunSummary, check_resumable, run_rounds
+from floral.experiment.record import (
+    TASK_FILE,
+    ProgressFn,
+    RunSummary,
+    check_resumable,
+    run_rounds,
+)
 from floral.experiment.setup import build_engine, build_setup, quantize_base
 
 __all__ = [
     "TABLES",
+    "TASK_FILE",
     "ExperimentConfig",
     "OutputConfig",
     "ProgressFn",

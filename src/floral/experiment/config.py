@@ -42,7 +42,8 @@ from floral.engines.attack import AttackConfig, attackers, check_attack
 from floral.engines.config import EngineConfig, check_engine_config
 from floral.engines.driver import check_round_minimum
 from floral.errors import ConfigError
-from floral.methods import Method, get_method
+from floral.experiment.paths import absolute_paths, resolve_paths
+from floral.methods import Method, check_method_switch, get_method
 from floral.models import ModelConfig
 from floral.models.quantize import check_quantize
 from floral.tracking import check_sinks
@@ -101,12 +102,16 @@ class ExperimentConfig:
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read an experiment file, apply `key=value` overrides, and check everything."""
-    return resolve_config(read_experiment(path), overrides)
+    """Read an experiment file, apply `key=value` overrides, and check everything; every path
+    it names is absolute (floral.experiment.paths)."""
+    config = resolve_config(read_experiment(path), overrides)
+    absolute_paths(config)  # those set by the overrides: relative to the current folder
+    return config
 
 
 def read_experiment(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw tables of an experiment file; `name` defaults to the file's stem."""
+    """The raw tables of an experiment file; `name` defaults to the file's stem, and relative
+    paths are made absolute against the file's folder (floral.experiment.paths)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -115,7 +120,7 @@ def read_experiment(path: str | os.PathLike) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
     data.setdefault("name", path.stem)
-    return data
+    return resolve_paths(data, path.parent)
 
 
 def resolve_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -131,6 +136,9 @@ def resolve_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Ex
         raise ConfigError("method.name: required, e.g. name = \"floral\"")
     config = from_dict(ExperimentConfig, {**tables, "method": {}}, "")
     config.method = dict(method)
+    before = data.get("method")
+    if isinstance(before, Mapping) and isinstance(before.get("name"), str):
+        check_method_switch(before["name"], method)  # switched by an override
     config.build_method()  # checks the method's name and options now, before any work
     check_values(config)
     return config

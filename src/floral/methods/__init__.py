@@ -9,6 +9,7 @@ are the same code with different settings.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ __all__ = [
     "Method",
     "MethodEntry",
     "Role",
+    "check_method_switch",
     "get_method",
     "method_names",
     "register",
@@ -73,12 +75,31 @@ def method_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def check_method_switch(before: str, table: Mapping[str, Any]) -> None:
+    """A `[method]` table written for method `before` whose name was switched (`--set
+    method.name=...`): one line naming every option the new method lacks."""
+    entry = _REGISTRY.get(table.get("name", ""))
+    if entry is None or table["name"] == before:
+        return  # an unknown name is get_method's to report
+    known = {f.name for f in dataclasses.fields(entry.cls.Options)}
+    lacking = [k for k in table if k != "name" and k not in known]
+    if lacking:
+        raise ConfigError(
+            f"method.name: {entry.name} lacks the option(s) {', '.join(lacking)} that [method] "
+            f"sets for {before}; remove them from the file, or run floral compare CONFIG "
+            f"--methods {entry.name}, which starts from {entry.name}'s own options"
+        )
+
+
 def get_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
     """Build a registered method; `options` override its preset and are type-checked."""
     entry = _REGISTRY.get(name)
     if entry is None:
         raise ConfigError(f"method.name: unknown {name!r} (choose from {', '.join(_REGISTRY)})")
     merged = {**entry.preset, **(options or {})}
+    if not dataclasses.fields(entry.cls.Options) and merged:
+        raise ConfigError(f"method.{next(iter(merged))}: {name} takes no options; remove "
+                          f"{', '.join(f'method.{k}' for k in merged)}")
     method = entry.cls(from_dict(entry.cls.Options, merged, "method"))
     method.name = name  # type: ignore[misc]  # the registered name, e.g. "floral-oracle"
     return method

@@ -212,11 +212,11 @@ def whole(tmp_path_factory) -> Path:  # noqa: ANN001
 
 
 # Rounds 2, 4, 6 write metrics.csv then a checkpoint (state, progress, manifest); before them,
-# config.toml and round 0's metrics.csv: the 7th to 10th writes are round 4's.
-@pytest.mark.parametrize("room, fails", [(6, "metrics.csv"),
-                                         (7, "checkpoint/state-4.safetensors"),
-                                         (8, "checkpoint/progress-4.json"),
-                                         (9, "checkpoint/manifest.json")])
+# config.toml, task.json and round 0's metrics.csv: the 8th to 11th writes are round 4's.
+@pytest.mark.parametrize("room, fails", [(7, "metrics.csv"),
+                                         (8, "checkpoint/state-4.safetensors"),
+                                         (9, "checkpoint/progress-4.json"),
+                                         (10, "checkpoint/manifest.json")])
 def test_a_disk_full_at_a_later_round_stops_in_one_line_and_resumes_when_freed(
     tiny, tmp_path, capsys, monkeypatch, whole, room, fails
 ):
@@ -230,7 +230,7 @@ def test_a_disk_full_at_a_later_round_stops_in_one_line_and_resumes_when_freed(
     state, progress = Checkpoint(out / "checkpoint").read()  # complete, checked against its SHAs
     assert progress["round"] == 2 == int(state["engine/round"])
     metrics = (out / "metrics.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in metrics[1:]] == (["0", "2"] if room == 6
+    assert [line.split(",")[0] for line in metrics[1:]] == (["0", "2"] if room == 7
                                                            else ["0", "2", "4"])
     assert not (out / "summary.json").exists()
 

@@ -165,13 +165,12 @@ def test_plots_of_a_run_name_the_metrics_with_whole_rounds_and_plain_titles(fini
 
     figures = []
 
-    def keep(fig, path):
+    def keep(fig, path, tight=True):  # noqa: ARG001
         fig.canvas.draw()
         figures.append((Path(path).name, fig))
         return Path(path)
 
-    for module, name in ((floral.report, "save_figure"), (floral.plots, "save_figure"),
-                         (floral.plots, "_save")):
+    for module, name in ((floral.report, "save_figure"), (floral.plots, "save_figure")):
         monkeypatch.setattr(module, name, keep)
     assert main(["plot", str(finished)]) == 0
     by_name = dict(figures)

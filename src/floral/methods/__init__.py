@@ -98,8 +98,8 @@ def get_method(name: str, options: Mapping[str, Any] | None = None) -> Method:
         raise ConfigError(f"method.name: unknown {name!r} (choose from {', '.join(_REGISTRY)})")
     merged = {**entry.preset, **(options or {})}
     if not dataclasses.fields(entry.cls.Options) and merged:
-        raise ConfigError(f"method.{next(iter(merged))}: {name} takes no options; remove "
-                          f"{', '.join(f'method.{k}' for k in merged)}")
+        raise ConfigError(f"method.{next(iter(merged))}: unknown key ({name} takes no options; "
+                          f"remove {', '.join(f'method.{k}' for k in merged)})")
     method = entry.cls(from_dict(entry.cls.Options, merged, "method"))
     method.name = name  # type: ignore[misc]  # the registered name, e.g. "floral-oracle"
     return method

@@ -154,18 +154,8 @@ class Router(nn.Module):
             return self._compute(noisy=False).detach().clone()
 
     def _compute(self, noisy: bool) -> Tensor:
-        pi = self.fixed if self.fixed.numel() > 0 else self._softmax(noisy)
-        if not self.shared:
-            return pi
-        return torch.cat([pi * self.active, torch.ones_like(pi[..., :1])], dim=-1)
-
-    def _softmax(self, noisy: bool) -> Tensor:
-        logits: Tensor = self.logits
-        if noisy and self.noise > 0:
-            logits = torch.add(logits, torch.rand_like(logits), alpha=self.noise)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return torch.softmax(logits, dim=-1)
+        return mixture(self.logits, self.fixed, self.active if self.shared else None,
+                       self.noise if noisy else 0.0, self.temperature)
 
     def _current_stamp(self) -> tuple[int, int, int, bool, bool]:
         # id() too: under torch.func.functional_call the logits are another tensor.
@@ -209,6 +199,24 @@ class Router(nn.Module):
             f"num_adaptors={self.num_adaptors}, per_layer={self.per_layer}, "
             f"temperature={self.temperature}, noise={self.noise}, shared={self.shared}"
         )
+
+
+def mixture(logits: Tensor, fixed: Tensor, active: Tensor | None, noise: float,
+            temperature: float) -> Tensor:
+    """pi from a router's tensors, with any leading axes (one router's, or K clients' stacked):
+    the fixed weights when set, else softmax((logits + U[0, noise)) / temperature); with a
+    shared adaptor (`active` given, broadcast against pi), times `active`, then 1."""
+    if fixed.numel() > 0:
+        pi = fixed
+    else:
+        if noise > 0:
+            logits = torch.add(logits, torch.rand_like(logits), alpha=noise)
+        if temperature != 1.0:
+            logits = logits / temperature
+        pi = torch.softmax(logits, dim=-1)
+    if active is None:
+        return pi
+    return torch.cat([pi * active, torch.ones_like(pi[..., :1])], dim=-1)
 
 
 def refresh_router_hook(module: nn.Module, args: Any) -> None:

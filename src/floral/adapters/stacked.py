@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from floral.adapters.layers import AdaptedLinear
-from floral.adapters.router import Router, close_router_hook, refresh_router_hook
+from floral.adapters.router import Router, close_router_hook, mixture, refresh_router_hook
 
 __all__ = ["ROW_WISE_MARK", "StackedForward", "stacked_forward", "stacked_mixture"]
 
@@ -174,20 +174,13 @@ def stacked_mixture(router: Router, tensors: Mapping[str, Tensor], clients: int)
         own = getattr(router, name)
         return own.expand(clients, *own.shape)
 
-    fixed = value("fixed")
-    if fixed[0].numel() > 0:
-        pi = fixed
-    else:
-        logits = value("logits")
-        if router.training and router.noise > 0:
-            logits = torch.add(logits, torch.rand_like(logits), alpha=router.noise)
-        if router.temperature != 1.0:
-            logits = logits / router.temperature
-        pi = torch.softmax(logits, dim=-1)
-    if not router.shared:
-        return pi
-    active = value("active").reshape((clients,) + (1,) * (pi.dim() - 1))
-    return torch.cat([pi * active, torch.ones_like(pi[..., :1])], dim=-1)
+    fixed, logits = value("fixed"), value("logits")
+    active = None
+    if router.shared:  # one flag per client, against pi's (K, C) or (K, L, C)
+        pi_dim = fixed.dim() if fixed.numel() > 0 else logits.dim()
+        active = value("active").reshape((clients,) + (1,) * (pi_dim - 1))
+    noise = router.noise if router.training else 0.0
+    return mixture(logits, fixed, active, noise, router.temperature)
 
 
 def _linear(context: _Context, module: Any, prefix: str, x: Tensor) -> Tensor:
@@ -198,12 +191,15 @@ def _linear(context: _Context, module: Any, prefix: str, x: Tensor) -> Tensor:
 
 def _batched_linear(clients: int, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Client k's rows of x times its weight (K, out, in), plus its bias (K, out)."""
-    rows = x.reshape(clients, -1, x.shape[-1])
-    if bias is None:
-        out = torch.bmm(rows, weight.mT)
-    else:
-        out = torch.baddbmm(bias.unsqueeze(1), rows, weight.mT)
+    out = _product(x.reshape(clients, -1, x.shape[-1]), weight, bias)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _product(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """(K, n, in) rows times (K, out, in) weights, plus (K, out) biases: (K, n, out)."""
+    if bias is None:
+        return torch.bmm(rows, weight.mT)
+    return torch.baddbmm(bias.unsqueeze(1), rows, weight.mT)
 
 
 def _adapted_linear(context: _Context, layer: Any, prefix: str, x: Tensor) -> Tensor:
@@ -215,8 +211,7 @@ def _adapted_linear(context: _Context, layer: Any, prefix: str, x: Tensor) -> Te
                        context.rows(layer, prefix, "lora_bias"), pi, alpha)
     rows = x.reshape(clients, -1, x.shape[-1])
     weight = _required(context.rows(base, base_prefix, "weight"))
-    out = torch.bmm(rows, weight.mT) if bias is None else torch.baddbmm(bias.unsqueeze(1), rows,
-                                                                        weight.mT)
+    out = _product(rows, weight, bias)
     a = _required(context.rows(layer, prefix, "lora_A"))
     b = _required(context.rows(layer, prefix, "lora_B"))
     hidden = torch.bmm(rows, a.flatten(1, 2).mT)  # (K, n, C*r)

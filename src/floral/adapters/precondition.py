@@ -40,15 +40,7 @@ def precondition_(model: nn.Module, eps: float = 1e-5) -> None:
         if "lora_A" not in factors:
             continue
         a, b = factors["lora_A"], factors["lora_B"]
-        count, rank = a.shape[:2]
-        # B is stored transposed, (C, r, d_out): B^T B is then b b^T, and g_B (A A^T)^-1
-        # transposed is (A A^T)^-1 g_B^T since A A^T is symmetric.
-        a_flat, b_flat = a.reshape(count, rank, -1), b.reshape(count, rank, -1)
-        ridge = eps * torch.eye(rank, dtype=a.dtype, device=a.device)
-        if a.grad is not None:
-            _solve_into(a.grad, b_flat @ b_flat.mT + ridge)
-        if b.grad is not None:
-            _solve_into(b.grad, a_flat @ a_flat.mT + ridge)
+        _precondition_factors(a, b, a.grad, b.grad, eps)
 
 
 @torch.no_grad()
@@ -66,18 +58,30 @@ def precondition_stacked_(
         names = {f: f"{prefix}.{f}" if prefix else f for f in ("lora_A", "lora_B")}
         a, b = (tensors.get(names[f], factors[f].expand(clients, *factors[f].shape))
                 for f in ("lora_A", "lora_B"))
-        count, rank = a.shape[1:3]
+        # A batched product's gradient may be a transposed view: solved in a contiguous copy.
+        for f in ("lora_A", "lora_B"):
+            if names[f] in grads:
+                grads[names[f]] = grads[names[f]].contiguous()
+        grad_a, grad_b = (grads.get(names[f]) for f in ("lora_A", "lora_B"))
         # As in `precondition_`, with the K clients' C adaptors as K * C systems.
-        a_flat = a.reshape(clients * count, rank, -1)
-        b_flat = b.reshape(clients * count, rank, -1)
-        ridge = eps * torch.eye(rank, dtype=a.dtype, device=a.device)
-        for name, gram in ((names["lora_A"], b_flat), (names["lora_B"], a_flat)):
-            grad = grads.get(name)
-            if grad is None:
-                continue
-            grad = grad.contiguous()  # a batched product's gradient may be a transposed view
-            _solve_into(grad.view(clients * count, *grad.shape[2:]), gram @ gram.mT + ridge)
-            grads[name] = grad
+        _precondition_factors(a.flatten(0, 1), b.flatten(0, 1),
+                              None if grad_a is None else grad_a.flatten(0, 1),
+                              None if grad_b is None else grad_b.flatten(0, 1), eps)
+
+
+def _precondition_factors(
+    a: Tensor, b: Tensor, grad_a: Tensor | None, grad_b: Tensor | None, eps: float
+) -> None:
+    """In place on the gradients of N adaptors' factors a (N, r, ...) and b (N, r, ...)."""
+    count, rank = a.shape[:2]
+    # B is stored transposed, (C, r, d_out): B^T B is then b b^T, and g_B (A A^T)^-1
+    # transposed is (A A^T)^-1 g_B^T since A A^T is symmetric.
+    a_flat, b_flat = a.reshape(count, rank, -1), b.reshape(count, rank, -1)
+    ridge = eps * torch.eye(rank, dtype=a.dtype, device=a.device)
+    if grad_a is not None:
+        _solve_into(grad_a, b_flat @ b_flat.mT + ridge)
+    if grad_b is not None:
+        _solve_into(grad_b, a_flat @ a_flat.mT + ridge)
 
 
 def _solve_into(grad: Tensor, gram: Tensor) -> None:

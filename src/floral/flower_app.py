@@ -55,6 +55,7 @@ from floral.experiment import (
     resolve_config,
     run_rounds,
 )
+from floral.train.headline import GENERATION_METRICS
 from floral.train.objective import get_objective
 
 __all__ = ["NODES_FILE", "client_app", "experiment_text", "log_round", "runtime_for", "serve",
@@ -142,10 +143,12 @@ def write_nodes(out: Path, transport: FlowerTransport) -> None:
     atomic_write_text(out / NODES_FILE, text + "\n")
 
 
+_SHOWN = ("accuracy", "mse", "perplexity", "loss", "router_ari")  # after the generation ones
+
+
 def log_round(result: RoundResult, latest: Mapping[str, float]) -> None:
     """One line per round: the updates applied of those sampled, each dropped client and why."""
-    headline = ("chrf", "exact_match", "accuracy", "mse", "perplexity", "loss", "router_ari")
-    shown = {k: round(latest[k], 4) for k in headline if k in latest}
+    shown = {k: round(latest[k], 4) for k in (*GENERATION_METRICS, *_SHOWN) if k in latest}
     suffix = f" {shown}" if result.eval else ""
     sampled = result.applied + len(result.dropped)
     left = "".join(f"; dropped client {k}: {why}" for k, why in result.dropped.items())

@@ -12,7 +12,7 @@ import numpy as np
 
 from floral.checkpoint import atomic_write_bytes, atomic_write_text
 from floral.experiment import RunSummary
-from floral.train.headline import axis_label, metric_label
+from floral.train.headline import PERCENT_SCALE, axis_label, metric_label
 
 __all__ = [
     "ComparisonRow",
@@ -77,12 +77,9 @@ def format_cell(mean: float, std: float, metric: str) -> str:
     """mean ± std: accuracy, chrF and exact match (0-100) to 0.1, others to 4 digits."""
     if np.isnan(mean):
         return "—"
-    if metric in _TENTHS:
+    if metric in PERCENT_SCALE:
         return f"{mean:.1f} ± {std:.1f}"
     return f"{mean:.4g} ± {std:.2g}"
-
-
-_TENTHS = ("accuracy", "chrf", "exact_match")  # metrics on a 0-100 scale
 
 
 def format_ari(mean: float, std: float) -> str:

@@ -52,7 +52,7 @@ from floral.report import (
     plot_curves,
     write_comparison,
 )
-from floral.train.headline import metric_label
+from floral.train.headline import PERCENT_SCALE, metric_label
 
 __all__ = [
     "TaskPlan",
@@ -270,7 +270,7 @@ def format_grid_cell(mean: float, std: float, metric: str) -> str:
     perplexity to 3 significant digits."""
     if math.isnan(mean):
         return "—"
-    if metric in ("accuracy", "chrf", "exact_match"):
+    if metric in PERCENT_SCALE:
         return f"{mean:.1f} ({std:.1f})"
     return f"{mean:.3g} ({std:.2g})"
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 __all__ = [
     "GENERATION_METRICS",
+    "PERCENT_SCALE",
     "axis_label",
     "format_metric",
     "headline_metrics",
@@ -23,6 +24,8 @@ __all__ = [
 
 # Metrics of generated text (floral.train.text_metrics), in the order they lead.
 GENERATION_METRICS: tuple[str, ...] = ("chrf", "exact_match")
+# Metrics on a 0-100 scale: tables write them to 0.1 point.
+PERCENT_SCALE: tuple[str, ...] = ("accuracy", *GENERATION_METRICS)
 _LABELS = {
     "accuracy": "accuracy",
     "mse": "mse",

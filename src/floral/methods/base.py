@@ -363,6 +363,7 @@ def local_epochs(
             accumulation=config.grad_accumulation,
             max_grad_norm=config.max_grad_norm,
             forward=forward,
+            crop=job.objective.crop,
         )
 
 def _default_role(tensor: torch.Tensor) -> Role:

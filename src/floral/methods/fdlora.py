@@ -168,7 +168,8 @@ class FDLoRA(Phased, Method):
         data, loss = job.data, job.objective.loss
         few = torch.randperm(data.num_train, generator=generator)[: opts.fusion_samples]
         device = job.placement.device
-        x, y = data.x_train[few].to(device), data.y_train[few].to(device)
+        x, y = job.objective.crop(data.x_train[few], data.y_train[few])
+        x, y = x.to(device), y.to(device)
         noise = torch.randn(opts.fusion_candidates, current.numel(), generator=generator)
         candidates = torch.cat([current[None], current + opts.fusion_sigma * noise.to(current)])
         scores = [fusion_objective(model, w, x, y, loss, opts.fusion_l1) for w in candidates]

@@ -158,8 +158,8 @@ class FloralEM(Floral):
         data, check = holdout_split(job.data, self.options.holdout)
         if not self._assignment_fixed(slots, job.round):
             device = job.placement.device
-            losses = adaptor_losses(slots.model, check.x_train.to(device),
-                                    check.y_train.to(device), job.objective.loss)
+            x, y = job.objective.crop(check.x_train, check.y_train)
+            losses = adaptor_losses(slots.model, x.to(device), y.to(device), job.objective.loss)
             choice = pick_adaptor(losses, job.seed)
             one_hot = torch.zeros_like(slots.tensors[FIXED])
             one_hot[..., choice] = 1.0

@@ -14,7 +14,7 @@ from torch import nn
 from floral.config import Range, check_choice, choices, field_default
 from floral.errors import ConfigError
 from floral.train.device import Placement
-from floral.train.objective import LossFn
+from floral.train.objective import Crop, LossFn, keep_all
 from floral.train.sgd import SGD
 
 __all__ = [
@@ -124,10 +124,11 @@ def train_epochs(
     accumulation: int = 1,
     max_grad_norm: float = 0.0,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    crop: Crop = keep_all,
 ) -> float:
     """Run `epochs` passes of minibatch training over (x, y) in a seeded order; return the mean
-    loss. Batches move to `placement.device` one at a time; `forward` (the model's compiled
-    forward) stands in for `model(x)` when given."""
+    loss. Batches are cut by `crop` (the objective's) and move to `placement.device` one at a
+    time; `forward` (the model's compiled forward) stands in for `model(x)` when given."""
     if not model.training:  # train() walks every module: skip it when nothing would change
         model.train()
     placement = placement or Placement()
@@ -140,7 +141,8 @@ def train_epochs(
         for i, batch in enumerate(batches):
             if i % accumulation == 0:
                 optimizer.zero_grad(set_to_none=True)
-            xb, yb = x[batch].to(device, non_blocking=True), y[batch].to(device)
+            xb, yb = crop(x[batch], y[batch])
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device)
             with placement.autocast():
                 loss = loss_fn(forward(xb), yb)
             scaled = loss if accumulation == 1 else loss / accumulation

@@ -17,10 +17,13 @@ from floral.errors import ConfigError
 from floral.train.device import Placement
 
 __all__ = [
-    "IGNORE_INDEX", "EvalResult", "LossFn", "Objective", "get_objective", "next_token_loss",
+    "IGNORE_INDEX", "Crop", "EvalResult", "LossFn", "Objective", "crop_padding", "get_objective",
+    "keep_all", "next_token_loss",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A batch (x, y) -> the same batch without the columns its loss cannot see.
+Crop = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # Tokens per evaluation batch of a language model: its logits are tokens x vocabulary floats
 # (8192 x 49152 x 4 bytes = 1.6 GB for SmolLM2), so the eval batch is capped by this.
 LM_EVAL_TOKENS = 8192
@@ -51,6 +54,21 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     )
 
 
+def keep_all(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x, y
+
+
+def crop_padding(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal-LM batch without its trailing columns in which no row has a target.
+
+    Prompts and responses are padded on the right to `task.max_length`, and a causal model's
+    logits at a position never depend on later ones, so these columns change neither the loss
+    nor its gradient: they only cost time (a batch of short translations is mostly padding)."""
+    has_target = (y != IGNORE_INDEX).any(dim=0).nonzero()
+    width = int(has_target[-1]) + 1 if len(has_target) else 1
+    return x[..., :width], y[..., :width]
+
+
 @dataclass(frozen=True)
 class Objective:
     """One task kind: `loss` trains, `evaluate` sums test results, `headline` reports them."""
@@ -58,6 +76,7 @@ class Objective:
     kind: str
     metric: str  # the headline metric's name: accuracy (%), mse or perplexity
     loss: LossFn  # the mean loss of a batch
+    crop: Crop = keep_all  # applied to every batch before the model sees it
 
     @torch.no_grad()
     def evaluate(
@@ -73,9 +92,10 @@ class Objective:
         device = placement.device
         total = EvalResult(0.0, 0.0, 0)
         for start in range(0, len(x), batch_size):
+            xb, yb = self.crop(x[start : start + batch_size], y[start : start + batch_size])
             with placement.autocast():
-                out = model(x[start : start + batch_size].to(device))
-            target = y[start : start + batch_size].to(device)
+                out = model(xb.to(device))
+            target = yb.to(device)
             loss_sum, score_sum, count = self._sums(out.float(), target)
             total.loss_sum += loss_sum
             total.score_sum += score_sum
@@ -107,7 +127,7 @@ class Objective:
 _OBJECTIVES = {
     "classification": Objective("classification", "accuracy", nn.functional.cross_entropy),
     "regression": Objective("regression", "mse", nn.functional.mse_loss),
-    "causal-lm": Objective("causal-lm", "perplexity", next_token_loss),
+    "causal-lm": Objective("causal-lm", "perplexity", next_token_loss, crop_padding),
 }
 
 

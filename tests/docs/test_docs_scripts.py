@@ -157,3 +157,80 @@ def test_first_gradients_are_the_loss_s_own_derivative(tmp_path, capsys, monkeyp
     script["main"]()
     printed = capsys.readouterr().out
     assert "cosine of the first gradients" in printed and "length of the mean gradient" in printed
+
+
+def test_llm_larger_tables_read_the_kept_records_only(tmp_path):
+    pytest.importorskip("transformers")
+    import tomli_w
+    from support.data import translations_config, write_locale
+
+    from floral.checkpoint import read_toml
+    from floral.cli import main
+    from scripts.copy_source import copy_scores
+
+    task = dict(translations_config(write_locale(tmp_path / "locale")).__dict__)
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps({
+        "name": "tiny-larger", "task": task, "model": {"name": "tiny-llama"},
+        "method": {"name": "fedit", "rank": 2, "bias": False, "include": ["*.q_proj"]},
+        "train": {"rounds": 2, "batch_size": 2, "lr": 0.01},
+        "engine": {"eval_every": 1},
+    }))
+    out = tmp_path / "grid"
+    methods = "fedit,floral,floral-oracle:train_base=false"
+    assert main(["sweep", str(config), "--methods", methods, "--seeds", "0,1",
+                 "--out", str(out / "up-rev"), "--quiet", "--jobs", "1", "--no-plots",
+                 "--set", "method.rank=2", "--set", "method.bias=false"]) == 0
+    # A tiny model's chrF is 0 everywhere: distinct planted scores show which cell reads what.
+    for i, folder in enumerate(sorted((out / "up-rev" / "tiny-larger").glob("*/seed*"))):
+        with open(folder / "metrics.csv") as f:
+            history = list(csv.DictReader(f))
+        history[-1]["chrf"] = str(10.0 + 7.3 * i)
+        history[-1]["exact_match"] = str(1.0 + 2.1 * i)
+        with open(folder / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+    kept = tmp_path / "kept"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "llm_larger.py"), str(out), "--keep", str(kept),
+         "--figures", str(tmp_path / "fig")],
+        capture_output=True, text=True, check=True,
+    )
+    assert result.stdout.startswith(f"kept the records of 6 runs in {kept}")
+    files = sorted(p.name for p in (kept / "up-rev" / "tiny-larger" / "fedit" / "seed0").iterdir())
+    assert files == sorted(["config.toml", "metrics.csv", "summary.json", "cost.json"])
+    # Only the records are needed: the tables printed from the kept copy are the same.
+    again = subprocess.run([sys.executable, str(SCRIPTS / "llm_larger.py"), str(kept)],
+                           capture_output=True, text=True, check=True)
+    assert again.stdout in result.stdout
+
+    def last(method, seed):
+        path = out / "up-rev" / "tiny-larger" / method / f"seed{seed}" / "metrics.csv"
+        with open(path) as f:
+            return {k: float(v) for k, v in list(csv.DictReader(f))[-1].items() if v}
+
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 5:  # the headline table
+            rows[cells[0]] = cells
+    for seed in (0, 1):
+        fedit = last("fedit", seed)
+        assert rows["FedIT"][1 + seed] == f"{fedit['chrf']:.1f} / {fedit['exact_match']:.1f}"
+        saved = out / "up-rev" / "tiny-larger" / "fedit" / f"seed{seed}" / "config.toml"
+        copy = copy_scores(resolve_config(read_toml(saved)))["all"]
+        assert rows["copy the source"][1 + seed] == (
+            f"{copy['chrf']:.1f} / {copy['exact_match']:.1f}")
+    cpu = sum(json.loads((out / "up-rev" / "tiny-larger" / "fedit" / f"seed{s}" / "cost.json")
+                         .read_text())["cpu_seconds"] for s in (0, 1))
+    assert rows["FedIT"][-1] == f"{cpu / 3600:.2f}"
+    # The goal table: the learned router against FedIT and the oracle, per setting.
+    goal = next(line for line in result.stdout.splitlines()
+                if line.startswith("| up-rev, seed 0 | FLoRAL, learned router"))
+    cells = [c.strip() for c in goal.strip("|").split("|")]
+    floral, oracle = last("floral", 0), last("floral-oracle_train_base=false", 0)
+    assert cells[2] == f"{floral['chrf'] - last('fedit', 0)['chrf']:+.1f}"
+    assert cells[4] == f"{oracle['chrf'] - floral['chrf']:+.1f}"
+    assert cells[5] == f"{floral['router_ari']:.2f}"
+    assert (tmp_path / "fig" / "llm-larger-curves.png").stat().st_size > 5000

@@ -27,6 +27,7 @@ if not __package__:  # run as a file: the repository root makes scripts.* import
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from floral.checkpoint import read_toml  # noqa: E402
+from floral.compare import run_cost  # noqa: E402
 from scripts.llm_family import _history  # noqa: E402
 
 RECORDS = ("config.toml", "metrics.csv", "summary.json", "cost.json")
@@ -51,7 +52,7 @@ OVER, WITHIN, ARI = 10.0, 3.0, 0.9
 class Run:
     history: list[dict[str, float]]  # metrics.csv, one row per evaluated round
     config: dict
-    cpu_seconds: float | None  # None: resumed, so only partly measured
+    cpu_seconds: float | None  # None: an attempt of the run recorded no CPU time
 
     @property
     def last(self) -> dict[str, float]:
@@ -71,10 +72,9 @@ def read_runs(out: Path) -> dict[Setting, dict[str, Run]]:
                 folder = grid.parent / run["dir"]
                 if not (folder / "summary.json").exists():
                     continue
-                cost = json.loads((folder / "cost.json").read_text())
-                seconds = None if cost.get("resumed") else float(cost["cpu_seconds"])
                 runs.setdefault((grid.parent.name, run["seed"]), {})[run["method"]] = Run(
-                    _history(folder / "metrics.csv"), read_toml(folder / "config.toml"), seconds
+                    _history(folder / "metrics.csv"), read_toml(folder / "config.toml"),
+                    run_cost(folder),
                 )
     if not runs:
         raise SystemExit(f"{out}: no finished run yet")
@@ -144,7 +144,7 @@ def headline_table(runs: dict[Setting, dict[str, Run]],
         ari = " / ".join(f"{a:.2f}" for a in aris) if not all(map(math.isnan, aris)) else ""
         seconds = [r.cpu_seconds for r in done if r is not None]
         hours = (f"{sum(s for s in seconds if s is not None) / 3600:.2f}"
-                 + ("+" if None in seconds else ""))  # "+": a resumed run, partly measured
+                 + ("+" if None in seconds else ""))  # "+": a run only partly measured
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ari} | {hours} |")
     return "\n".join(lines)
 

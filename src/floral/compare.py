@@ -23,7 +23,7 @@ from typing import Any
 import tomli_w
 import torch
 
-from floral.checkpoint import atomic_write_text, make_folder, read_json
+from floral.checkpoint import Checkpoint, atomic_write_text, make_folder, read_json
 from floral.config import parse_value, tomllib
 from floral.errors import ConfigError, FloralError, RunCrashedError
 from floral.experiment import ExperimentConfig, RunSummary, read_experiment, resolve_config
@@ -265,26 +265,45 @@ def _raise_failures(failures: dict[str, FloralError]) -> None:
 def _run_one(run: RunSpec, on_progress: Progress | None, fresh: bool = False) -> RunSummary:
     """One run; `fresh`: this process runs nothing else, so its peak memory is the run's."""
     total = run.config.train.rounds
+    resumed = Checkpoint(run.out_dir / "checkpoint").exists()
+    # A resumed run carries the CPU time its earlier attempts recorded, round by round, so a
+    # grid cut short (a session's end, a reboot) still reports what each run cost in all.
+    earlier = _recorded_cpu(run.out_dir) if resumed else 0.0  # None: an attempt recorded none
+    start = time.process_time()
+
+    def write_cost(finished: bool = False, peak_mb: float | None = None) -> None:
+        cost: dict[str, Any] = {
+            "cpu_seconds": round((earlier or 0.0) + time.process_time() - start, 2),
+            "finished": finished,
+            "resumed": resumed,
+            "complete": earlier is not None,  # every attempt's CPU time is in cpu_seconds
+            "peak_memory_mb": peak_mb,
+        }
+        atomic_write_text(run.out_dir / COST_FILE, json.dumps(cost) + "\n")
 
     def report(result, latest):  # noqa: ANN001
+        write_cost()
         if on_progress:
             on_progress(run.key, result.round, total, latest)
 
-    resumed = (run.out_dir / "checkpoint" / "progress.json").exists()
-    start = time.process_time()
     summary = run_experiment(run.config, run.out_dir, resume="auto", on_round=report)
-    cost: dict[str, Any] = {
-        "cpu_seconds": round(time.process_time() - start, 2),
-        "resumed": resumed,
-        "peak_memory_mb": _peak_memory_mb() if fresh else None,
-    }
-    atomic_write_text(run.out_dir / COST_FILE, json.dumps(cost) + "\n")
+    write_cost(True, _peak_memory_mb() if fresh else None)
     return summary
 
 
+def _recorded_cpu(out_dir: Path) -> float | None:
+    """The CPU seconds earlier attempts at a run recorded, or None if they recorded none."""
+    path = out_dir / COST_FILE
+    if not path.exists():
+        return None
+    cost = read_json(path)
+    return float(cost["cpu_seconds"]) if cost.get("complete") else None
+
+
 def run_cost(out_dir: Path) -> float | None:
-    """CPU seconds a finished run took (one thread: data, training and evaluation), or None
-    when unknown or only partly measured (the run was resumed from a checkpoint).
+    """CPU seconds a finished run took (one thread: data, training and evaluation; over all
+    its attempts when it was resumed, rounds an interruption made it redo included), or None
+    when unknown or only partly measured (an attempt that recorded no CPU time).
 
     CPU time, unlike the wall time in summary.json, hardly depends on what else the machine
     is running.
@@ -293,7 +312,8 @@ def run_cost(out_dir: Path) -> float | None:
     if not path.exists():
         return None
     cost = read_json(path)
-    return None if cost["resumed"] else float(cost["cpu_seconds"])
+    complete = cost.get("complete", not cost["resumed"])  # older files: a resume is partial
+    return float(cost["cpu_seconds"]) if complete and cost.get("finished", True) else None
 
 
 def run_peak_memory(out_dir: Path) -> float | None:

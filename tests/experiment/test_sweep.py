@@ -274,3 +274,39 @@ def _metric_rows(run: Path) -> list[dict[str, str]]:
     """A run's metrics rows without the wall-clock column."""
     with open(run / "metrics.csv") as f:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_a_resumed_run_s_cost_is_every_attempt_s_cpu_time(tmp_path, two_tasks, monkeypatch):
+    import floral.compare as compare
+
+    clock = [100.0]  # CPU seconds, as time.process_time reports them; set by the test
+    monkeypatch.setattr(compare.time, "process_time", lambda: clock[0])
+    (task,) = plan_sweep(two_tasks[:1], parse_method_specs("fedavg"), [0], tmp_path / "grid",
+                         ["engine.checkpoint_every=1"])
+    (run,) = task.runs
+
+    def first_attempt(key, round_, total, latest):  # noqa: ANN001
+        clock[0] += 10.0  # each round costs 10 CPU seconds ...
+        if round_ == 2:
+            clock[0] += 5.0  # ... and 5 more are spent when the machine goes down
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compare._run_one(run, first_attempt)
+    # Recorded at round 2's report: round 1 was measured (10 s); round 2's 10 s and the 5 s
+    # after it are lost with the machine (round 2 was checkpointed, so it is not redone).
+    assert json.loads((run.out_dir / "cost.json").read_text())["cpu_seconds"] == 10.0
+    assert compare.run_cost(run.out_dir) is None  # unfinished
+
+    def second_attempt(key, round_, total, latest):  # noqa: ANN001
+        clock[0] += 7.0
+
+    compare._run_one(run, second_attempt)
+    cost = json.loads((run.out_dir / "cost.json").read_text())
+    rounds_after = run.config.train.rounds - 2  # resumed from round 2's checkpoint
+    assert cost["resumed"] and cost["complete"]
+    assert cost["cpu_seconds"] == 10.0 + 7.0 * rounds_after
+    assert compare.run_cost(run.out_dir) == cost["cpu_seconds"]
+    # A run resumed after an attempt that recorded nothing is marked as partly measured.
+    (run.out_dir / "cost.json").write_text(json.dumps({"cpu_seconds": 3.0, "resumed": True}))
+    assert compare.run_cost(run.out_dir) is None

@@ -264,6 +264,93 @@ def test_conv_separable_merged_kernel_is_the_composition_of_the_two_convs() -> N
     torch.testing.assert_close(merge(model, pi)[0].weight, expected, **TOLERANCE)
 
 
+# --- AdaptedLinear's merged and factored forms ----------------------------------------------
+
+# (batch shape, in, out, rank, merged by the cost rule rows * (in + out) > in * out)
+LINEAR_SHAPES = [
+    ((1,), 7, 5, 2, False),  # batch 1
+    ((3,), 24, 16, 1, False),
+    ((2, 3), 24, 16, 2, False),  # leading axes: rows = 6
+    ((11,), 24, 16, 2, True),  # the first batch past the rule's switch
+    ((50,), 7, 5, 2, True),  # batch larger than in * out
+    ((4, 20), 7, 5, 1, True),
+]
+
+
+def linear_case(batch: tuple[int, ...], d_in: int, d_out: int, rank: int, dtype: torch.dtype,
+                bias: bool = True) -> tuple[nn.Module, torch.Tensor]:
+    spec = AdapterSpec(num_adaptors=NUM_ADAPTORS, rank=rank, alpha=ALPHA, bias=bias,
+                       router=RouterSpec(noise=0.0, temperature=TEMPERATURE))
+    model = attach(nn.Sequential(nn.Linear(d_in, d_out)).to(dtype), spec)
+    randomize_(model)
+    return model, torch.randn(*batch, d_in, dtype=dtype, requires_grad=True)
+
+
+def naive_linear_mixture(layer: nn.Module, x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """x W^T + b + alpha * sum_c pi_c (x A_c^T B_c + b_c), one adaptor at a time, by hand."""
+    out = x @ layer.base.weight.t() + layer.base.bias
+    for c in range(len(pi)):
+        delta = (x @ layer.lora_A[c].t()) @ layer.lora_B[c]
+        if layer.lora_bias is not None:
+            delta = delta + layer.lora_bias[c]
+        out = out + ALPHA * pi[c] * delta
+    return out
+
+
+def linear_leaves(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    layer = model[0]
+    factors = [p for p in (layer.lora_A, layer.lora_B, layer.lora_bias) if p is not None]
+    return [x, layer.base.weight, layer.base.bias, *factors, model.floral_router.logits]
+
+
+def assert_linear_matches_loop(model: nn.Module, x: torch.Tensor, within: float) -> None:
+    """Forward and the gradients of x, W, b, the factors and the router logits, each within
+    `within` times its largest entry (sums over rows round in another order than the loop)."""
+    fused = model(x)
+    expected = naive_linear_mixture(model[0], x, softmax_pi(model.floral_router.logits))
+    weights = torch.randn_like(fused)
+    leaves = linear_leaves(model, x)
+    grads = torch.autograd.grad((fused * weights).sum(), leaves)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), leaves)
+    for got, want in zip((fused, *grads), (expected, *expected_grads), strict=True):
+        assert got.shape == want.shape
+        assert want.abs().sum() > 0
+        scale = float(want.detach().abs().max())
+        torch.testing.assert_close(got, want, rtol=0, atol=within * scale)
+
+
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_mixture_equals_loop_in_float64(shape: tuple, bias: bool) -> None:
+    batch, d_in, d_out, rank, merged = shape
+    torch.manual_seed(21)
+    model, x = linear_case(batch, d_in, d_out, rank, torch.float64, bias)
+    assert model[0]._merge_cheaper(x) is merged
+    assert_linear_matches_loop(model, x, within=1e-12)
+
+
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=str)
+def test_linear_mixture_equals_loop_in_float32(shape: tuple) -> None:
+    batch, d_in, d_out, rank, _ = shape
+    torch.manual_seed(22)
+    model, x = linear_case(batch, d_in, d_out, rank, torch.float32)
+    assert_linear_matches_loop(model, x, within=1e-6)
+
+
+def test_linear_frozen_base_keeps_the_factored_form() -> None:
+    """Merging would need the full weight gradient, which a frozen base does not compute."""
+    torch.manual_seed(23)
+    model, x = linear_case((50,), 7, 5, 2, torch.float64)
+    model[0].base.requires_grad_(False)
+    assert not model[0]._merge_cheaper(x)
+    fused = model(x)
+    expected = naive_linear_mixture(model[0], x, softmax_pi(model.floral_router.logits))
+    torch.testing.assert_close(fused, expected, **TOLERANCE)
+    with torch.no_grad():  # nothing to differentiate: the cheaper form again
+        assert model[0]._merge_cheaper(x)
+        torch.testing.assert_close(model(x), expected, **TOLERANCE)
+
+
 # --- routers ------------------------------------------------------------------------------
 
 

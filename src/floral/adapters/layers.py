@@ -169,7 +169,10 @@ class AdaptedLinear(AdaptedLayer):
         pi = self.mixture()
         base = self.base
         if type(base) is nn.Linear:
-            out = F.linear(x, base.weight, self._mixed_bias(base.bias, pi))
+            bias = self._mixed_bias(base.bias, pi)
+            if self._merge_cheaper(x):
+                return F.linear(x, self._merged_weight(pi), bias)
+            out = F.linear(x, base.weight, bias)
         else:  # a quantized base (bitsandbytes) computes itself; its weight is packed
             out = base(x)
             bias = self._mixed_bias(None, pi)
@@ -177,6 +180,30 @@ class AdaptedLinear(AdaptedLayer):
         hidden = self._mix_hidden(F.linear(x, self.lora_A.flatten(0, 1)), pi, self.rank, False)
         return _add_product(out, hidden.to(out.dtype), self.lora_B.flatten(0, 1).to(out.dtype),
                             self.alpha)
+
+    def _merge_cheaper(self, x: Tensor) -> bool:
+        """Whether this forward computes the merged weight W + alpha * B^T diag(pi) A.
+
+        Each product of the merged form (the merge, and in the backward the factors' gradients
+        from the weight gradient) costs C*r * in * out; each of the factored form's costs
+        C*r * rows * (in or out). The rule: merge when rows * (in + out) > in * out. Never when
+        the backward would need a weight gradient that the base does not (a frozen base) nor
+        under autocast, where W + delta would round to the low precision.
+        """
+        weight = self.base.weight
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows * (weight.shape[0] + weight.shape[1]) <= weight.numel():
+            return False
+        if torch.is_grad_enabled() and not weight.requires_grad:
+            return False
+        return not torch.is_autocast_enabled(x.device.type)
+
+    def _merged_weight(self, pi: Tensor | None) -> Tensor:
+        """W + alpha * sum_c pi_c B_c^T A_c as one (out, in) matrix."""
+        factor = self.lora_B.flatten(0, 1).t()  # (out, C*r)
+        if pi is not None:
+            factor = factor * (pi if self.rank == 1 else pi.repeat_interleave(self.rank))
+        return torch.addmm(self.base.weight, factor, self.lora_A.flatten(0, 1), alpha=self.alpha)
 
     @torch.no_grad()
     def fold(self, pi: Tensor) -> nn.Module:

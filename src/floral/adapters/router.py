@@ -102,7 +102,8 @@ class Router(nn.Module):
     def weights(self, layer_index: int = 0) -> Tensor:
         """The pi (C,) that layer `layer_index` uses in the current forward."""
         pi = self._pi
-        if pi is None or self._stamp != self._current_stamp():
+        # Inside the model's forward the pre-hook has just drawn pi: no stamp to check.
+        if pi is None or (not self._forward_open and self._stamp != self._current_stamp()):
             pi = self.refresh()
         return pi if self._rows is None else self._rows[layer_index]
 

@@ -122,6 +122,23 @@ def test_resume_from_half_way_equals_uninterrupted(tiny, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_run_resumed_with_other_rounds_records_the_rounds_it_ran(tiny, tmp_path):
+    def interrupt(result, latest):
+        if result.round == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config(tiny, ["engine.checkpoint_every=3"]), tmp_path / "r",
+                       on_round=interrupt)
+    assert load_config(tmp_path / "r" / "config.toml").train.rounds == 6
+    assert main(["run", str(tiny), "--set", "engine.checkpoint_every=3", "--set",
+                 "train.rounds=4", "--resume", "--quiet", "--out", str(tmp_path / "r")]) == 0
+    rows = _rows(tmp_path / "r" / "metrics.csv")
+    assert int(rows[-1]["round"]) == 4
+    # The folder's config is the one that ran to the end, so it reruns the same experiment.
+    assert load_config(tmp_path / "r" / "config.toml").train.rounds == 4
+
+
 @pytest.mark.parametrize("server", [{}, {"train.server_optimizer": "adam",
                                          "train.server_lr": 0.05}])
 def test_ctrl_c_in_the_middle_of_a_round_resumes_to_the_uninterrupted_numbers(

@@ -111,6 +111,8 @@ def run_rounds(
         recorder.restore(engine)
         if changes:
             _record_changes(config, out, engine.round, changes)
+        else:  # settings a resume may change without a record (rounds, threads) are this run's
+            _write_config(config, out)
     else:
         _start_afresh(out, overwrite=overwrite or resume == "auto")
         _write_config(config, out)

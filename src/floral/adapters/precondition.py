@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from floral.adapters.attach import adapted_layers
+from floral.adapters.layers import AdaptedLayer
 
 __all__ = ["Preconditioner", "precondition_", "precondition_stacked_"]
 
@@ -46,12 +47,13 @@ def precondition_(model: nn.Module, eps: float = 1e-5) -> None:
 @torch.no_grad()
 def precondition_stacked_(
     model: nn.Module, tensors: Mapping[str, Tensor], grads: MutableMapping[str, Tensor],
-    clients: int, eps: float = 1e-5,
+    clients: int, eps: float = 1e-5, layers: Mapping[str, AdaptedLayer] | None = None,
 ) -> None:
     """`precondition_` for K clients at once, in place on their stacked gradients: `tensors`
     and `grads` map a model tensor's name to its (K, ...) values and gradients; a factor
-    not in `tensors` is the model's own, the same for every client."""
-    for prefix, layer in adapted_layers(model).items():
+    not in `tensors` is the model's own, the same for every client. `layers`: the model's
+    `adapted_layers`, where the caller found them once for many steps."""
+    for prefix, layer in (adapted_layers(model) if layers is None else layers).items():
         factors = layer.adaptor_parameters()
         if "lora_A" not in factors:
             continue

@@ -89,15 +89,33 @@ class StackedForward:
     def __call__(self, tensors: Mapping[str, Tensor], x: Tensor, clients: int,
                  generators: Sequence[torch.Generator] | None = None) -> Tensor:
         """`generators`: one per client, for its router noise (see `stacked_mixture`)."""
+        with self.bound(tensors, clients) as forward:
+            return forward(x, generators)
+
+    @contextmanager
+    def bound(self, tensors: Mapping[str, Tensor],
+              clients: int) -> Iterator[Callable[..., Tensor]]:
+        """`forward(x, generators=None)` over `tensors`, which are swapped into the model once
+        for every forward of the block (a batch's SGD steps update them in place): the
+        model's own tensors are back when the block ends."""
         context = _Context(clients, tensors.keys())
-        with self._swapped(tensors, context):
+        own: dict[str, Tensor] = {}
+        if self.router is not None:
+            router, prefix = self.router
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        def forward(x: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
             if self.router is not None:
-                router, prefix = self.router
-                context.pi = stacked_mixture(router, {k[len(prefix):]: v for k, v in
-                                                      tensors.items() if k.startswith(prefix)},
-                                             clients, generators=generators)
+                context.pi = stacked_mixture(self.router[0], own, clients,
+                                             generators=generators)
             # The model's own forward, without its router hooks: pi is drawn above.
             return self.model.forward(x)
+
+        with self._swapped(tensors, context):
+            try:
+                yield forward
+            finally:
+                context.pi = None  # its autograd graph
 
     @contextmanager
     def _swapped(self, tensors: Mapping[str, Tensor], context: _Context) -> Iterator[None]:

@@ -43,13 +43,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from floral.adapters.attach import adapted_layers
 from floral.adapters.precondition import Preconditioner, precondition_stacked_
 from floral.adapters.stacked import client_losses, stacked_forward
 from floral.engines.config import BatchClients
@@ -73,7 +74,9 @@ def batched_client_steps(
     """Updates of the clients trained in batches (all jobs share one global state); the caller
     runs the others one by one. `batch_clients`: "auto" (all, where the tensor step covers the
     model), at most N per batch (vmap for other layers), or 0 (none)."""
-    if not batch_clients or not batchable(method, slots.model):
+    # What the model's structure decides is found once per scratch model, not every round.
+    if not batch_clients or not slots.memo(("batchable", id(method)),
+                                           lambda: batchable(method, slots.model)):
         return {}
     auto = batch_clients == "auto"
     updates: dict[int, ClientUpdate] = {}
@@ -141,12 +144,13 @@ def _train_batch(
     for name in trained:
         stacked[name].requires_grad_(True)
     hook = method.backward_hook(slots.model)
-    step = _tensor_step(slots.model, first.objective.loss, trained, hook, stacked, batch)
-    if step is None:
-        if not vmap:  # vmap can cost K times the memory of a step: only when asked for
-            return None
-        step = _vmapped_step(slots.model, first.objective.loss, trained, hook)
-    losses = _run_epochs(step, stacked, groups, batch, first.config)
+    with ExitStack() as bound:  # the stacked tensors stay in the model for the whole batch
+        step = _tensor_step(slots, first.objective.loss, trained, hook, stacked, batch, bound)
+        if step is None:
+            if not vmap:  # vmap can cost K times the memory of a step: only when asked for
+                return None
+            step = _vmapped_step(slots.model, first.objective.loss, trained, hook)
+        losses = _run_epochs(step, stacked, groups, batch, first.config)
     if losses is None:
         return None
     finished = method.finish_batch(slots, batch, stacked, losses.tolist())
@@ -195,21 +199,27 @@ def _stacked_groups(
 
 
 def _tensor_step(
-    model: nn.Module,
+    slots: StateSlots,
     loss_fn: Callable,
     trained: Sequence[str],
     hook: Callable[[], None] | None,
     stacked: TensorDict,
     batch: Sequence[ClientJob],
+    bound: ExitStack,
 ) -> StepFn | None:
     """The step as tensor ops over the stacked clients (`floral.adapters.stacked`): one
     forward of the K minibatches as K * b client-major rows, autograd, and FLoRAL's
     preconditioning on the stacked gradients; a backward hook of another kind runs per client
-    under vmap. None when the model has a layer the stacked forward does not cover."""
-    forward = stacked_forward(model, stacked.keys())
-    if forward is None:
+    under vmap. The stacked tensors are swapped into the model until `bound` closes (the steps
+    update them in place). None when the model has a layer the stacked forward does not
+    cover."""
+    model = slots.model
+    stacked_model, layers = slots.memo(("stacked-forward", tuple(stacked)), lambda: (
+        stacked_forward(model, stacked.keys()), adapted_layers(model)))
+    if stacked_model is None:
         return None
     clients, device = len(batch), batch[0].placement.device
+    forward = bound.enter_context(stacked_model.bound(stacked, clients))
     # Router noise per client, from a generator seeded as its own step seeds torch's
     # (`local_epochs`): the draws it makes when it trains alone.
     generators = [torch.Generator(device).manual_seed(job.seed) for job in batch]
@@ -222,14 +232,14 @@ def _tensor_step(
         )
 
     def step(values: TensorDict, x: Tensor, y: Tensor) -> tuple[TensorDict, Tensor]:
-        out = forward(values, x.flatten(0, 1), clients, generators)
+        out = forward(x.flatten(0, 1), generators)  # over `stacked`, which `values` is
         losses = client_losses(loss_fn, out, y.flatten(0, 1), clients)
         leaves = [values[name] for name in trained]
         found = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
         # A tensor the loss does not use keeps no gradient, as in the sequential step.
         grads = {name: g for name, g in zip(trained, found) if g is not None}
         if isinstance(hook, Preconditioner):
-            precondition_stacked_(model, values, grads, clients, hook.eps)
+            precondition_stacked_(model, values, grads, clients, hook.eps, layers)
         elif run_hook is not None:
             grads = run_hook({name: value.detach() for name, value in values.items()}, grads)
         return grads, losses.detach()

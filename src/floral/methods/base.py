@@ -128,6 +128,8 @@ class ClientUpdate:
 
     def on_cpu(self) -> ClientUpdate:
         """This update with its tensors on the CPU, where everything leaving a step lives."""
+        if self.batch is not None:  # `finish_batch` builds it there
+            return self
         return replace(self, upload=on_cpu(self.upload), private=on_cpu(self.private))
 
 

@@ -60,6 +60,9 @@ def precondition_stacked_(
         names = {f: f"{prefix}.{f}" if prefix else f for f in ("lora_A", "lora_B")}
         a, b = (tensors.get(names[f], factors[f].expand(clients, *factors[f].shape))
                 for f in ("lora_A", "lora_B"))
+        if a.shape[2] == 1:  # rank 1: K * C divisions, no copies (as `_solve_into` divides)
+            _divide_rank_one(a, b, grads.get(names["lora_A"]), grads.get(names["lora_B"]), eps)
+            continue
         # A batched product's gradient may be a transposed view: solved in a contiguous copy.
         for f in ("lora_A", "lora_B"):
             if names[f] in grads:
@@ -84,6 +87,17 @@ def _precondition_factors(
         _solve_into(grad_a, b_flat @ b_flat.mT + ridge)
     if grad_b is not None:
         _solve_into(grad_b, a_flat @ a_flat.mT + ridge)
+
+
+def _divide_rank_one(a: Tensor, b: Tensor, grad_a: Tensor | None, grad_b: Tensor | None,
+                     eps: float) -> None:
+    """`_precondition_factors` of K clients' rank-1 factors (K, C, 1, ...), in place: each
+    gradient over its 1x1 Gram matrix plus eps, the same products as one client's."""
+    for grad, other in ((grad_a, b), (grad_b, a)):
+        if grad is not None:
+            flat = other.flatten(3)  # (K, C, 1, d)
+            gram = torch.matmul(flat, flat.mT).add_(eps)  # (K, C, 1, 1)
+            grad.div_(gram.reshape(gram.shape[:2] + (1,) * (grad.dim() - 2)))
 
 
 def _solve_into(grad: Tensor, gram: Tensor) -> None:

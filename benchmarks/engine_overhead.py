@@ -65,7 +65,9 @@ def bare_loop(model: nn.Module, task, train: TrainConfig, rounds: int, seed: int
 
 
 def run_engine(model: nn.Module, task, train: TrainConfig, rounds: int, seed: int) -> LocalEngine:
-    never = EngineConfig(eval_every=10**9)
+    # One client at a time, as the bare loop (benchmarks/bare_batched.py times the batched
+    # default against a batched bare loop).
+    never = EngineConfig(eval_every=10**9, batch_clients=0)
     engine = LocalEngine(get_method("fedavg"), task, model, train, never, seed)
     for _ in range(rounds):
         engine.run_round()

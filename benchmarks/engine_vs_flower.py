@@ -49,7 +49,8 @@ def experiment(args: argparse.Namespace, engine: str) -> ExperimentConfig:
         "model": base["model"],
         "method": {"name": args.method},
         "train": {**base["train"], "rounds": args.rounds, "clients_per_round": args.fraction},
-        "engine": {"name": engine, "eval_every": args.rounds},
+        # One client at a time on both: a Flower node trains one client per message.
+        "engine": {"name": engine, "eval_every": args.rounds, "batch_clients": 0},
     })
 
 

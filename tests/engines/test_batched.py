@@ -22,7 +22,7 @@ from floral.engines.config import EngineConfig
 from floral.engines.local import LocalEngine
 from floral.errors import ConfigError
 from floral.methods import get_method, method_names
-from floral.methods.base import ClientJob, ClientUpdate, Method
+from floral.methods.base import WEIGHT_SUFFIX, ClientJob, ClientUpdate, Method
 from floral.methods.fedavg import FedAvg
 from floral.train.loop import TrainConfig
 from floral.train.objective import get_objective
@@ -52,7 +52,8 @@ def _train(**overrides: float) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
-def _engine(method, batch_clients: int, train: TrainConfig, norm: bool = False) -> LocalEngine:
+def _engine(method, batch_clients: int | str, train: TrainConfig,
+            norm: bool = False) -> LocalEngine:
     task = _task()
     model = method.build_model(_model(norm), task)
     config = EngineConfig(eval_every=10**6, batch_clients=batch_clients)
@@ -102,6 +103,8 @@ CASES = {
         {"momentum": 0.9, "weight_decay": 1e-3, "adaptor_lr": 0.1, "router_lr": 0.5},
     ),
     "local-adaptor": ("local-adaptor", {"rank": 1, "precondition": True}, {"momentum": 0.5}),
+    # Router noise on: each client's draws from its own generator, as when it trains alone.
+    "floral-noise": ("floral", {"noise": 1.0, "rank": 2}, {"router_lr": 0.5}),
 }
 
 
@@ -232,3 +235,108 @@ def test_tensor_step_matches_the_sequential_step(name, monkeypatch):
     batched.run()
     assert len(calls) <= 1 and not vmapped
     _assert_states_close(sequential, batched, atol=1e-6, rtol=1e-6)
+
+
+# Every method that declares itself batchable, at its defaults: a learned router draws its
+# noise (each client's own draws, as it draws them alone).
+BATCHABLE = [name for name in method_names() if get_method(name).batchable]
+
+
+def _per_example(update: ClientUpdate, name: str, value: torch.Tensor) -> torch.Tensor:
+    """An upload's delta over its example count (the client's own change, whose rounding is
+    what batching moves); other tensors as they are."""
+    if name in update.upload and not name.endswith(WEIGHT_SUFFIX):
+        return value / update.num_examples
+    return value
+
+
+@pytest.mark.parametrize("name", BATCHABLE)
+def test_batched_uploads_match_the_sequential_uploads(name):
+    """Each client's upload, private state, example count and loss, built from the stacked
+    tensors (`Method.finish_batch`), against the one-client step from the same state."""
+    # An ensemble's model runs on the vmap fallback, which draws its router noise its own way.
+    options = {"noise": 0.0} if name == "ensemble" else {}
+    sequential = _engine(get_method(name, options), 0, _train())
+    batched = _engine(get_method(name, options), 4, _train())
+    sequential.run_round()  # round 1 moves routers and private states off their start
+    state = sequential.global_state
+    private = {k: sequential.private_state(k) for k in range(len(SIZES))}
+    alone = sequential.worker.train(2, state, private)
+    together = batched.worker.train(2, state, private)
+    # 8 clients in batches of at most 4 of equal size: 40, 40 | 40, 40, 40 | 37, 37, 37. An
+    # ensemble's weights come from each client's router as loaded, one client at a time.
+    stacked = sum(u.batch is not None for u in together.values())
+    assert stacked == (0 if name.startswith("ensemble") else 8)
+    for k, update in alone.items():
+        other = together[k]
+        assert (other.num_examples, other.upload.keys(), other.private.keys()) == (
+            update.num_examples, update.upload.keys(), update.private.keys())
+        for kind in ("upload", "private"):
+            for n, value in getattr(update, kind).items():
+                mine = getattr(other, kind)[n]
+                assert (mine.shape, mine.dtype) == (value.shape, value.dtype), (k, n)
+                torch.testing.assert_close(_per_example(other, n, mine),
+                                           _per_example(update, n, value),
+                                           atol=1e-6, rtol=1e-6, msg=f"{k}/{n}")
+        assert other.metrics["train_loss"] == pytest.approx(update.metrics["train_loss"],
+                                                            abs=1e-6)
+
+
+def test_a_non_finite_batched_upload_is_dropped_naming_its_client(caplog):
+    """The batch check fails, each row is checked alone: the round drops only that client,
+    for the reason `check_upload` gives."""
+    method = get_method("floral", {"noise": 0.0})
+    engine = _engine(method, "auto", _train())
+    finish, poisoned = method.finish_batch, []
+
+    def nan_in_first_row(*args, **kwargs) -> list[ClientUpdate]:
+        updates = finish(*args, **kwargs)
+        if not poisoned:
+            poisoned.append(args[1][0].client)
+            updates[0].upload["2.lora_A"][0, 0, 1] = float("nan")  # a view into the batch
+        return updates
+
+    method.finish_batch = nan_in_first_row
+    with caplog.at_level("WARNING", logger="floral"):
+        result = engine.run_round()
+    (client,) = poisoned
+    reason = "'2.lora_A' has NaN or infinite values"
+    assert result.dropped == {client: reason}
+    assert result.applied == len(result.clients) - 1
+    assert f"dropped the reply of client {client}: {reason}" in caplog.text
+
+
+def test_the_default_batches_every_sampled_client_of_a_size():
+    assert EngineConfig().batch_clients == "auto"
+    method, calls = _counting(get_method("fedavg"))
+    engine = LocalEngine(method, _task(), _model(), _train(clients_per_round=1.0), seed=3)
+    engine.run_round()
+    assert not calls  # 8 clients of two sizes: two batches, none one by one
+
+
+class _ConvNet(nn.Module):
+    """A layer that only the vmap fallback batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 3)
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x.unsqueeze(1)).flatten(1))
+
+
+@pytest.mark.parametrize(("setting", "one_by_one"), [("auto", 12), (4, 0), (0, 12)])
+def test_auto_leaves_the_vmap_fallback_to_an_explicit_batch_size(setting, one_by_one):
+    method, calls = _counting(get_method("fedavg"))
+    task = _task()
+    torch.manual_seed(0)
+    config = EngineConfig(eval_every=10**6, batch_clients=setting)
+    LocalEngine(method, task, _ConvNet(), _train(), config, seed=3).run()
+    assert len(calls) == one_by_one or (one_by_one == 0 and len(calls) <= 2)
+
+
+@pytest.mark.parametrize("value", ["all", "8", 2.5, True])
+def test_batch_clients_takes_a_count_or_auto(value):
+    with pytest.raises(ConfigError, match="^engine.batch_clients: "):
+        _engine(get_method("fedavg"), value, _train())

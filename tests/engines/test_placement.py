@@ -383,6 +383,8 @@ def test_threads_are_set_while_clients_train_and_restored_after():
     seen = []
 
     class Watching(type(get_method("fedavg"))):  # type: ignore[misc]
+        batchable = False  # its own train_locally
+
         def train_locally(self, slots, job):
             seen.append(torch.get_num_threads())
             return super().train_locally(slots, job)

@@ -148,19 +148,19 @@ def test_ctrl_c_in_the_middle_of_a_round_resumes_to_the_uninterrupted_numbers(
     settings = ["engine.checkpoint_every=0", *(f"{k}={v}" for k, v in server.items())]
     full = load_config(tiny, settings)
     run_experiment(full, tmp_path / "full")
-    # Ctrl-C while round 4's second client trains: clients of round 4 have already trained.
-    steps, original = [], Floral.client_step
+    # Ctrl-C while round 4's clients finish their steps (trained together, by default): they
+    # have trained, and the round has not ended.
+    original = Floral.finish_batch
 
-    def step(self, slots, job):
-        steps.append(job.round)
-        if job.round == 4 and steps.count(4) == 2:
+    def finish(self, slots, jobs, *args):
+        if jobs[0].round == 4:
             raise KeyboardInterrupt
-        return original(self, slots, job)
+        return original(self, slots, jobs, *args)
 
-    monkeypatch.setattr(Floral, "client_step", step)
+    monkeypatch.setattr(Floral, "finish_batch", finish)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(full, tmp_path / "resumed")
-    monkeypatch.setattr(Floral, "client_step", original)
+    monkeypatch.setattr(Floral, "finish_batch", original)
     manifest = json.loads((tmp_path / "resumed" / "checkpoint" / "manifest.json").read_text())
     assert manifest["round"] == 3  # the last whole round
     run_experiment(full, tmp_path / "resumed", resume=True)

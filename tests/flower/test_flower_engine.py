@@ -66,6 +66,19 @@ def test_every_method_ends_with_the_local_engines_metrics_and_tensors(tmp_path, 
         assert torch.equal(got[name], expected[name]), name
 
 
+@pytest.mark.parametrize("method", ["fedavg", "floral"])
+def test_the_local_engine_batched_by_default_ends_near_flowers_numbers(tmp_path, method):
+    """Batched, the local engine draws what each client draws alone (router noise included),
+    and its batched products add up in another order: the same numbers to float rounding."""
+    config = resolve_config(tiny_experiment(method), ["engine.batch_clients=auto"])
+    local = run_experiment(config, tmp_path / "local")
+    flower, _ = run_loopback(config, tmp_path / "flower")
+    assert flower.final.keys() == local.final.keys()
+    for key, value in flower.final.items():
+        if isinstance(value, float) and key not in ("seconds_per_round", "wall_seconds"):
+            assert local.final[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -64,7 +64,10 @@ def tiny_experiment(method: str = "floral", **tables: dict[str, Any]) -> dict[st
         "method": {"name": method},
         "train": {"rounds": 2, "clients_per_round": 0.75, "batch_size": 8, "lr": 0.05,
                   "router_lr": 0.5},
-        "engine": {"eval_every": 1},
+        # One by one: a Flower node trains one client per message, and the local engine takes
+        # the same operations in the same order only one by one (batched, it agrees with
+        # them to float rounding: test_flower_engine.py).
+        "engine": {"eval_every": 1, "batch_clients": 0},
     }
     for table, values in tables.items():
         data[table] = {**data.get(table, {}), **values}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import cast
 
@@ -24,6 +27,8 @@ from floral.adapters.spec import AdapterSpec
 from floral.errors import ConfigError
 
 __all__ = [
+    "AdaptorTable",
+    "adaptor_table",
     "attach",
     "merge",
     "adaptor_parameter_names",
@@ -127,16 +132,66 @@ def router_parameter_names(model: nn.Module) -> list[str]:
 
 def mixture_weights(model: nn.Module) -> dict[str, Tensor]:
     """Adaptor parameter name -> the pi (C,) its layer uses in eval mode, detached."""
-    return {name: layer.eval_mixture() for name, layer in _adaptor_parameters(model).items()}
+    pis: dict[int, Tensor] = {}  # one draw per layer, shared by its tensors
+    weights = {}
+    for name, layer in adaptor_table(model).layers.items():
+        if id(layer) not in pis:
+            pis[id(layer)] = layer.eval_mixture()
+        weights[name] = pis[id(layer)]
+    return weights
+
+
+@dataclass(eq=False)
+class AdaptorTable:
+    """A model's adaptor tensors: name (as in named_parameters()) -> its layer and its number
+    of axes, and the router with its name prefix (None when C == 1)."""
+
+    layers: dict[str, AdaptedLayer]
+    ndims: dict[str, int]
+    router: tuple[Router, str] | None
+    # (the owner's parameter dict, local name, the parameter) of every entry: the table is
+    # current while each is still there.
+    found: Sequence[tuple[Mapping, str, Tensor]]
+
+    def current(self) -> bool:
+        return all(table.get(attr) is value for table, attr, value in self.found)
+
+
+# Tables already found, per model. A model's adapted layers never change after `attach` (which
+# refuses a model that has some; `merge` works on a copy), so a table holds while its tensors
+# are the model's own: checked on every use instead of walking the modules, which cost more
+# than the rest of a client's upload on small models.
+_TABLES: weakref.WeakKeyDictionary[nn.Module, AdaptorTable] = weakref.WeakKeyDictionary()
+
+
+def adaptor_table(model: nn.Module) -> AdaptorTable:
+    """The model's `AdaptorTable`, found once per model."""
+    table = _TABLES.get(model)
+    if table is None or not table.current():
+        table = _find_adaptors(model)
+        if table.layers:  # a model without adaptors yet may get them
+            _TABLES[model] = table
+    return table
+
+
+def _find_adaptors(model: nn.Module) -> AdaptorTable:
+    owner: dict[int, tuple[AdaptedLayer, str]] = {}
+    for layer in adapted_layers(model).values():
+        for local, parameter in layer.adaptor_parameters().items():
+            owner[id(parameter)] = (layer, local)
+    layers, ndims, found = {}, {}, []
+    for name, parameter in model.named_parameters():
+        if id(parameter) in owner:
+            layer, local = owner[id(parameter)]
+            layers[name], ndims[name] = layer, parameter.dim()
+            found.append((layer._parameters, local, parameter))
+    routers = [(m, f"{n}.") for n, m in model.named_modules() if isinstance(m, Router)]
+    return AdaptorTable(layers, ndims, routers[0] if len(routers) == 1 else None, found)
 
 
 def _adaptor_parameters(model: nn.Module) -> dict[str, AdaptedLayer]:
     """Adaptor parameter name -> its layer, in named_parameters() order."""
-    owner: dict[int, AdaptedLayer] = {}
-    for layer in adapted_layers(model).values():
-        for parameter in layer.adaptor_parameters().values():
-            owner[id(parameter)] = layer
-    return {name: owner[id(p)] for name, p in model.named_parameters() if id(p) in owner}
+    return adaptor_table(model).layers
 
 
 def _select_layers(model: nn.Module, spec: AdapterSpec) -> list[tuple[list[str], nn.Module]]:

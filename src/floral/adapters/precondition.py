@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from floral.adapters.attach import adapted_layers
+from floral.adapters.layers import AdaptedLayer
 
 __all__ = ["Preconditioner", "precondition_", "precondition_stacked_"]
 
@@ -46,18 +47,22 @@ def precondition_(model: nn.Module, eps: float = 1e-5) -> None:
 @torch.no_grad()
 def precondition_stacked_(
     model: nn.Module, tensors: Mapping[str, Tensor], grads: MutableMapping[str, Tensor],
-    clients: int, eps: float = 1e-5,
+    clients: int, eps: float = 1e-5, layers: Mapping[str, AdaptedLayer] | None = None,
 ) -> None:
     """`precondition_` for K clients at once, in place on their stacked gradients: `tensors`
     and `grads` map a model tensor's name to its (K, ...) values and gradients; a factor
-    not in `tensors` is the model's own, the same for every client."""
-    for prefix, layer in adapted_layers(model).items():
+    not in `tensors` is the model's own, the same for every client. `layers`: the model's
+    `adapted_layers`, where the caller found them once for many steps."""
+    for prefix, layer in (adapted_layers(model) if layers is None else layers).items():
         factors = layer.adaptor_parameters()
         if "lora_A" not in factors:
             continue
         names = {f: f"{prefix}.{f}" if prefix else f for f in ("lora_A", "lora_B")}
         a, b = (tensors.get(names[f], factors[f].expand(clients, *factors[f].shape))
                 for f in ("lora_A", "lora_B"))
+        if a.shape[2] == 1:  # rank 1: K * C divisions, no copies (as `_solve_into` divides)
+            _divide_rank_one(a, b, grads.get(names["lora_A"]), grads.get(names["lora_B"]), eps)
+            continue
         # A batched product's gradient may be a transposed view: solved in a contiguous copy.
         for f in ("lora_A", "lora_B"):
             if names[f] in grads:
@@ -82,6 +87,17 @@ def _precondition_factors(
         _solve_into(grad_a, b_flat @ b_flat.mT + ridge)
     if grad_b is not None:
         _solve_into(grad_b, a_flat @ a_flat.mT + ridge)
+
+
+def _divide_rank_one(a: Tensor, b: Tensor, grad_a: Tensor | None, grad_b: Tensor | None,
+                     eps: float) -> None:
+    """`_precondition_factors` of K clients' rank-1 factors (K, C, 1, ...), in place: each
+    gradient over its 1x1 Gram matrix plus eps, the same products as one client's."""
+    for grad, other in ((grad_a, b), (grad_b, a)):
+        if grad is not None:
+            flat = other.flatten(3)  # (K, C, 1, d)
+            gram = torch.matmul(flat, flat.mT).add_(eps)  # (K, C, 1, 1)
+            grad.div_(gram.reshape(gram.shape[:2] + (1,) * (grad.dim() - 2)))
 
 
 def _solve_into(grad: Tensor, gram: Tensor) -> None:

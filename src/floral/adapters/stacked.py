@@ -17,12 +17,13 @@ engine then runs through vmap.
 
 Numbers: a batched product adds up the same terms as one client's product, but a BLAS may
 block a batched product differently, so results match one client's forward to float32
-rounding, not always bit for bit. Router noise for the K clients is one draw of shape (K, C).
+rounding, not always bit for bit. Router noise comes from one generator per client where the
+caller gives them (the draws of each client's own step), else as one draw of shape (K, C).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,10 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from floral.adapters.attach import adaptor_table
 from floral.adapters.layers import AdaptedLinear
 from floral.adapters.router import Router, close_router_hook, mixture, refresh_router_hook
 
-__all__ = ["ROW_WISE_MARK", "StackedForward", "stacked_forward", "stacked_mixture"]
+__all__ = [
+    "ROW_WISE_MARK",
+    "StackedForward",
+    "stacked_forward",
+    "stacked_mixture",
+    "stacked_mixture_weights",
+]
 
 # A module class attribute: the module's own forward treats each row of its input (axis 0)
 # independently, apart from what its children compute.
@@ -78,16 +86,36 @@ class StackedForward:
                  router: tuple[Router, str] | None, tables: dict[str, tuple[dict, str]]) -> None:
         self.model, self.layers, self.router, self.tables = model, layers, router, tables
 
-    def __call__(self, tensors: Mapping[str, Tensor], x: Tensor, clients: int) -> Tensor:
+    def __call__(self, tensors: Mapping[str, Tensor], x: Tensor, clients: int,
+                 generators: Sequence[torch.Generator] | None = None) -> Tensor:
+        """`generators`: one per client, for its router noise (see `stacked_mixture`)."""
+        with self.bound(tensors, clients) as forward:
+            return forward(x, generators)
+
+    @contextmanager
+    def bound(self, tensors: Mapping[str, Tensor],
+              clients: int) -> Iterator[Callable[..., Tensor]]:
+        """`forward(x, generators=None)` over `tensors`, which are swapped into the model once
+        for every forward of the block (a batch's SGD steps update them in place): the
+        model's own tensors are back when the block ends."""
         context = _Context(clients, tensors.keys())
-        with self._swapped(tensors, context):
+        own: dict[str, Tensor] = {}
+        if self.router is not None:
+            router, prefix = self.router
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        def forward(x: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
             if self.router is not None:
-                router, prefix = self.router
-                context.pi = stacked_mixture(router, {k[len(prefix):]: v for k, v in
-                                                      tensors.items() if k.startswith(prefix)},
-                                             clients)
+                context.pi = stacked_mixture(self.router[0], own, clients,
+                                             generators=generators)
             # The model's own forward, without its router hooks: pi is drawn above.
             return self.model.forward(x)
+
+        with self._swapped(tensors, context):
+            try:
+                yield forward
+            finally:
+                context.pi = None  # its autograd graph
 
     @contextmanager
     def _swapped(self, tensors: Mapping[str, Tensor], context: _Context) -> Iterator[None]:
@@ -162,11 +190,17 @@ def _row_wise(module: nn.Module) -> bool:
     return type(module) in _ROW_WISE or getattr(type(module), ROW_WISE_MARK, False)
 
 
-def stacked_mixture(router: Router, tensors: Mapping[str, Tensor], clients: int) -> Tensor:
+def stacked_mixture(router: Router, tensors: Mapping[str, Tensor], clients: int,
+                    noisy: bool | None = None,
+                    generators: Sequence[torch.Generator] | None = None) -> Tensor:
     """The routers' pi of K clients, (K, C) or per layer (K, L, C), from their stacked tensors
     (`tensors`: local name -> (K, ...); the others are the router's own), as `Router` draws
     it: fixed weights when set, else softmax((logits + U[0, noise)) / temperature); with a
-    shared adaptor, times `active`, then 1."""
+    shared adaptor, times `active`, then 1. Noisy in training mode, unless `noisy` says.
+
+    The noise of client k comes from `generators[k]` when given (seeded as its step alone
+    seeds torch's generator: the same draws, call after call, as that step's forwards make),
+    else from one draw of torch's generator for all K."""
     def value(name: str) -> Tensor:
         found = tensors.get(name)
         if found is not None:
@@ -179,8 +213,38 @@ def stacked_mixture(router: Router, tensors: Mapping[str, Tensor], clients: int)
     if router.shared:  # one flag per client, against pi's (K, C) or (K, L, C)
         pi_dim = fixed.dim() if fixed.numel() > 0 else logits.dim()
         active = value("active").reshape((clients,) + (1,) * (pi_dim - 1))
-    noise = router.noise if router.training else 0.0
+    noise = router.noise if (router.training if noisy is None else noisy) else 0.0
+    if noise > 0 and generators is not None and fixed.numel() == 0:
+        draws = torch.stack([torch.rand(logits.shape[1:], generator=g, dtype=logits.dtype,
+                                        device=logits.device) for g in generators])
+        logits, noise = torch.add(logits, draws, alpha=noise), 0.0  # as `mixture` adds it
     return mixture(logits, fixed, active, noise, router.temperature)
+
+
+@torch.no_grad()
+def stacked_mixture_weights(model: nn.Module, tensors: Mapping[str, Tensor],
+                            clients: int) -> dict[str, Tensor] | None:
+    """`mixture_weights` of K clients from their stacked tensors (name -> (K, ...); the others
+    are the model's own): adaptor parameter name -> the (K, C) eval-mode pi of its layer, one
+    draw for all K. None when a layer mixes with a router other than the model's one."""
+    table = adaptor_table(model)
+    pi = None
+    if table.router is not None:
+        router, prefix = table.router
+        own = {name[len(prefix):]: value for name, value in tensors.items()
+               if name.startswith(prefix)}
+        pi = stacked_mixture(router, own, clients, noisy=False)
+    weights = {}
+    for name, layer in table.layers.items():
+        if layer.router is None:
+            reference = layer.adaptor_parameters()[name.rpartition(".")[2]]
+            weights[name] = torch.ones(clients, layer.num_adaptors, dtype=reference.dtype,
+                                       device=reference.device)
+        elif pi is None or table.router is None or layer.router is not table.router[0]:
+            return None
+        else:
+            weights[name] = pi if pi.dim() == 2 else pi[:, layer.layer_index]
+    return weights
 
 
 def _linear(context: _Context, module: Any, prefix: str, x: Tensor) -> Tensor:

@@ -20,8 +20,9 @@ For one batch of K clients:
 - floral's SGD update (`floral.train.sgd.sgd_step`, torch's SGD update), with the method's
   parameter groups (lr, momentum, weight decay, ...), steps the stacked tensors: SGD acts
   element by element, so this is each client's own SGD;
-- then each client's row is loaded into the scratch model in turn, and its upload and private
-  state are built by the method's `finish_step`, as in `client_step`.
+- then the method's `finish_batch` builds the uploads and private states of all K clients from
+  the stacked tensors at once (each upload a row of one stacked upload, which the server checks
+  at once), as `finish_step` does for one client in `client_step`.
 
 Clients it does not train are left to the engine's sequential step: all of them when the method
 declares that it is not `batchable` (it replaces the default client step or training loop), its
@@ -31,25 +32,28 @@ batch whose first vmapped step fails (an operation without a batching rule, a ho
 tensor into Python) and, from then on, every batch.
 
 Numbers: batched matmuls add up in another order than one client's, so results match the
-sequential engine to float32 rounding, not bit for bit. Random draws (router noise, dropout)
-come from torch's CPU generator seeded with the batch's first client (one (K, C) draw of router
-noise per step; vmap's randomness="different" on the fallback): batched runs are repeatable,
-but draw other noise than sequential ones.
+sequential engine to float32 rounding, not bit for bit. Router noise on the tensor step comes
+from one generator per client, seeded as its sequential step seeds torch's: each client draws
+the noise it draws alone. Other random draws (dropout; everything on the vmap fallback, with
+randomness="different") come from torch's generator seeded with the batch's first client:
+batched runs are repeatable, but draw other dropout masks than sequential ones.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from floral.adapters.attach import adapted_layers
 from floral.adapters.precondition import Preconditioner, precondition_stacked_
 from floral.adapters.stacked import client_losses, stacked_forward
+from floral.engines.config import BatchClients
 from floral.methods.base import ClientJob, ClientUpdate, Method
 from floral.train.device import seeded_rng
 from floral.train.loop import TrainConfig, epoch_batches
@@ -65,17 +69,21 @@ StepFn = Callable[[TensorDict, Tensor, Tensor], tuple[TensorDict, Tensor]]
 
 
 def batched_client_steps(
-    method: Method, slots: StateSlots, jobs: Sequence[ClientJob], batch_clients: int
+    method: Method, slots: StateSlots, jobs: Sequence[ClientJob], batch_clients: BatchClients
 ) -> dict[int, ClientUpdate]:
     """Updates of the clients trained in batches (all jobs share one global state); the caller
-    runs the others one by one."""
-    if not batchable(method, slots.model):
+    runs the others one by one. `batch_clients`: "auto" (all, where the tensor step covers the
+    model), at most N per batch (vmap for other layers), or 0 (none)."""
+    # What the model's structure decides is found once per scratch model, not every round.
+    if not batch_clients or not slots.memo(("batchable", id(method)),
+                                           lambda: batchable(method, slots.model)):
         return {}
+    auto = batch_clients == "auto"
     updates: dict[int, ClientUpdate] = {}
-    for batch in plan_batches(jobs, batch_clients):
+    for batch in plan_batches(jobs, len(jobs) if auto else int(batch_clients)):
         if len(batch) < 2 or batch[0].data.num_train == 0 or _disabled(slots, method):
             continue  # one client gains nothing from vmap; no examples means no steps
-        done = _train_batch(method, slots, batch)
+        done = _train_batch(method, slots, batch, vmap=not auto)
         if done is None:
             slots.memo(("batched-off", id(method)), dict)["off"] = True
             continue
@@ -113,9 +121,10 @@ def _disabled(slots: StateSlots, method: Method) -> bool:
 
 
 def _train_batch(
-    method: Method, slots: StateSlots, batch: Sequence[ClientJob]
+    method: Method, slots: StateSlots, batch: Sequence[ClientJob], vmap: bool
 ) -> dict[int, ClientUpdate] | None:
-    """Train one batch of clients; None when it cannot run batched."""
+    """Train one batch of clients; None when it cannot run batched (or only through the vmap
+    fallback, and `vmap` is False)."""
     first = batch[0]
     if not _plain_step(first):
         return None
@@ -135,17 +144,17 @@ def _train_batch(
     for name in trained:
         stacked[name].requires_grad_(True)
     hook = method.backward_hook(slots.model)
-    step = _tensor_step(slots.model, first.objective.loss, trained, hook, stacked, len(batch))
-    if step is None:
-        step = _vmapped_step(slots.model, first.objective.loss, trained, hook)
-    losses = _run_epochs(step, stacked, groups, batch, first.config)
+    with ExitStack() as bound:  # the stacked tensors stay in the model for the whole batch
+        step = _tensor_step(slots, first.objective.loss, trained, hook, stacked, batch, bound)
+        if step is None:
+            if not vmap:  # vmap can cost K times the memory of a step: only when asked for
+                return None
+            step = _vmapped_step(slots.model, first.objective.loss, trained, hook)
+        losses = _run_epochs(step, stacked, groups, batch, first.config)
     if losses is None:
         return None
-    updates = {}
-    for row, job in enumerate(batch):
-        slots.load({name: value[row] for name, value in stacked.items()})
-        updates[job.client] = method.finish_step(slots, job, losses[row].item())
-    return updates
+    finished = method.finish_batch(slots, batch, stacked, losses.tolist())
+    return {job.client: update for job, update in zip(batch, finished)}
 
 
 def _plain_step(job: ClientJob) -> bool:
@@ -190,20 +199,30 @@ def _stacked_groups(
 
 
 def _tensor_step(
-    model: nn.Module,
+    slots: StateSlots,
     loss_fn: Callable,
     trained: Sequence[str],
     hook: Callable[[], None] | None,
     stacked: TensorDict,
-    clients: int,
+    batch: Sequence[ClientJob],
+    bound: ExitStack,
 ) -> StepFn | None:
     """The step as tensor ops over the stacked clients (`floral.adapters.stacked`): one
     forward of the K minibatches as K * b client-major rows, autograd, and FLoRAL's
     preconditioning on the stacked gradients; a backward hook of another kind runs per client
-    under vmap. None when the model has a layer the stacked forward does not cover."""
-    forward = stacked_forward(model, stacked.keys())
-    if forward is None:
+    under vmap. The stacked tensors are swapped into the model until `bound` closes (the steps
+    update them in place). None when the model has a layer the stacked forward does not
+    cover."""
+    model = slots.model
+    stacked_model, layers = slots.memo(("stacked-forward", tuple(stacked)), lambda: (
+        stacked_forward(model, stacked.keys()), adapted_layers(model)))
+    if stacked_model is None:
         return None
+    clients, device = len(batch), batch[0].placement.device
+    forward = bound.enter_context(stacked_model.bound(stacked, clients))
+    # Router noise per client, from a generator seeded as its own step seeds torch's
+    # (`local_epochs`): the draws it makes when it trains alone.
+    generators = [torch.Generator(device).manual_seed(job.seed) for job in batch]
     run_hook = None
     if hook is not None and not isinstance(hook, Preconditioner):
         tables = _tables(model, trained)
@@ -213,14 +232,14 @@ def _tensor_step(
         )
 
     def step(values: TensorDict, x: Tensor, y: Tensor) -> tuple[TensorDict, Tensor]:
-        out = forward(values, x.flatten(0, 1), clients)
+        out = forward(x.flatten(0, 1), generators)  # over `stacked`, which `values` is
         losses = client_losses(loss_fn, out, y.flatten(0, 1), clients)
         leaves = [values[name] for name in trained]
         found = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
         # A tensor the loss does not use keeps no gradient, as in the sequential step.
         grads = {name: g for name, g in zip(trained, found) if g is not None}
         if isinstance(hook, Preconditioner):
-            precondition_stacked_(model, values, grads, clients, hook.eps)
+            precondition_stacked_(model, values, grads, clients, hook.eps, layers)
         elif run_hook is not None:
             grads = run_hook({name: value.detach() for name, value in values.items()}, grads)
         return grads, losses.detach()

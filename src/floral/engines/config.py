@@ -6,11 +6,20 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from floral.config import Range, check_choice, check_ranges, choices
+from floral.errors import ConfigError
 from floral.train.device import resolve_device
 
-__all__ = ["ENGINES", "EngineConfig", "EngineName", "EvalClients", "check_engine_config"]
+__all__ = [
+    "ENGINES",
+    "BatchClients",
+    "EngineConfig",
+    "EngineName",
+    "EvalClients",
+    "check_engine_config",
+]
 
 EngineName = Literal["local", "flower"]
+BatchClients = int | Literal["auto"]
 EvalClients = Literal["all", "sampled"]
 ENGINES: tuple[str, ...] = choices(EngineName)
 
@@ -23,8 +32,11 @@ class EngineConfig:
     eval_every: int = 10  # evaluate every N rounds (and after the last)
     eval_clients: EvalClients = "all"  # all, or only the round's sampled clients
     checkpoint_every: int = 0  # 0 = only the final state
-    # Train up to N sampled clients of equal data size at once (vmap); 0 = one by one.
-    batch_clients: int = 0
+    # Sampled clients of equal data size that train at once, as one batch (floral.engines.
+    # batched): "auto" = all of them wherever the method is batchable and the batched tensor
+    # step covers the model's layers; N = at most N per batch, with vmap for other layers;
+    # 0 = one by one.
+    batch_clients: BatchClients = "auto"
     # Where clients train: auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda |
     # cuda:N | mps. Uploads, private states, checkpoints and results stay on the CPU.
     device: str = "auto"
@@ -54,5 +66,8 @@ def check_engine_config(config: EngineConfig) -> None:
     """Value checks, each a one-line error naming the key."""
     check_choice("engine.name", config.name, EngineName)
     check_choice("engine.eval_clients", config.eval_clients, EvalClients)
+    batch = config.batch_clients
+    if batch != "auto" and type(batch) is not int:  # the TOML reader checks this; Python may not
+        raise ConfigError(f"engine.batch_clients: expected an integer or 'auto', got {batch!r}")
     check_ranges(config, "engine")
     resolve_device(config.device)

@@ -25,11 +25,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from floral.comm import CommConfig, build_codec
+from floral.comm import CommConfig, Dense, build_codec
 from floral.engines.aggregation import RoundInfo, aggregation_for
 from floral.engines.config import EngineConfig, check_engine_config
 from floral.errors import ConfigError, DivergedError, RoundFailedError
-from floral.methods.base import Method, ServerState
+from floral.methods.base import Method, ServerState, UploadBatch
 from floral.methods.checks import all_finite
 from floral.train.loop import TrainConfig
 from floral.train.objective import EvalResult, Objective
@@ -77,6 +77,9 @@ class Trained:
 
     payload: TensorDict  # the upload as the upload codec encoded it: what crossed the network
     train_loss: float
+    # Clients trained together in this process: their stacked uploads, checked at once where
+    # the payload is still the client's row (`Method.check_upload_batch`).
+    batch: UploadBatch | None = None
 
 
 @dataclass
@@ -248,13 +251,14 @@ class Driver:
         payload = self.down.encode(self.state.global_state)
         replies = self.transport.train(self.round, clients, payload)
         uploads, losses, bytes_up, diverged = [], [], 0, 0
+        cleared = self._cleared(replies)
         for k in clients:  # client order: sums do not depend on the transport
             reply = replies.get(k, "no reply")
             if isinstance(reply, str):
                 dropped[k] = self._drop(k, reply)
                 continue
             bytes_up += payload_bytes(reply.payload)  # what crossed the network, kept or not
-            upload, problem = self._checked(reply.payload)
+            upload, problem = self._checked(reply.payload, k in cleared)
             if upload is not None:
                 uploads.append(upload)
                 losses.append(reply.train_loss)
@@ -323,11 +327,28 @@ class Driver:
             self.log.warning("round %d: clients %s have no node; skipped", self.round, absent)
         return [k for k in sampled if k in self.transport.clusters]
 
-    def _checked(self, payload: TensorDict) -> tuple[TensorDict | None, str]:
-        """(the decoded upload, "") or (None, why it may not be aggregated)."""
+    def _cleared(self, replies: Mapping[int, Trained | str]) -> set[int]:
+        """The clients whose upload is still their row of a batch of stacked uploads (dense
+        codec: decoding changes nothing) that the method's check accepts as a whole."""
+        if not isinstance(self.up, Dense):
+            return set()
+        batches: dict[int, tuple[UploadBatch, list[int]]] = {}
+        for k, reply in replies.items():
+            if isinstance(reply, Trained) and reply.batch is not None \
+                    and reply.batch.holds(k, reply.payload):
+                batches.setdefault(id(reply.batch), (reply.batch, []))[1].append(k)
+        cleared: set[int] = set()
+        for batch, members in batches.values():
+            if self.method.check_upload_batch(self.state, batch):
+                cleared.update(members)
+        return cleared
+
+    def _checked(self, payload: TensorDict, cleared: bool = False) -> tuple[TensorDict | None, str]:
+        """(the decoded upload, "") or (None, why it may not be aggregated); an upload
+        `cleared` with its batch is not checked again."""
         try:
             upload = self.up.decode(payload)
-            problems = self.method.check_upload(self.state, upload)
+            problems = [] if cleared else self.method.check_upload(self.state, upload)
         except (ValueError, KeyError, TypeError, RuntimeError) as error:
             problems = [str(error)]
         if not problems:

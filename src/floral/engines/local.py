@@ -53,7 +53,7 @@ class LocalTransport:
         for k, update in updates.items():
             self.private[k] = update.private
             loss = update.metrics.get("train_loss", float("nan"))
-            replies[k] = Trained(self.up.encode(update.upload), loss)
+            replies[k] = Trained(self.up.encode(update.upload), loss, update.batch)
         return replies
 
     def evaluate(

@@ -23,6 +23,7 @@ from floral.data import FederatedTask
 from floral.engines.aggregation import private_upload
 from floral.engines.attack import Attack, AttackConfig
 from floral.engines.batched import batched_client_steps
+from floral.engines.config import BatchClients
 from floral.engines.driver import Evaluated, client_seed, router_summary
 from floral.methods.base import ClientJob, ClientUpdate, Method, ServerState, split_roles
 from floral.train.device import Placement, default_threads, threads, to_device
@@ -40,7 +41,9 @@ class WorkerSettings:
 
     placement: Placement = Placement()
     threads: int = 0  # torch's intra-op threads while clients work; 0: by the model's size
-    batch_clients: int = 0  # clients of equal data size trained together; 0: one by one
+    # Clients of equal data size trained together: "auto" (all, where the tensor step covers
+    # the model), at most N, or 0: one by one (`engine.batch_clients`).
+    batch_clients: BatchClients = "auto"
     attack: AttackConfig = field(default_factory=AttackConfig)  # experiments: bad clients
 
 

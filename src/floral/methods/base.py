@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from floral.data import ClientData, FederatedTask, TaskConfig
-from floral.methods.checks import contract_problems, value_problems
+from floral.methods.checks import batch_clear, contract_problems, value_problems
+from floral.methods.upload_batch import UploadBatch, batch_deltas, private_rows
 from floral.train.device import Placement, compiled, on_cpu, seeded_rng
 from floral.train.loop import (
     TrainConfig,
@@ -60,6 +61,7 @@ __all__ = [
     "NoOptions",
     "Role",
     "ServerState",
+    "UploadBatch",
     "local_epochs",
     "optimizer_state_of",
     "restore_optimizer_state",
@@ -120,9 +122,14 @@ class ClientUpdate:
     num_examples: int
     private: TensorDict  # the client's new private state, kept by the engine
     metrics: dict[str, float] = field(default_factory=dict)
+    # Where the upload is a row of clients trained together (`Method.finish_batch`): the
+    # stacked uploads, which the server may check at once (`Method.check_upload_batch`).
+    batch: UploadBatch | None = None
 
     def on_cpu(self) -> ClientUpdate:
         """This update with its tensors on the CPU, where everything leaving a step lives."""
+        if self.batch is not None:  # `finish_batch` builds it there
+            return self
         return replace(self, upload=on_cpu(self.upload), private=on_cpu(self.private))
 
 
@@ -244,6 +251,49 @@ class Method:
         private.update(self.kept_optimizer_state(slots, job, names))
         return ClientUpdate(upload, n, private, {"train_loss": train_loss})
 
+    def batch_upload_weights(
+        self, model: nn.Module, global_names: Sequence[str], n: int, stacked: TensorDict,
+        clients: int,
+    ) -> TensorDict | None:
+        """`upload_weights` of K clients trained together, each with n examples, from their
+        stacked trained tensors (name -> (K, ...)): name -> (K, *weight shape), row k client
+        k's. None: no stacked form; `finish_batch` then loads each client's tensors into the
+        model and asks `upload_weights`. A method that overrides `upload_weights` overrides
+        this too (tests/engines/test_batched.py compares both for every batchable method)."""
+        weight = torch.tensor(float(n)).expand(clients)  # one value, K views
+        return {name: weight for name in global_names}
+
+    @torch.no_grad()
+    def finish_batch(
+        self, slots: StateSlots, jobs: Sequence[ClientJob], stacked: TensorDict,
+        losses: Sequence[float],
+    ) -> list[ClientUpdate]:
+        """`finish_step` of clients trained together (floral.engines.batched, equal data
+        sizes, SGD): their uploads as rows of one stacked upload (`UploadBatch`), on the CPU,
+        from the stacked trained tensors (name -> (K, ...)), with one tensor op per tensor."""
+        first, clients = jobs[0], len(jobs)
+        n, names = first.data.num_train, list(first.global_state)
+        weights = self.batch_upload_weights(slots.model, names, n, stacked, clients)
+        if weights is None:
+            return self._finish_each(slots, jobs, stacked, losses)
+        batch = UploadBatch(tuple(job.client for job in jobs),
+                            on_cpu(batch_deltas(stacked, first.global_state, weights)))
+        # SGD keeps no optimizer state between rounds (`kept_optimizer_state`).
+        private = [name for name in first.private_state if not is_optimizer_key(name)]
+        kept = private_rows(stacked, private, clients)
+        return [ClientUpdate(batch.rows[i], n, kept[i], {"train_loss": losses[i]}, batch)
+                for i in range(clients)]
+
+    def _finish_each(
+        self, slots: StateSlots, jobs: Sequence[ClientJob], stacked: TensorDict,
+        losses: Sequence[float],
+    ) -> list[ClientUpdate]:
+        updates = []
+        for row, job in enumerate(jobs):
+            slots.load({name: value[row] for name, value in stacked.items()})
+            updates.append(self.finish_step(slots, job, losses[row]))
+        return updates
+
     def train_locally(self, slots: StateSlots, job: ClientJob) -> float:
         """The local epochs on the model as loaded; returns the mean training loss.
 
@@ -304,6 +354,12 @@ class Method:
         aggregated. The default: finite values, non-negative floating-point weights, and for
         every global tensor a delta of its shape and dtype and a weight broadcastable to it."""
         return value_problems(upload) or contract_problems(state.global_state, upload)
+
+    def check_upload_batch(self, state: ServerState, batch: UploadBatch) -> bool:
+        """Whether `check_upload` would find nothing wrong with any row of a stacked upload;
+        False sends each row to `check_upload`. It must never say True where `check_upload`
+        finds a problem: a method with its own `check_upload` overrides this too."""
+        return batch_clear(state.global_state, batch.tensors, len(batch.clients))
 
     def server_update(
         self,

@@ -17,7 +17,13 @@ from floral.train.state import WEIGHT_SUFFIX
 if TYPE_CHECKING:
     from floral.methods.base import Method, ServerState
 
-__all__ = ["aggregation_problems", "all_finite", "contract_problems", "value_problems"]
+__all__ = [
+    "aggregation_problems",
+    "all_finite",
+    "batch_clear",
+    "contract_problems",
+    "value_problems",
+]
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -123,3 +129,21 @@ def aggregation_problems(method: Method, state: ServerState, upload: Tensors) ->
         or (reference.is_floating_point() and not bool(result[name].isfinite().all()))
     ]
     return [f"aggregated alone, it gives a bad {name!r}" for name in bad]
+
+
+def batch_clear(global_state: Tensors, stacked: Tensors, clients: int) -> bool:
+    """Whether every row of a stacked upload (`floral.methods.upload_batch`: name -> (K, ...))
+    passes `value_problems` and `contract_problems`, from one reduction per stacked tensor.
+    True is certain; False only says that some row needs the exact, per-upload check (which
+    then names what is wrong with it)."""
+    expected = [n for name in global_state for n in (name, name + WEIGHT_SUFFIX)]
+    if len(stacked) != len(expected) or any(name not in stacked for name in expected):
+        return False
+    for name, tensor in stacked.items():
+        base = name.removesuffix(WEIGHT_SUFFIX)
+        check = _weight_problem if base != name else _delta_problem
+        if tensor.dim() == 0 or tensor.shape[0] != clients:
+            return False
+        if check(tensor[0], global_state[base]) is not None:  # one row's shape is every row's
+            return False
+    return _all_clear(stacked)

@@ -117,6 +117,12 @@ class Ensemble(Method):
              "lr": config.router_lr},
         ]
 
+    def batch_upload_weights(
+        self, model: nn.Module, global_names: Sequence[str], n: int, stacked: TensorDict,
+        clients: int,
+    ) -> TensorDict | None:
+        return None  # each client's pi comes from its router as loaded (`upload_weights`)
+
     def upload_weights(self, model: nn.Module, global_names: Sequence[str], n: int) -> TensorDict:
         with torch.no_grad():
             was_training = model.training

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from floral.adapters import Router, RouterSpec, attach, mixture_weights
+from floral.adapters.attach import adaptor_table
+from floral.adapters.stacked import stacked_mixture_weights
 from floral.config import Range
 from floral.data import ClientData, FederatedTask
 from floral.errors import ConfigError
@@ -135,11 +137,24 @@ class Floral(Method):
 
     def upload_weights(self, model: nn.Module, global_names: Sequence[str], n: int) -> TensorDict:
         weights = super().upload_weights(model, global_names, n)
-        global_set = set(global_names)
+        global_set, ndims = set(global_names), adaptor_table(model).ndims
         for name, pi in mixture_weights(model).items():
             if name in global_set:
-                shape = (-1,) + (1,) * (weights_rank(model, name) - 1)
-                weights[name] = (n * pi).reshape(shape)
+                weights[name] = (n * pi).reshape((-1,) + (1,) * (ndims[name] - 1))
+        return weights
+
+    def batch_upload_weights(
+        self, model: nn.Module, global_names: Sequence[str], n: int, stacked: TensorDict,
+        clients: int,
+    ) -> TensorDict | None:
+        weights = super().batch_upload_weights(model, global_names, n, stacked, clients)
+        pis = stacked_mixture_weights(model, stacked, clients)
+        if weights is None or pis is None:
+            return None
+        global_set, ndims = set(global_names), adaptor_table(model).ndims
+        for name, pi in pis.items():
+            if name in global_set:  # (K, C) -> (K, C, 1, ...), as `upload_weights` per row
+                weights[name] = (n * pi).reshape((clients, -1) + (1,) * (ndims[name] - 1))
         return weights
 
 
@@ -150,10 +165,6 @@ def routed_names(upload: Mapping[str, torch.Tensor]) -> list[str]:
         for name, weight in upload.items()
         if name.endswith(WEIGHT_SUFFIX) and weight.numel() > 1
     ]
-
-
-def weights_rank(model: nn.Module, name: str) -> int:
-    return model.get_parameter(name).dim()
 
 
 def learned_weights(

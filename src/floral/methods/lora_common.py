@@ -37,6 +37,7 @@ from floral.methods.base import (
     Method,
     Role,
     ServerState,
+    UploadBatch,
     weighted_mean_delta,
 )
 from floral.methods.checks import aggregation_problems, value_problems
@@ -249,6 +250,10 @@ class LoraMethod(Method):
         # Ranks per client break the default contract (fewer ranks, or factors for deltas):
         # the upload is judged by this method's own aggregation, on it alone.
         return value_problems(upload) or aggregation_problems(self, state, upload)
+
+    def check_upload_batch(self, state: ServerState, batch: UploadBatch) -> bool:
+        # Ranked uploads are judged one by one, by this method's own aggregation.
+        return not self.ranked_uploads and super().check_upload_batch(state, batch)
 
     def server_update(
         self,

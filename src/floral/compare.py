@@ -23,10 +23,16 @@ from typing import Any
 import tomli_w
 import torch
 
-from floral.checkpoint import Checkpoint, atomic_write_text, make_folder, read_json
+from floral.checkpoint import atomic_write_text, make_folder, read_json
 from floral.config import parse_value, tomllib
 from floral.errors import ConfigError, FloralError, RunCrashedError
-from floral.experiment import ExperimentConfig, RunSummary, read_experiment, resolve_config
+from floral.experiment import (
+    ExperimentConfig,
+    RunSummary,
+    read_experiment,
+    resolve_config,
+    resumes,
+)
 from floral.experiment.paths import comparable_paths
 from floral.run import run_experiment
 
@@ -265,7 +271,7 @@ def _raise_failures(failures: dict[str, FloralError]) -> None:
 def _run_one(run: RunSpec, on_progress: Progress | None, fresh: bool = False) -> RunSummary:
     """One run; `fresh`: this process runs nothing else, so its peak memory is the run's."""
     total = run.config.train.rounds
-    resumed = Checkpoint(run.out_dir / "checkpoint").exists()
+    resumed = resumes(run.config, run.out_dir)  # else run_experiment starts it afresh
     # A resumed run carries the CPU time its earlier attempts recorded, round by round, so a
     # grid cut short (a session's end, a reboot) still reports what each run cost in all.
     earlier = _recorded_cpu(run.out_dir) if resumed else 0.0  # None: an attempt recorded none

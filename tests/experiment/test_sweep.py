@@ -310,3 +310,33 @@ def test_a_resumed_run_s_cost_is_every_attempt_s_cpu_time(tmp_path, two_tasks, m
     # A run resumed after an attempt that recorded nothing is marked as partly measured.
     (run.out_dir / "cost.json").write_text(json.dumps({"cpu_seconds": 3.0, "resumed": True}))
     assert compare.run_cost(run.out_dir) is None
+
+
+def test_a_run_started_afresh_over_another_experiment_s_checkpoint_carries_no_cost(
+    tmp_path, two_tasks, monkeypatch
+):
+    import floral.compare as compare
+
+    clock = [0.0]
+    monkeypatch.setattr(compare.time, "process_time", lambda: clock[0])
+    methods = parse_method_specs("fedavg")
+
+    def plan(*overrides: str):  # noqa: ANN202
+        (task,) = plan_sweep(two_tasks[:1], methods, [0], tmp_path / "grid",
+                             ["engine.checkpoint_every=1", *overrides])
+        return task.runs[0]
+
+    def interrupted(key, round_, total, latest):  # noqa: ANN001
+        clock[0] += 100.0
+        if round_ == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compare._run_one(plan(), interrupted)
+    assert json.loads((plan().out_dir / "cost.json").read_text())["cpu_seconds"] == 100.0
+    # Another batch size is another experiment: its checkpoint is not resumed, nor its cost.
+    other = plan("train.batch_size=7")
+    compare._run_one(other, lambda *args: clock.__setitem__(0, clock[0] + 1.0))
+    cost = json.loads((other.out_dir / "cost.json").read_text())
+    assert not cost["resumed"] and cost["complete"]
+    assert cost["cpu_seconds"] == other.config.train.rounds * 1.0

@@ -23,6 +23,7 @@ from floral.experiment.record import (
     ProgressFn,
     RunSummary,
     check_resumable,
+    resumes,
     run_rounds,
 )
 from floral.experiment.setup import build_engine, build_setup, quantize_base
@@ -38,6 +39,7 @@ __all__ = [
     "build_setup",
     "check_name",
     "check_resumable",
+    "resumes",
     "check_values",
     "load_config",
     "placement_of",

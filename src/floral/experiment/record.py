@@ -48,6 +48,7 @@ __all__ = [
     "RunSummary",
     "Trackers",
     "check_resumable",
+    "resumes",
     "run_rounds",
 ]
 
@@ -342,6 +343,12 @@ def check_resumable(config: ExperimentConfig, out: Path) -> None:
     """`--resume`'s checks, for an engine that must know before it starts: `out` holds a
     complete checkpoint of this experiment (else a one-line error)."""
     _can_resume(_identity(config), out, strict=True)
+
+
+def resumes(config: ExperimentConfig, out: Path) -> bool:
+    """Whether `resume="auto"` continues the run in `out` (a checkpoint of this experiment) or
+    starts it afresh."""
+    return _can_resume(_identity(config), out, strict=False) is not None
 
 
 def _can_resume(identity: Mapping[str, Any], out: Path, strict: bool) -> list[Change] | None:

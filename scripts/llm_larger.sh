@@ -2,7 +2,8 @@
 # The grid of docs/llm-larger.md: the rows that matter on the translations task at its larger
 # size (configs/translations-64.toml), on two language sets and two seeds, then its tables.
 # Resumable: run it again after an interruption; finished runs are kept, and a run cut short
-# resumes from its last checkpoint (every 2 rounds).
+# resumes from its last checkpoint (every 2 rounds). At the end the finished runs' records go
+# to docs/results/llm-larger and the tables are printed from there.
 #
 #   bash scripts/llm_larger.sh [OUT]          # OUT defaults to results/llm-larger
 #
@@ -10,6 +11,12 @@
 set -euo pipefail
 OUT=${1:-results/llm-larger}
 CONFIG=configs/translations-64.toml
+KEPT=docs/results/llm-larger
+# The runs whose records are kept in the repository count as finished (their config.toml and
+# summary.json are what a sweep checks), so a fresh clone continues the grid where they end.
+if [ -d "$KEPT" ] && [ "$(realpath -m "$OUT")" != "$(realpath -m "$KEPT")" ]; then
+  mkdir -p "$OUT" && cp -rn "$KEPT"/. "$OUT"/
+fi
 METHODS="floral-oracle:train_base=false,fedit,floral-seeded:train_base=false,floral"
 METHODS+=",local-adaptor:train_base=false,fedsa-lora"
 # FDLoRA scores its fusion candidates on 16 names, 4 candidates a step (the defaults, 64 and 8,
@@ -23,4 +30,4 @@ for SEED in 0 1; do
     --set 'task.languages=["pt", "pl", "cs", "tr"]' &
   wait
 done
-python scripts/llm_larger.py "$OUT"
+python scripts/llm_larger.py "$OUT" --keep "$KEPT" --figures docs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import runpy
+import shutil
 import statistics
 import subprocess
 import sys
@@ -234,3 +235,14 @@ def test_llm_larger_tables_read_the_kept_records_only(tmp_path):
     assert cells[4] == f"{oracle['chrf'] - floral['chrf']:+.1f}"
     assert cells[5] == f"{floral['router_ari']:.2f}"
     assert (tmp_path / "fig" / "llm-larger-curves.png").stat().st_size > 5000
+    # A fresh clone has only the kept records: as scripts/llm_larger.sh does, they seed the
+    # grid's folder, and the sweep counts those runs as finished (the planted scores stay).
+    fresh = tmp_path / "fresh"
+    shutil.copytree(kept, fresh)
+    assert main(["sweep", str(config), "--methods", methods, "--seeds", "0,1",
+                 "--out", str(fresh / "up-rev"), "--quiet", "--jobs", "1", "--no-plots",
+                 "--set", "method.rank=2", "--set", "method.bias=false"]) == 0
+    for name in ("fedit", "floral"):
+        planted = kept / "up-rev" / "tiny-larger" / name / "seed1" / "metrics.csv"
+        assert (fresh / "up-rev" / "tiny-larger" / name / "seed1" / "metrics.csv").read_text() \
+            == planted.read_text()

@@ -17,16 +17,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.steps import upload_engine
 
-from floral.experiment import build_engine, resolve_config
 from floral.methods import WEIGHT_SUFFIX, Method
 from floral.methods.base import ServerState, UploadBatch
 
 FAST = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-TASK = {"dataset": "synthetic-mlp", "shift": "none", "num_clients": 4, "num_clusters": 2,
-        "samples_per_client": 20}
 METHODS: dict[str, dict[str, Any]] = {
     "floral": {"name": "floral"},  # weights per adaptor: (K, 2, 1, 1) and (K, 2, 1)
     "fedavg": {"name": "fedavg"},  # one weight per client, shared by its tensors
@@ -41,9 +39,7 @@ def real() -> dict[str, Case]:
     """Method name -> (method, server state, the stacked uploads of a real batched round)."""
     cases = {}
     for name, method in METHODS.items():
-        config = resolve_config({"task": TASK, "model": {"name": "mlp", "hidden": [16]},
-                                 "method": method, "train": {"rounds": 1, "batch_size": 8}})
-        engine, task = build_engine(config)
+        engine, task = upload_engine(method)
         private = {k: engine.local.private_state(k) for k in range(len(task.clients))}
         updates = engine.worker.train(1, engine.global_state, private)
         batch = updates[0].batch

@@ -16,8 +16,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support.steps import upload_engine
 
-from floral.experiment import build_engine, resolve_config
 from floral.methods import WEIGHT_SUFFIX, Method
 from floral.methods.base import ServerState
 
@@ -29,8 +29,6 @@ FAST = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
-TASK = {"dataset": "synthetic-mlp", "shift": "none", "num_clients": 4, "num_clusters": 2,
-        "samples_per_client": 20}
 METHODS: dict[str, dict[str, Any]] = {
     "floral": {"name": "floral"},  # C = 2 adaptors: weights (2, 1, 1) and (2, 1)
     "fedavg": {"name": "fedavg"},
@@ -49,9 +47,7 @@ def real() -> dict[str, Case]:
     """Method name -> (method, server state, one real client's upload)."""
     cases = {}
     for name, method in METHODS.items():
-        config = resolve_config({"task": TASK, "model": {"name": "mlp", "hidden": [16]},
-                                 "method": method, "train": {"rounds": 1, "batch_size": 8}})
-        engine, _ = build_engine(config)
+        engine, _ = upload_engine(method)
         job = engine.local.job(0, engine.global_state, round_=1)
         upload = engine.method.client_step(engine.slots, job).upload
         state = ServerState(dict(engine.state.global_state))

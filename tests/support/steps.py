@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from floral.data import ClientData
+from floral.experiment import build_engine, resolve_config
 from floral.methods.base import ClientJob, ClientUpdate, Method, ServerState
 from floral.train.loop import TrainConfig
 from floral.train.objective import get_objective
@@ -43,3 +44,15 @@ def server_update(
     own = {} if model is None else method.init_server_state(model, global_state)
     state = ServerState(dict(global_state), own)
     return method.server_update(state, uploads, optimizer).global_state
+
+
+# Four synthetic-MLP clients of 20 examples: a real round's uploads in a fraction of a second.
+UPLOAD_TASK = {"dataset": "synthetic-mlp", "shift": "none", "num_clients": 4, "num_clusters": 2,
+               "samples_per_client": 20}
+
+
+def upload_engine(method: Mapping) -> tuple:
+    """(engine, task) of `method` on UPLOAD_TASK, an MLP of 16 hidden units, one round."""
+    return build_engine(resolve_config({
+        "task": UPLOAD_TASK, "model": {"name": "mlp", "hidden": [16]}, "method": dict(method),
+        "train": {"rounds": 1, "batch_size": 8}}))
